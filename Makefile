@@ -1,0 +1,36 @@
+# Quick start: `make demo`, `make test`. Everything installs into .venv from this repository's own files.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export RUGPT_DATA ?= $(abspath ../shared/data)
+export DS_ACCELERATOR ?= cpu
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup test demo lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: setup
+	$(VENV)/bin/ruff check rugpt_ray tests benchmarks jobs
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m rugpt_ray.demo
+
+bench: setup
+	$(PY) benchmarks/model_cpu.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,45 @@
+"""Shared fixtures: the shared data folder, the real tokenizer, and one local Ray for the whole session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from rugpt_ray.tokenizer import RuGPTTokenizer, load_tokenizer
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ.get("RUGPT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    assert (path / "tokenizer" / "vocab.json").is_file(), f"RUGPT_DATA={path} has no tokenizer/vocab.json"
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(data_dir: Path) -> RuGPTTokenizer:
+    return load_tokenizer(data_dir / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One real local Ray (2 CPUs, loopback only) shared by every test that needs it."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
