@@ -1,0 +1,390 @@
+"""Read every checkpoint the ruGPT3 family ships in, and write the project's own format and HF GPT-2.
+
+Formats (ru-gpts-facts.md §3):
+- `native`: `model.safetensors` + `config.json` with `"format": "rugpt-ray"` (model config incl. sparse
+  settings; the sparse layout is a tensor in the safetensors file, so random layouts reload identically);
+- `hf`: an HF GPT-2 folder (safetensors or bin, sharded or not) or a hub id;
+- `megatron`: the seed's DeepSpeed/Megatron files (`mp_rank_00_model_states.pt` with key `module`,
+  `iter_*/mp_rank_00/model_optim_rng.pt` with key `model`, `latest_checkpointed_iteration.txt`).
+Heads and sparse settings cannot be read off seed weights: they come from a preset or the arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rugpt_ray.config import PRESETS, ModelConfig
+from rugpt_ray.errors import UserError
+from rugpt_ray.model import GPT
+
+FORMATS = ("auto", "hf", "megatron", "native")
+NATIVE_FORMAT = "rugpt-ray"
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+SHAPE_FIELDS = ("n_layer", "n_embd", "n_positions")
+MEGATRON_NAMES = [
+    (r"^word_embeddings\.", "transformer.wte."),
+    (r"^position_embeddings\.", "transformer.wpe."),
+    (r"^transformer\.final_layernorm\.", "transformer.ln_f."),
+    (r"^transformer\.layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1.ln_1."),
+    (r"^transformer\.layers\.(\d+)\.post_attention_layernorm\.", r"transformer.h.\1.ln_2."),
+    (r"^transformer\.layers\.(\d+)\.attention\.query_key_value\.", r"transformer.h.\1.attn.c_attn."),
+    (r"^transformer\.layers\.(\d+)\.attention\.dense\.", r"transformer.h.\1.attn.c_proj."),
+    (r"^transformer\.layers\.(\d+)\.mlp\.dense_h_to_4h\.", r"transformer.h.\1.mlp.c_fc."),
+    (r"^transformer\.layers\.(\d+)\.mlp\.dense_4h_to_h\.", r"transformer.h.\1.mlp.c_proj."),
+]
+MEGATRON_LAYOUT_KEY = re.compile(r"^transformer\.layers\.(\d+)\.attention\.sparse_self_attention\.master_layout$")
+# numpy globals that the seed's client_state (np.random.get_state()) needs; data only, no code.
+_NUMPY_SAFE = [
+    "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
+    "numpy.dtypes.UInt32DType", "numpy.dtypes.Float64DType", "numpy.dtypes.Int64DType",
+]
+
+
+# --------------------------------------------------------------------------------------------- detection
+
+def detect_format(path: Path) -> str:
+    """Which reader a local path needs; a path that does not exist is treated as a hub id."""
+    if path.is_file():
+        if path.suffix in (".pt", ".bin", ".pth"):
+            return "megatron"
+        raise UserError(f"{path}: unknown checkpoint file type (expected a folder, or a seed .pt file)")
+    if not path.is_dir():
+        return "hub"
+    config = path / "config.json"
+    if config.is_file():
+        meta = _read_json(config)
+        if meta.get("format") == NATIVE_FORMAT:
+            return "native"
+        if meta.get("model_type") == "gpt2" or "n_embd" in meta:
+            return "hf"
+        raise UserError(f"{config}: neither a rugpt-ray nor an HF GPT-2 config (model_type {meta.get('model_type')})")
+    if (path / "latest_checkpointed_iteration.txt").is_file() or any(path.glob("mp_rank_*_model_states.pt")) \
+            or any(path.glob("iter_*/mp_rank_*/model_optim_rng.pt")) or any(path.glob("*/mp_rank_*_model_states.pt")):
+        return "megatron"
+    raise UserError(f"{path}: no config.json, seed mp_rank_* files or latest_checkpointed_iteration.txt found")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not readable JSON ({e})") from e
+
+
+def safe_torch_load(path: Path) -> Any:
+    """`torch.load(weights_only=True)`, with numpy arrays allowed for the seed's saved RNG states."""
+    import numpy  # noqa: F401  (the allowlisted globals must be importable)
+
+    allowed = []
+    for name in _NUMPY_SAFE:
+        module, _, attr = name.rpartition(".")
+        try:
+            mod = __import__(module, fromlist=[attr])
+            allowed.append(getattr(mod, attr))
+        except (ImportError, AttributeError):
+            continue
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(allowed):
+            warnings.simplefilter("ignore")  # numpy.core deprecation noise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
+            raise UserError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from e
+        try:
+            extra = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            extra = ["(unknown)"]
+        raise UserError(f"{path}: refused: it needs arbitrary Python objects to load ({', '.join(extra)}), "
+                        "and only weights_only=True loading is allowed; re-save its state dict alone") from e
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+def _hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    for index_name, reader in (("model.safetensors.index.json", load_file),
+                               ("pytorch_model.bin.index.json", safe_torch_load)):
+        if (folder / index_name).is_file():
+            shards = sorted(set(_read_json(folder / index_name)["weight_map"].values()))
+            sd: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                sd.update(reader(folder / shard))
+            return sd
+    if (folder / "model.safetensors").is_file():
+        return load_file(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").is_file():
+        return safe_torch_load(folder / "pytorch_model.bin")
+    raise UserError(f"{folder}: HF folder without model.safetensors or pytorch_model.bin")
+
+
+def _from_hf(folder: Path, where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    meta = _read_json(folder / "config.json")
+    act = meta.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(f"{where}: activation_function {act!r} is not the ruGPT3 gelu_new")
+    if meta.get("n_inner") not in (None, 4 * meta["n_embd"]):
+        raise UserError(f"{where}: n_inner {meta['n_inner']} is not 4 × n_embd")
+    shape = {k: meta[k] for k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")}
+    shape.update({k: meta[k] for k in ("embd_pdrop", "attn_pdrop", "resid_pdrop", "layer_norm_epsilon") if k in meta})
+    sd = {}
+    for key, value in _hf_state_dict(folder).items():
+        key = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
+        if key == "lm_head.weight" or key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # tied / HF's constant causal buffers
+        if key.endswith(CONV1D_WEIGHTS):
+            value = value.t()
+        sd[key] = value
+    return shape, sd
+
+
+def _megatron_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if any(path.glob("mp_rank_0[1-9]*")) or any(path.glob("*/mp_rank_0[1-9]*")):
+        raise UserError(f"{path}: model-parallel checkpoints (mp > 1) are not supported; merge them to mp=1 first")
+    candidates = [path / "mp_rank_00_model_states.pt"]
+    latest = path / "latest_checkpointed_iteration.txt"
+    if latest.is_file():
+        it = latest.read_text().strip()
+        candidates += [path / it / "mp_rank_00_model_states.pt", path / "release" / "mp_rank_00" / "model_optim_rng.pt"]
+        if it.isdigit():
+            candidates.append(path / f"iter_{int(it):07d}" / "mp_rank_00" / "model_optim_rng.pt")
+    iters = sorted(path.glob("iter_*/mp_rank_00/model_optim_rng.pt"))
+    candidates += iters[-1:]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise UserError(f"{path}: none of the seed checkpoint files exist: {', '.join(str(c) for c in candidates)}")
+
+
+def _from_megatron(path: Path, where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor | None]:
+    file = _megatron_file(path)
+    raw = safe_torch_load(file)
+    if not isinstance(raw, dict):
+        raise UserError(f"{file}: expected a dict, got {type(raw).__name__}")
+    state = raw.get("model", raw.get("module"))
+    if state is None:
+        state = raw if "word_embeddings.weight" in raw else None
+    if not isinstance(state, dict):
+        raise UserError(f"{file}: no 'model' or 'module' state dict inside (keys: {sorted(raw)[:8]})")
+    sd, layouts = {}, {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if m := MEGATRON_LAYOUT_KEY.match(key):
+            layouts[int(m.group(1))] = value
+            continue
+        for pattern, repl in MEGATRON_NAMES:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                sd[new] = value
+                break
+        else:
+            raise UserError(f"{file}: unexpected key {key!r} (not a ruGPT3 Megatron parameter)")
+    if "transformer.wte.weight" not in sd:
+        raise UserError(f"{file}: no word_embeddings.weight")
+    vocab, n_embd = sd["transformer.wte.weight"].shape
+    n_layer = len({k.split(".")[2] for k in sd if k.startswith("transformer.h.")})
+    shape = dict(n_layer=n_layer, n_embd=n_embd, n_positions=sd["transformer.wpe.weight"].shape[0], vocab_size=vocab)
+    layout = None
+    if layouts:
+        first = next(iter(layouts.values()))
+        if any(not torch.equal(first, t) for t in layouts.values()):
+            raise UserError(f"{file}: sparse layers carry different layouts; one shared layout is supported")
+        layout = first
+    return shape, sd, layout
+
+
+def _from_native(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    meta = _read_json(folder / "config.json")
+    return meta["model"], load_file(folder / "model.safetensors")
+
+
+# --------------------------------------------------------------------------------------------- assembling
+
+def _resize_vocab(sd: dict[str, torch.Tensor], rows: int) -> None:
+    """50257 ↔ 50264 (the seed's issue #69): pad with zero rows or trim the padding rows."""
+    wte = sd["transformer.wte.weight"]
+    if wte.shape[0] < rows:
+        sd["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(rows - wte.shape[0], wte.shape[1])])
+    elif wte.shape[0] > rows:
+        sd["transformer.wte.weight"] = wte[:rows]
+
+
+def load_model(
+    path_or_hub_id: str | os.PathLike,
+    *,
+    preset: str | None = None,
+    sparse_config: dict[str, Any] | None = None,
+    sparse_mode: str | None = None,
+    n_head: int | None = None,
+    vocab_size: int | None = None,
+    fmt: str = "auto",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> GPT:
+    """Load any supported checkpoint as a `GPT`; settings not stored in it come from `preset` or arguments."""
+    source = str(path_or_hub_id)
+    path = Path(source).expanduser()
+    if fmt not in FORMATS:
+        raise UserError(f"unknown checkpoint format {fmt!r}; known: {', '.join(FORMATS)}")
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    detected = detect_format(path)
+    if detected == "hub":
+        if fmt not in ("auto", "hf"):
+            raise UserError(f"{source}: no such file or folder")
+        path, detected = _download_hub(source), "hf"
+    if fmt != "auto" and fmt != detected:
+        raise UserError(f"{source}: looks like a {detected} checkpoint, not {fmt}")
+
+    layout = None
+    base: dict[str, Any] = dict(PRESETS[preset]) if preset else {}
+    if detected == "native":
+        stored, sd = _from_native(path)
+        layout = sd.pop("sparse_layout", None)
+        values = {**stored}
+    elif detected == "hf":
+        shape, sd = _from_hf(path, source)
+        values = {**base, **shape}
+    else:
+        shape, sd, layout = _from_megatron(path, source)
+        values = {**base, **shape}
+        if "n_head" not in values and n_head is None:
+            raise UserError(f"{source}: the head count cannot be read off seed weights; give a preset or n_head")
+    for name in SHAPE_FIELDS:
+        if preset and name in base and base[name] != values[name]:
+            raise UserError(f"{source}: checkpoint has {name}={values[name]}, preset {preset} has {base[name]}")
+    if preset and detected != "native":
+        values["vocab_size"] = base.get("vocab_size", values["vocab_size"])
+        if detected == "hf" and base.get("n_head", values["n_head"]) != values["n_head"]:
+            raise UserError(f"{source}: checkpoint has n_head={values['n_head']}, preset {preset} has {base['n_head']}")
+    overrides = dict(n_head=n_head, vocab_size=vocab_size, sparse_mode=sparse_mode, sparse_attention=sparse_config)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if sparse_config is not None and values.get("sparse_mode", "none") == "none":
+        values["sparse_mode"] = "all"  # the seed's --sparse-mode default
+    if values.get("sparse_mode") == "none":
+        values["sparse_attention"] = None
+    cfg = ModelConfig.from_dict(values, where=source)
+    _resize_vocab(sd, cfg.vocab_size)
+
+    model = GPT(cfg)
+    if layout is not None and cfg.is_sparse and sparse_config is None:
+        if layout.shape != model.sparse_layout.shape:
+            raise UserError(f"{source}: stored layout {tuple(layout.shape)} does not fit "
+                            f"{tuple(model.sparse_layout.shape)}")
+        sd["sparse_layout"] = layout.bool()
+    elif cfg.is_sparse:
+        sd["sparse_layout"] = model.sparse_layout
+    _load_state(model, sd, source)
+    return model.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
+
+
+def _load_state(model: GPT, sd: dict[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{source}: missing {missing[:4]} / unexpected {unexpected[:4]} parameters")
+    for key, value in sd.items():
+        if value.shape != expected[key].shape:
+            hint = " (wrong n_head?)" if "c_attn" in key else ""
+            raise UserError(f"{source}: {key} has shape {tuple(value.shape)}, the model needs "
+                            f"{tuple(expected[key].shape)}{hint}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=False)
+
+
+def _download_hub(hub_id: str) -> Path:
+    if hub_id.count("/") != 1 or hub_id.startswith(("/", ".", "~")):
+        raise UserError(f"{hub_id}: no such file or folder (and not a hub id like 'org/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
+    except Exception as e:
+        raise UserError(f"{hub_id}: no such local path, and the HF hub download failed ({type(e).__name__})") from e
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+def _atomic_dir(out: Path):
+    """Write into a sibling temp folder, rename at the end: a reader never sees half a checkpoint."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: exists and is not empty; choose a new output folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def _finish(tmp: Path, out: Path) -> Path:
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out
+
+
+def save_native(model: GPT, out: str | os.PathLike) -> Path:
+    """The project's format: safetensors weights (+ the sparse layout) and a JSON config."""
+    out = Path(out)
+    tmp = _atomic_dir(out)
+    try:
+        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        save_file(sd, tmp / "model.safetensors", metadata={"format": NATIVE_FORMAT})
+        meta = {"format": NATIVE_FORMAT, "version": 1, "model": model.config.to_dict(),
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _finish(tmp, out)
+
+
+def export_hf(model: GPT, out: str | os.PathLike, *, allow_dense: bool = False,
+              tokenizer_folder: str | os.PathLike | None = None) -> Path:
+    """HF GPT-2 folder that stock `GPT2LMHeadModel.from_pretrained` loads with the same logits (dense models)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = model.config
+    if cfg.is_sparse and not allow_dense:
+        raise UserError("refusing to export a sparse model to HF GPT-2: HF has no block-sparse layers, so "
+                        "the result would attend densely and differ beyond the first local window; "
+                        "pass --allow-dense to export it anyway")
+    hf_cfg = GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, activation_function="gelu_new", layer_norm_epsilon=cfg.layer_norm_epsilon,
+        embd_pdrop=cfg.embd_pdrop, attn_pdrop=cfg.attn_pdrop, resid_pdrop=cfg.resid_pdrop,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
+    )
+    out = Path(out)
+    tmp = _atomic_dir(out)
+    try:
+        sd = {}
+        for key, value in model.state_dict().items():
+            if key == "sparse_layout":
+                continue
+            value = value.detach().float().cpu()
+            sd[key] = value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value
+        hf = GPT2LMHeadModel(hf_cfg)
+        missing, unexpected = hf.load_state_dict(sd, strict=False)
+        if unexpected or [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]:
+            raise RuntimeError(f"HF export mapping is incomplete: missing {missing}, unexpected {unexpected}")
+        hf.save_pretrained(tmp)
+        if tokenizer_folder is not None:
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copy(Path(tokenizer_folder) / name, tmp / name)
+            special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+            (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+            (tmp / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, **special}, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _finish(tmp, out)
