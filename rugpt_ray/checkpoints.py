@@ -212,7 +212,9 @@ def _from_native(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
 
 def _resize_vocab(sd: dict[str, torch.Tensor], rows: int) -> None:
     """50257 ↔ 50264 (the seed's issue #69): pad with zero rows or trim the padding rows."""
-    wte = sd["transformer.wte.weight"]
+    wte = sd.get("transformer.wte.weight")
+    if wte is None:
+        return  # reported as a missing parameter by _load_state
     if wte.shape[0] < rows:
         sd["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(rows - wte.shape[0], wte.shape[1])])
     elif wte.shape[0] > rows:

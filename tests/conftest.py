@@ -43,3 +43,24 @@ def ray_local(tmp_path_factory):
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def make_model():
+    """Factory for a random model whose greedy output is varied (plain 0.02 init makes near-ties everywhere)."""
+    import torch
+
+    from rugpt_ray.model import GPT
+
+    def make(cfg, seed: int = 0):
+        torch.manual_seed(seed)
+        model = GPT(cfg).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.1 if "wte" in name else 0.3)
+                else:
+                    p.normal_(1.0 if "ln" in name and name.endswith("weight") else 0.0, 0.1)
+        return model
+
+    return make
