@@ -1,0 +1,150 @@
+"""Generation: greedy parity with HF generate, KV cache = full recompute for sparse models, sampling rules."""
+
+import copy
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from rugpt_ray.checkpoints import export_hf
+from rugpt_ray.config import ModelConfig, preset
+from rugpt_ray.errors import UserError
+from rugpt_ray.generation import GenerationConfig, generate, stream
+
+DENSE = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=50257)
+PROMPTS = ["Мороз и солнце; день чудесный!", "Все счастливые семьи похожи друг на друга, каждая"]
+
+
+@pytest.fixture(scope="module")
+def dense_pair(tmp_path_factory, make_model):
+    model = make_model(DENSE, seed=1)
+    out = tmp_path_factory.mktemp("hf") / "model"
+    export_hf(model, out)
+    return model, GPT2LMHeadModel.from_pretrained(out).eval()
+
+
+def hf_greedy(hf, tokenizer, prompts, max_new_tokens, **kwargs):
+    enc = [tokenizer.encode(p) for p in prompts]
+    width = max(map(len, enc))
+    ids = torch.tensor([[tokenizer.pad_id] * (width - len(e)) + e for e in enc])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                      pad_token_id=tokenizer.pad_id, eos_token_id=None, **kwargs)
+    return out[:, width:].tolist()
+
+
+def test_greedy_equals_hf_generate_on_a_padded_batch(dense_pair, tokenizer):
+    model, hf = dense_pair
+    ours = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=40, greedy=True))
+    theirs = hf_greedy(hf, tokenizer, PROMPTS, 40)
+    assert [c.token_ids for c in ours] == theirs
+    assert len(set(theirs[0])) > 10  # a varied continuation, not one repeated token
+
+
+def test_repetition_penalty_equals_hf(dense_pair, tokenizer):
+    model, hf = dense_pair
+    ours = generate(model, tokenizer, PROMPTS[:1], GenerationConfig(max_new_tokens=30, greedy=True,
+                                                                    repetition_penalty=1.5))
+    assert [c.token_ids for c in ours] == hf_greedy(hf, tokenizer, PROMPTS[:1], 30, repetition_penalty=1.5)
+
+
+def test_sparse_cache_equals_full_recompute(make_model, tokenizer):
+    model = make_model(preset("tiny"), seed=2)  # 64-token windows: 150 tokens cross two window borders
+    prompt = "Белеет парус одинокой в тумане моря голубом!.. Что ищет он в стране далекой? Что кинул он в краю родном?"
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    out = generate(model, tokenizer, prompt, GenerationConfig(max_new_tokens=150 - ids.shape[1], greedy=True))[0]
+    with torch.no_grad():
+        for _ in range(len(out.token_ids)):
+            ids = torch.cat([ids, model(ids)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert out.token_ids == ids[0, -len(out.token_ids):].tolist()
+    assert ids.shape[1] > 128
+
+
+def test_batch_equals_one_prompt_at_a_time_for_sparse(make_model, tokenizer):
+    model = make_model(preset("tiny"), seed=3)
+    cfg = GenerationConfig(max_new_tokens=90, greedy=True)
+    batch = generate(model, tokenizer, PROMPTS, cfg)
+    alone = [generate(model, tokenizer, p, cfg)[0] for p in PROMPTS]
+    assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
+
+
+def test_seeded_sampling_is_reproducible(dense_pair, tokenizer):
+    model, _ = dense_pair
+    cfg = GenerationConfig(max_new_tokens=20, temperature=0.9, top_k=50, top_p=0.95, seed=5, num_return_sequences=3)
+    first = generate(model, tokenizer, PROMPTS, cfg)
+    again = generate(model, tokenizer, PROMPTS, cfg)
+    other = generate(model, tokenizer, PROMPTS, GenerationConfig(**{**cfg.__dict__, "seed": 6}))
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    assert [c.token_ids for c in first] != [c.token_ids for c in other]
+    assert [c.prompt_index for c in first] == [0, 0, 0, 1, 1, 1]
+    assert len({tuple(c.token_ids) for c in first[:3]}) > 1
+
+
+def test_top_k_one_is_greedy_and_top_k_bounds_choices(dense_pair, tokenizer):
+    model, _ = dense_pair
+    greedy = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=15, greedy=True))
+    top1 = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=15, top_k=1, seed=0))
+    assert [c.token_ids for c in greedy] == [c.token_ids for c in top1]
+    # top_k=3: every sampled token is among the 3 most likely at its step
+    out = generate(model, tokenizer, PROMPTS[0], GenerationConfig(max_new_tokens=10, top_k=3, seed=1))[0]
+    ids = torch.tensor([tokenizer.encode(PROMPTS[0])])
+    with torch.no_grad():
+        for token in out.token_ids:
+            assert token in model(ids)[0][0, -1].topk(3).indices.tolist()
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+
+
+def test_stream_equals_generate_and_stop_strings(dense_pair, tokenizer):
+    model, _ = dense_pair
+    full = generate(model, tokenizer, PROMPTS[0], GenerationConfig(max_new_tokens=40, greedy=True))[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    cfg = GenerationConfig(max_new_tokens=40, greedy=True, stop=[stop])
+    cut = generate(model, tokenizer, PROMPTS[0], cfg)[0]
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+    streamed = "".join(e.text for e in stream(model, tokenizer, PROMPTS[0], cfg))
+    assert streamed == cut.text
+    sampled = GenerationConfig(max_new_tokens=30, temperature=0.8, seed=3, num_return_sequences=2)
+    events = list(stream(model, tokenizer, PROMPTS, sampled))
+    texts = {i: "".join(e.text for e in events if e.index == i) for i in range(4)}
+    assert texts == {c.index: c.text for c in generate(model, tokenizer, PROMPTS, sampled)}
+
+
+def test_padding_rows_are_never_sampled(make_model, tokenizer):
+    model = make_model(preset("tiny"), seed=4)  # 50264 rows: ids 50257.. are the seed's padding
+    ids = torch.tensor([tokenizer.encode(PROMPTS[0])])
+    captured = {}
+    hook = model.transformer.ln_f.register_forward_hook(lambda m, i, o: captured.update(h=o[0, -1].clone()))
+    with torch.no_grad():
+        model(ids)
+        hook.remove()
+        model.transformer.wte.weight[50260] = captured["h"] * 100  # makes row 50260 win the next argmax by far
+        assert model(ids)[0][0, -1].argmax().item() == 50260
+    out = generate(model, tokenizer, PROMPTS[0], GenerationConfig(max_new_tokens=5, greedy=True))[0]
+    assert all(t < len(tokenizer) for t in out.token_ids)
+
+
+def test_eos_ends_a_sequence(dense_pair, tokenizer):
+    model, _ = dense_pair
+    cfg = GenerationConfig(max_new_tokens=10, greedy=True)
+    plain = generate(model, tokenizer, PROMPTS[0], cfg)[0]
+    eos_at_third = copy.copy(tokenizer)
+    eos_at_third.eos_id = plain.token_ids[2]
+    out = generate(model, eos_at_third, PROMPTS[0], cfg)[0]
+    assert (out.finish_reason, out.token_ids) == ("stop", plain.token_ids[:2])
+    assert plain.finish_reason == "length"
+
+
+@pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -1.0), ("top_p", 0.0),
+                                         ("top_p", 1.5), ("num_return_sequences", 0), ("top_k", -1)])
+def test_bad_generation_config_names_the_field(dense_pair, tokenizer, field, value):
+    model, _ = dense_pair
+    with pytest.raises(UserError, match=field):
+        generate(model, tokenizer, "привет", GenerationConfig(**{field: value}))
+
+
+def test_prompt_errors(dense_pair, tokenizer):
+    model, _ = dense_pair
+    with pytest.raises(UserError, match="prompt 1 is empty"):
+        generate(model, tokenizer, ["a", ""])
+    with pytest.raises(UserError, match="exceeds the model's 256 positions"):
+        generate(model, tokenizer, "слово " * 200, GenerationConfig(max_new_tokens=100))
