@@ -1,0 +1,112 @@
+"""The `rugpt-ray` command as a user runs it: a real subprocess, output on stdout, one-line errors, exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rugpt_ray.checkpoints import save_native
+from rugpt_ray.config import ModelConfig, preset
+
+
+def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rugpt_ray.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sparse_dir(tmp_path_factory, make_model):
+    return save_native(make_model(preset("tiny")), tmp_path_factory.mktemp("cli") / "tiny")
+
+
+def test_generate_prints_the_continuation(sparse_dir, data_dir):
+    out = run("generate", "--model", str(sparse_dir), "--tokenizer", str(data_dir / "tokenizer"),
+              "--prompt", "Однажды весною", "--max-new-tokens", "12", "--greedy")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Однажды весною") and len(out.stdout.strip()) > len("Однажды весною")
+    again = run("generate", "--model", str(sparse_dir), "--prompt", "Однажды весною", "--max-new-tokens", "12",
+                "--greedy")  # tokenizer from $RUGPT_DATA by default
+    assert again.stdout == out.stdout
+
+
+def test_generate_several_sequences(sparse_dir):
+    out = run("generate", "--model", str(sparse_dir), "--prompt", "Раз", "--prompt", "Два", "--seed", "3",
+              "--num-return-sequences", "2", "--max-new-tokens", "5", "--top-k", "20", "--top-p", "0.9",
+              "--temperature", "0.8", "--repetition-penalty", "1.2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("=== prompt") == 4
+
+
+def test_convert_info_and_evaluate(tmp_path, make_model, data_dir):
+    dense = save_native(make_model(ModelConfig(n_layer=2, n_embd=64, n_head=4, n_positions=128,
+                                               vocab_size=50257)), tmp_path / "dense")
+    out = run("convert", str(dense), str(tmp_path / "hf"), "--to", "hf", "--tokenizer", str(data_dir / "tokenizer"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["n_head"] == 4
+    assert (tmp_path / "hf" / "vocab.json").is_file()
+    info = run("info", str(tmp_path / "hf"))
+    assert info.returncode == 0 and "(hf)" in info.stdout and "n_layer: 2" in info.stdout
+    ev = run("evaluate", "--model", str(tmp_path / "hf"), "--data", str(data_dir / "corpus" / "valid"),
+             "--seq-len", "128")
+    assert ev.returncode == 0, ev.stderr
+    assert "token mean over" in ev.stdout and "non-overlapping windows of 128" in ev.stdout
+
+
+def test_convert_sparse_to_hf_needs_allow_dense(sparse_dir, tmp_path):
+    out = run("convert", str(sparse_dir), str(tmp_path / "hf"), "--to", "hf")
+    assert out.returncode == 2 and "--allow-dense" in out.stderr
+    ok = run("convert", str(sparse_dir), str(tmp_path / "hf"), "--to", "hf", "--allow-dense")
+    assert ok.returncode == 0, ok.stderr
+
+
+def write_seed_checkpoint(model, folder):
+    """The seed's DeepSpeed file: Megatron key names under 'module', fp16."""
+    folder.mkdir(exist_ok=True)
+    sd = {k.replace("transformer.wte.", "word_embeddings.").replace("transformer.wpe.", "position_embeddings.")
+          .replace("transformer.ln_f.", "transformer.final_layernorm.").replace(".h.", ".layers.")
+          .replace("ln_1", "input_layernorm").replace("ln_2", "post_attention_layernorm")
+          .replace("attn.c_attn", "attention.query_key_value").replace("attn.c_proj", "attention.dense")
+          .replace("mlp.c_fc", "mlp.dense_h_to_4h").replace("mlp.c_proj", "mlp.dense_4h_to_h"): v.half()
+          for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    torch.save({"module": sd}, folder / "mp_rank_00_model_states.pt")
+
+
+def test_convert_seed_checkpoint_with_deepspeed_json(tmp_path, make_model):
+    model = make_model(ModelConfig(n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=50264))
+    write_seed_checkpoint(model, tmp_path)
+    ds_json = {"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True},
+               "sparse_attention": {"mode": "fixed", "block": 16, "different_layout_per_head": True,
+                                    "num_local_blocks": 4, "num_global_blocks": 1, "attention": "unidirectional",
+                                    "horizontal_global_attention": False, "num_different_global_patterns": 4}}
+    (tmp_path / "ds.json").write_text(json.dumps(ds_json))
+    out = run("convert", str(tmp_path), str(tmp_path / "native"), "--to", "native", "--n-head", "4",
+              "--sparse-config", str(tmp_path / "ds.json"), "--sparse-mode", "alternating")
+    assert out.returncode == 0, out.stderr
+    info = run("info", str(tmp_path / "native"))
+    assert "sparse layers: [0]" in info.stdout and "(native)" in info.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["info", "/no/such/model"], "/no/such/model: no such file or folder"),
+    (["info", "{tmp}/empty"], "no config.json"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--top-p", "2"], "top_p=2.0 must be in (0, 1]"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--tokenizer", "/nope"], "tokenizer /nope: no such folder"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--max-new-tokens", "1000"], "exceeds the model's 256"),
+    (["evaluate", "--model", "{tiny}", "--data", "{tmp}/missing.txt"], "missing.txt"),
+    (["convert", "{seed}", "{tmp}/out", "--to", "native"], "head count cannot be read"),
+    (["convert", "{seed}", "{tmp}/out", "--to", "native", "--n-head", "4", "--preset", "xl"], "preset xl has"),
+    (["info", "{seed}", "--n-head", "4", "--sparse-config", "{tmp}/bad.json"], "num_local_blocks"),
+])
+def test_bad_input_is_one_line_exit_2(args, message, tmp_path, sparse_dir, make_model):
+    seed = tmp_path / "seed"
+    write_seed_checkpoint(make_model(ModelConfig(n_layer=1, n_embd=32, n_head=4, n_positions=64)), seed)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.json").write_text(json.dumps({"sparse_attention": {"mode": "fixed", "num_local_blocks": "8"}}))
+    args = [a.format(tmp=tmp_path, tiny=sparse_dir, seed=seed) for a in args]
+    out = run(*args)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
