@@ -110,7 +110,7 @@ def next_token_logits(logits: Tensor, history: Tensor, history_valid: Tensor, cf
     return logits
 
 
-class _Sequence:
+class SequenceState:
     """Decoding state of one output sequence: its tokens, its text, what was already streamed."""
 
     def __init__(self, index: int, cfg: GenerationConfig):
@@ -182,7 +182,7 @@ def stream(model: GPT, tokenizer: RuGPTTokenizer, prompts: str | list[str] | lis
     cache = KVCache.allocate(model.config, batch, longest + cfg.max_new_tokens, device, model.lm_head.weight.dtype)
     history = torch.cat([ids, torch.zeros(batch, cfg.max_new_tokens, dtype=torch.long, device=device)], 1)
     history_valid = torch.cat([mask, torch.zeros(batch, cfg.max_new_tokens, dtype=torch.bool, device=device)], 1)
-    seqs = [_Sequence(i, cfg) for i in range(batch)]
+    seqs = [SequenceState(i, cfg) for i in range(batch)]
     active = list(range(batch))
 
     logits, _ = model(ids, attention_mask=mask, cache=cache, last_only=True)
