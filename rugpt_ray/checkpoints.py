@@ -53,13 +53,18 @@ _NUMPY_SAFE = [
 # --------------------------------------------------------------------------------------------- detection
 
 def detect_format(path: Path) -> str:
-    """Which reader a local path needs; a path that does not exist is treated as a hub id."""
+    """Which reader a local path needs; a path that does not exist is treated as a hub id.
+
+    `training` is a training run folder or one of its step_* checkpoints (native weights inside).
+    """
     if path.is_file():
         if path.suffix in (".pt", ".bin", ".pth"):
             return "megatron"
         raise UserError(f"{path}: unknown checkpoint file type (expected a folder, or a seed .pt file)")
     if not path.is_dir():
         return "hub"
+    if (path / "model" / "config.json").is_file() or any(path.glob("step_*/model/config.json")):
+        return "training"
     config = path / "config.json"
     if config.is_file():
         meta = _read_json(config)
@@ -72,6 +77,17 @@ def detect_format(path: Path) -> str:
             or any(path.glob("iter_*/mp_rank_*/model_optim_rng.pt")) or any(path.glob("*/mp_rank_*_model_states.pt")):
         return "megatron"
     raise UserError(f"{path}: no config.json, seed mp_rank_* files or latest_checkpointed_iteration.txt found")
+
+
+def latest_checkpoint(path: str | os.PathLike) -> Path:
+    """A training checkpoint folder (step_*) as it is, or the newest one of a training run folder."""
+    path = Path(path)
+    if (path / "model" / "config.json").is_file():
+        return path
+    steps = sorted(p for p in path.glob("step_*") if (p / "model" / "config.json").is_file())
+    if not steps:
+        raise UserError(f"{path}: neither a training checkpoint (model/config.json) nor a run folder with step_* ones")
+    return steps[-1]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -245,6 +261,8 @@ def load_model(
         if fmt not in ("auto", "hf"):
             raise UserError(f"{source}: no such file or folder")
         path, detected = _download_hub(source), "hf"
+    if detected == "training":  # a run folder or step_* checkpoint: its consolidated native weights
+        path, detected = latest_checkpoint(path) / "model", "native"
     if fmt != "auto" and fmt != detected:
         raise UserError(f"{source}: looks like a {detected} checkpoint, not {fmt}")
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rugpt_ray.data import add_prepare_data_command
 from rugpt_ray.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -114,7 +115,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from rugpt_ray.data import read_documents, resolve_inputs
+    from rugpt_ray.data import iter_documents, resolve_inputs
     from rugpt_ray.evaluation import join_documents, perplexity
 
     paths = resolve_inputs(args.data)
@@ -123,7 +124,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or model.config.n_positions
     if not 2 <= seq_len <= model.config.n_positions:
         raise UserError(f"--seq-len {seq_len}: must be between 2 and the model's {model.config.n_positions}")
-    documents = tokenizer.encode_batch(read_documents(paths))
+    documents = tokenizer.encode_batch([doc.text for doc in iter_documents(paths)])
     result = perplexity(model, join_documents(documents, tokenizer.eos_id), seq_len, args.batch_size)
     print(f"{len(paths)} files: {result.describe()}")
     return 0
@@ -147,6 +148,43 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"sparse_attention: {json.dumps(cfg.sparse_attention)}")
         print(f"sparse layers: {sparse}")
         print(f"layout: {tuple(layout.shape)} blocks, {density:.1%} of causal blocks at {cfg.n_positions} tokens")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rugpt_ray.config import load_train_config
+    from rugpt_ray.plotting import plot_run
+    from rugpt_ray.train import train
+
+    cfg = load_train_config(args.config, args.overrides)
+    result = train(cfg)
+    if result.metrics:
+        print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                    for k, v in result.metrics.items()))
+    if "://" not in result.run_dir:
+        print(f"plot: {plot_run(result.run_dir)}")
+    print(f"checkpoint: {result.checkpoint}")
+    print(result.run_dir)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rugpt_ray.checkpoints import export_hf, latest_checkpoint, load_model, save_native
+
+    checkpoint = latest_checkpoint(args.checkpoint)
+    model = load_model(checkpoint / "model")
+    if args.to == "hf":
+        out = export_hf(model, args.out, allow_dense=args.allow_dense, tokenizer_folder=args.tokenizer)
+    else:
+        out = save_native(model, args.out)
+    print(f"exported {checkpoint} ({args.to}) to {out}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from rugpt_ray.plotting import plot_run
+
+    print(plot_run(args.run, args.out))
     return 0
 
 
@@ -185,6 +223,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="window length (default: the model's positions)")
     p.add_argument("--batch-size", type=int, default=4)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train", help="train with Ray Train + DeepSpeed (resumes a run of the same name)")
+    p.add_argument("--config", help="YAML recipe, e.g. jobs/configs/tiny-cpu.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys (model.x=... too)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="a training checkpoint (or a run's latest) to the native or HF format")
+    p.add_argument("checkpoint", help="checkpoint folder (step_*) or run folder")
+    p.add_argument("out")
+    p.add_argument("--to", default="native", choices=("native", "hf"))
+    p.add_argument("--allow-dense", action="store_true", help="export a sparse model to HF as dense anyway")
+    p.add_argument("--tokenizer", help="tokenizer folder to copy into an HF export")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plot", help="PNG of a run's loss, perplexity and learning rate")
+    p.add_argument("run", help="run folder (storage_path/name)")
+    p.add_argument("--out", help="PNG path (default: RUN/metrics.png)")
+    p.set_defaults(func=cmd_plot)
+
+    add_prepare_data_command(sub)
 
     p = sub.add_parser("info", help="what a checkpoint holds")
     add_model_args(p, model="model")

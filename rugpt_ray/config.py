@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import os
+import string
+from dataclasses import dataclass, field
 from typing import Any
 
 from rugpt_ray.errors import UserError
@@ -108,3 +110,171 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return ModelConfig.from_dict({**PRESETS[name], **overrides}, where=f"preset {name}")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. YAML recipes and `key=value` overrides on the command line use these names."""
+
+    name: str = "rugpt"
+    """Run name; the run folder is storage_path/name, and re-running the same name resumes it."""
+    storage_path: str = "runs"
+    """Where runs live: a local folder, NFS, or s3://... on a cluster (shared by all nodes)."""
+    preset: str | None = "tiny"
+    """Model preset to start from (random init), unless init_from is given."""
+    init_from: str | None = None
+    """Checkpoint to start from: HF folder/hub id, seed Megatron/DeepSpeed files, or the native format."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields to override (e.g. {sparse_mode: alternating}); heads etc. for seed checkpoints."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id (default: $RUGPT_DATA/tokenizer)."""
+    train_data: Any = None
+    """Training text: file, folder, glob, file.list, a list of these, or a prepared-data folder."""
+    valid_data: Any = None
+    """Validation text, same forms; evaluation is skipped without it."""
+    seq_len: int = 256
+    """Tokens per training sequence (≤ the model's n_positions)."""
+    micro_batch: int = 4
+    """Sequences per worker per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-5
+    """The schedule never goes below this (the seed's --min-lr)."""
+    warmup: float = 0.01
+    """Linear warmup: a fraction of max_steps when < 1, else a number of steps."""
+    decay: str = "cosine"
+    """After warmup: cosine, linear or constant (the seed's AnnealingLR styles)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay; never applied to biases and LayerNorm parameters."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW eps."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables it."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (fp16: dynamic loss scaling, GPU only)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+    offload_optimizer: bool = False
+    """ZeRO optimizer state offload to CPU (DeepSpeedCPUAdam)."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward to save memory."""
+    log_interval: int = 10
+    """Steps between metric lines (and reports to Ray)."""
+    eval_interval: int = 50
+    """Steps between validation passes."""
+    eval_iters: int = 10
+    """Validation micro-batches per worker per pass."""
+    save_interval: int = 100
+    """Steps between checkpoints (a checkpoint is also written at the last step)."""
+    max_steps: int | None = 200
+    """Optimizer steps to run; or give max_tokens."""
+    max_tokens: int | None = None
+    """Token budget; converted to steps with the global batch."""
+    seed: int = 1234
+    """Seed for weights, data order and dropout."""
+    num_workers: int = 1
+    """Ray Train workers (one DeepSpeed rank each)."""
+    use_gpu: bool = False
+    """One GPU per worker (nccl); CPU workers use gloo."""
+    cpus_per_worker: float = 0.5
+    """CPUs reserved per worker; below 1 so Ray Data keeps CPUs to read with (2 workers on 2 cores)."""
+    num_to_keep: int = 2
+    """Checkpoints kept (oldest deleted first)."""
+    max_failures: int = 0
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON (the seed's work as they are); its values win over the fields above."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "train config") -> TrainConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise UserError(f"{where}: unknown keys {unknown}")
+        for key, value in values.items():
+            _check_type(where, key, value, known[key].type)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict[str, Any]": dict}
+
+
+def _check_type(where: str, key: str, value: Any, annotation: str) -> None:
+    if annotation == "Any":
+        return
+    options = [a.strip() for a in annotation.split("|")]
+    if value is None and "None" in options:
+        return
+    for option in options:
+        expected = _TYPES.get(option)
+        if expected and isinstance(value, expected) and not (option in ("int", "float") and isinstance(value, bool)):
+            return
+    raise UserError(f"{where}: {key} must be {annotation}, got {type(value).__name__} {value!r}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; values are YAML (numbers, booleans, lists); `model.x=1` sets one model field."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise UserError(f"override {item!r}: value is not valid YAML ({e})") from e
+        if "." in key:
+            outer, inner = key.split(".", 1)
+            out.setdefault(outer, {})[inner] = value
+        else:
+            out[key] = value
+    return out
+
+
+def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    """A YAML recipe plus command-line overrides, checked before anything starts."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            values = yaml.safe_load(open(path, encoding="utf-8")) or {}
+        except OSError as e:
+            raise UserError(f"--config {path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise UserError(f"--config {path}: not valid YAML ({e})") from e
+        if not isinstance(values, dict):
+            raise UserError(f"--config {path}: expected a mapping of keys to values")
+    for key, value in parse_overrides(overrides or []).items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    for key in ("train_data", "valid_data", "tokenizer", "init_from", "deepspeed_config"):
+        values[key] = expand_data_vars(values.get(key))
+    return TrainConfig.from_dict({k: v for k, v in values.items() if v is not None or k in _NULLABLE},
+                                 where=path or "train config")
+
+
+_NULLABLE = {"preset", "max_steps", "max_tokens"}
+
+
+def expand_data_vars(value: Any) -> Any:
+    """`$RUGPT_DATA` (default ../shared/data) and other environment variables in paths, lists of paths too."""
+    if isinstance(value, list):
+        return [expand_data_vars(v) for v in value]
+    if not isinstance(value, str):
+        return value
+    env = {**os.environ, "RUGPT_DATA": os.environ.get("RUGPT_DATA", "../shared/data")}
+    return string.Template(value).safe_substitute(env)

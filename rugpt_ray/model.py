@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from rugpt_ray.attention import flex_attention, flex_block_mask, layout_token_mask, padded_causal_mask, sdpa
@@ -122,6 +123,7 @@ class GPT(nn.Module):
         if attn_impl not in ATTENTION_IMPLS:
             raise UserError(f"attention implementation {attn_impl!r} is not one of {ATTENTION_IMPLS}")
         self.config, self.attn_impl = cfg, attn_impl
+        self.activation_checkpointing = False  # recompute each block in backward (training only)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
@@ -226,7 +228,10 @@ class GPT(nn.Module):
 
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(positions))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, masks, cache, i)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, masks, cache, i, use_reentrant=False)
+            else:
+                x = block(x, masks, cache, i)
         if cache is not None:
             cache.length = start + s
         x = self.transformer.ln_f(x)

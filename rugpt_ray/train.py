@@ -1,0 +1,516 @@
+"""Training: a Ray Train `TorchTrainer` whose workers each run a DeepSpeed engine on the ruGPT3 model.
+
+Driver: check the config (one clear error before Ray starts), prepare the data cache, build the trainer, fit.
+Worker: build the model, AdamW without decay on biases/LayerNorm, the seed's AnnealingLR, DeepSpeed
+(gloo on CPU, nccl on GPU); every `save_interval` each rank saves its DeepSpeed shards, rank 0 adds the
+consolidated weights in the native format (so export needs no DeepSpeed), and the step is reported with
+`ray.train.report(..., checkpoint=...)`. Re-running the same name resumes from the last checkpoint with
+optimizer, schedule, RNG and data position restored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rugpt_ray.config import PRESETS, ModelConfig, TrainConfig
+from rugpt_ray.errors import UserError
+
+CHECKPOINT_TAG = "deepspeed"
+STATE_FILE = "train_state.json"
+METRICS_FILE = "metrics.jsonl"
+DECAY_STYLES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; the first name found in the device name wins.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
+
+
+# --------------------------------------------------------------------------------------------- config
+
+def _sparse_from_deepspeed_json(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The user's DeepSpeed JSON without its `sparse_attention` block (DeepSpeed 0.19.8 rejects it)."""
+    if not cfg.deepspeed_config:
+        return {}, None
+    try:
+        ds = json.loads(Path(cfg.deepspeed_config).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"deepspeed_config {cfg.deepspeed_config}: {e}") from e
+    if not isinstance(ds, dict):
+        raise UserError(f"deepspeed_config {cfg.deepspeed_config}: expected a JSON object")
+    return ds, ds.pop("sparse_attention", None)
+
+
+def apply_deepspeed_json(cfg: TrainConfig, ds: dict[str, Any]) -> None:
+    """The JSON's values win: copy them into the config so logs and checks see what actually runs."""
+    if "train_micro_batch_size_per_gpu" in ds:
+        cfg.micro_batch = int(ds["train_micro_batch_size_per_gpu"])
+    if "gradient_accumulation_steps" in ds:
+        cfg.grad_accum = int(ds["gradient_accumulation_steps"])
+    if "gradient_clipping" in ds:
+        cfg.grad_clip = float(ds["gradient_clipping"])
+    if ds.get("fp16", {}).get("enabled"):
+        cfg.precision = "fp16"
+    elif ds.get("bf16", {}).get("enabled"):
+        cfg.precision = "bf16"
+    elif "fp16" in ds or "bf16" in ds:
+        cfg.precision = "fp32"
+    zero = ds.get("zero_optimization", {})
+    if "stage" in zero:
+        cfg.zero_stage = int(zero["stage"])
+    if zero.get("offload_optimizer", {}).get("device") == "cpu":
+        cfg.offload_optimizer = True
+
+
+def deepspeed_config(cfg: TrainConfig, user: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The engine's config: the user's JSON (if any) with batch, precision, ZeRO and clipping filled in."""
+    ds = json.loads(json.dumps(user or {}))
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    ds["gradient_clipping"] = cfg.grad_clip
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": cfg.precision == "fp16"}
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.precision == "bf16"}
+    zero = {**ds.get("zero_optimization", {}), "stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    ds["zero_optimization"] = zero
+    for key in ("optimizer", "scheduler"):  # the platform owns these (AdamW groups, AnnealingLR)
+        ds.pop(key, None)
+    return ds
+
+
+def model_config_for(cfg: TrainConfig, sparse_from_json: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The model's settings known before loading weights (None when only the checkpoint can tell)."""
+    overrides = dict(cfg.model)
+    if sparse_from_json is not None:
+        overrides.setdefault("sparse_attention", sparse_from_json)
+        overrides.setdefault("sparse_mode", "all")  # the seed's --sparse-mode default
+    if cfg.init_from:
+        meta_file = Path(cfg.init_from) / "config.json"
+        if meta_file.is_file():
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            base = meta.get("model", meta)
+            return {"n_positions": base.get("n_positions"), **overrides}
+        return {**PRESETS.get(cfg.preset or "", {}), **overrides} if cfg.preset else None
+    if cfg.preset not in PRESETS:
+        raise UserError(f"preset {cfg.preset!r} is not one of {', '.join(PRESETS)} (or give init_from)")
+    values = {**PRESETS[cfg.preset], **overrides}
+    return ModelConfig.from_dict(values, where=f"model (preset {cfg.preset} + overrides)").to_dict()
+
+
+def check_config(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Every check that can fail before Ray starts; returns the DeepSpeed config and the model settings."""
+    user_ds, sparse = _sparse_from_deepspeed_json(cfg)
+    apply_deepspeed_json(cfg, user_ds)
+    positive = ("seq_len", "micro_batch", "grad_accum", "log_interval", "eval_interval", "eval_iters",
+                "save_interval", "num_workers", "num_to_keep")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"train config: {name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_steps is None and cfg.max_tokens is None:
+        raise UserError("train config: give max_steps or max_tokens")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise UserError(f"train config: max_steps must be >= 1, got {cfg.max_steps}")
+    if cfg.decay not in DECAY_STYLES:
+        raise UserError(f"train config: decay {cfg.decay!r} is not one of {', '.join(DECAY_STYLES)}")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"train config: precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if cfg.precision == "fp16" and not cfg.use_gpu:
+        raise UserError("train config: precision fp16 (dynamic loss scaling) needs use_gpu=true; use bf16 or fp32")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"train config: zero_stage must be 0-3, got {cfg.zero_stage}")
+    if not (cfg.lr > 0 and 0 <= cfg.min_lr <= cfg.lr):
+        raise UserError(f"train config: need lr > 0 and 0 <= min_lr <= lr, got lr={cfg.lr} min_lr={cfg.min_lr}")
+    if cfg.warmup < 0:
+        raise UserError(f"train config: warmup must be >= 0, got {cfg.warmup}")
+    if cfg.cpus_per_worker <= 0:
+        raise UserError(f"train config: cpus_per_worker must be > 0, got {cfg.cpus_per_worker}")
+    if cfg.train_data is None:
+        raise UserError("train config: train_data is missing (text files, a file.list, or a prepared folder)")
+    if cfg.init_from and not Path(cfg.init_from).exists() and cfg.init_from.count("/") != 1:
+        raise UserError(f"train config: init_from {cfg.init_from}: no such file or folder")
+    model = model_config_for(cfg, sparse)
+    if model and model.get("n_positions") and cfg.seq_len > model["n_positions"]:
+        raise UserError(f"train config: seq_len {cfg.seq_len} exceeds the model's n_positions {model['n_positions']}")
+    return deepspeed_config(cfg, user_ds), model
+
+
+def total_steps(cfg: TrainConfig) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.num_workers * cfg.seq_len
+    return max(1, math.ceil(cfg.max_tokens / tokens_per_step))
+
+
+def lr_at(step: int, cfg: TrainConfig, steps: int) -> float:
+    """The seed's AnnealingLR: linear warmup, then decay over `steps` (not steps - warmup), floor at min_lr."""
+    warmup = cfg.warmup * steps if cfg.warmup < 1 else cfg.warmup
+    if warmup and step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / steps
+    if cfg.decay == "cosine":
+        lr = cfg.lr / 2 * (math.cos(math.pi * progress) + 1)
+    elif cfg.decay == "linear":
+        lr = cfg.lr * (1 - progress)
+    else:
+        lr = cfg.lr
+    return max(lr, cfg.min_lr)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and LayerNorm parameters (the seed's rule)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or ".ln_" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------------------------- worker
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides weights, optimizer and schedule."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    tokens: int = 0
+
+
+def _build_model(cfg: TrainConfig, model_values: dict[str, Any] | None):
+    from rugpt_ray.checkpoints import load_model
+    from rugpt_ray.model import GPT
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if cfg.init_from:
+        m = cfg.model
+        model = load_model(cfg.init_from, preset=cfg.preset, n_head=m.get("n_head"), vocab_size=m.get("vocab_size"),
+                           sparse_mode=(model_values or {}).get("sparse_mode"),
+                           sparse_config=(model_values or {}).get("sparse_attention"))
+        if cfg.seq_len > model.config.n_positions:
+            raise UserError(f"seq_len {cfg.seq_len} exceeds {cfg.init_from}'s n_positions {model.config.n_positions}")
+        return model.train()
+    return GPT(ModelConfig.from_dict(model_values)).train()
+
+
+def _flops_per_token(model_cfg: ModelConfig, params: int, seq_len: int) -> float:
+    return 6 * params + 12 * model_cfg.n_layer * model_cfg.n_embd * seq_len
+
+
+def _peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _all_reduce_mean(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def _masked_targets(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Labels for tokens[:, :-1]; padding rows (all pad) predict nothing."""
+    targets = tokens[:, 1:].clone()
+    targets[targets == pad_id] = -100
+    return targets
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs in each Ray Train worker."""
+    import warnings
+
+    import deepspeed
+    import ray.train
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's API use
+    cfg = TrainConfig.from_dict(config["train"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    steps, pad_id, run_dir = config["steps"], config["pad_id"], config["run_dir"]
+    model = _build_model(cfg, config["model"])
+    model.activation_checkpointing = cfg.activation_checkpointing
+    optimizer = _optimizer(model, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, steps) / cfg.lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=config["deepspeed"], dist_init_required=False)
+    device = engine.device
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            _, client = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+        state = TrainState(**client["state"])
+        torch.set_rng_state(client["torch_rng"])
+        if rank == 0:
+            print(f"resumed from step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})", flush=True)
+    log = _MetricsLog(run_dir if rank == 0 else None, resume_step=state.step)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_batches = _valid_batches(cfg)
+    batches = _train_batches(train_shard, cfg, state)
+    model_cfg = engine.module.config
+    flops = _flops_per_token(model_cfg, engine.module.num_params(), cfg.seq_len)
+    peak = _peak_flops()
+    window_loss, window_tokens, started = [], 0, time.perf_counter()
+    while state.step < steps:
+        engine.train()
+        for _ in range(cfg.grad_accum):
+            tokens = next(batches).to(device)
+            _, loss = engine(tokens[:, :-1], targets=_masked_targets(tokens, pad_id))
+            engine.backward(loss)
+            engine.step()
+            window_loss.append(loss.item())
+            window_tokens += tokens[:, :-1].numel()
+        state.step += 1
+        last = state.step == steps
+        metrics: dict[str, Any] = {}
+        if state.step % cfg.log_interval == 0 or last:
+            elapsed = time.perf_counter() - started
+            loss_mean, tok_s = _all_reduce_mean([sum(window_loss) / len(window_loss), window_tokens / elapsed], device)
+            tok_s *= ctx.get_world_size()
+            state.tokens += int(window_tokens * ctx.get_world_size())
+            metrics.update(step=state.step, loss=loss_mean, ppl=math.exp(min(loss_mean, 30)),
+                           lr=schedule.get_last_lr()[0], grad_norm=_grad_norm(engine), tokens=state.tokens,
+                           tokens_per_s=tok_s)
+            if engine.fp16_enabled():
+                metrics["loss_scale"] = float(engine.optimizer.cur_scale)
+            if peak:
+                metrics["mfu"] = tok_s * flops / (peak * ctx.get_world_size())
+            window_loss, window_tokens, started = [], 0, time.perf_counter()
+        if valid_batches is not None and (state.step % cfg.eval_interval == 0 or last):
+            metrics.update(_evaluate(engine, valid_batches, pad_id), step=state.step)
+        if state.step % cfg.save_interval == 0 or last:
+            _save(engine, state, metrics, rank)
+        elif metrics:
+            ray.train.report(metrics)
+        if metrics:
+            log.write(metrics)
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, fused=cfg.use_gpu or None)
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def _train_batches(shard, cfg: TrainConfig, state: TrainState):
+    """Micro-batches forever, epoch after epoch; skips what a resumed run already consumed in its epoch."""
+    while True:
+        skip = state.batches_in_epoch
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=cfg.micro_batch, dtypes=torch.long)):
+            if i < skip:
+                continue
+            state.batches_in_epoch = i + 1
+            yield batch["input_ids"]
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+
+def _valid_batches(cfg: TrainConfig) -> list[torch.Tensor] | None:
+    """The worker's validation shard, read once (it is limited to eval_iters batches on the driver)."""
+    import ray.train
+
+    try:
+        shard = ray.train.get_dataset_shard("valid")
+    except KeyError:
+        return None
+    if shard is None:
+        return None
+    batches = [b["input_ids"] for b in shard.iter_torch_batches(batch_size=cfg.micro_batch, dtypes=torch.long)]
+    return batches[:cfg.eval_iters]
+
+
+@torch.no_grad()
+def _evaluate(engine, batches: list[torch.Tensor], pad_id: int) -> dict[str, float]:
+    """Token-mean validation loss over every worker's batches."""
+    import torch.nn.functional as F
+
+    engine.eval()
+    total, count = 0.0, 0
+    for tokens in batches:
+        tokens = tokens.to(engine.device)
+        logits, _ = engine(tokens[:, :-1])
+        targets = _masked_targets(tokens, pad_id)
+        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                 reduction="sum").item()
+        count += int((targets != -100).sum())
+    total, count = _all_reduce_mean([total, count], engine.device)
+    loss = total / max(count, 1)
+    return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 30))}
+
+
+def _save(engine, state: TrainState, metrics: dict[str, Any], rank: int) -> None:
+    """Every rank writes its DeepSpeed shards; rank 0 adds the native weights; Ray merges the folders."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from rugpt_ray.checkpoints import save_native
+
+    with tempfile.TemporaryDirectory() as tmp:
+        client = {"state": state.__dict__.copy(), "torch_rng": torch.get_rng_state()}
+        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state=client)
+        if engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+                if rank == 0:
+                    save_native(engine.module, Path(tmp) / "model")
+        elif rank == 0:
+            save_native(engine.module, Path(tmp) / "model")
+        if rank == 0:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps({**state.__dict__, "metrics": metrics}, indent=2))
+        ray.train.report({**metrics, "step": state.step}, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step_{state.step:07d}")
+
+
+class _MetricsLog:
+    """metrics.jsonl + TensorBoard events in the run folder (rank 0), and one progress line per report."""
+
+    def __init__(self, run_dir: str | None, resume_step: int):
+        self.path = Path(run_dir) / METRICS_FILE if run_dir and "://" not in run_dir else None
+        self.writer = None
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # drop lines past the checkpoint we resumed from: no step is logged twice
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            _atomic_write(self.path, "".join(line + "\n" for line in kept))
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if key != "step":
+                self.writer.add_scalar(key, value, metrics["step"])
+        self.writer.flush()
+        shown = " | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+        print(shown, flush=True)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    checkpoint: str | None
+    metrics: dict[str, Any]
+
+
+def _ray_init() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        local = "RAY_ADDRESS" not in os.environ
+        ray.init(log_to_driver=True, **({"_node_ip_address": "127.0.0.1"} if local else {}))
+
+
+def prepare_training_data(cfg: TrainConfig, run_dir: str, tokenizer_path: str):
+    """A prepared folder as it is, or text inputs prepared once into the run folder (reused on resume)."""
+    from rugpt_ray.data import DataConfig, open_prepared, prepare_data
+
+    train = cfg.train_data
+    if isinstance(train, str) and (Path(train) / "meta.json").is_file():
+        if cfg.valid_data is not None:
+            raise UserError("train config: with a prepared train_data folder, the validation split comes from it "
+                            "(prepare-data --valid); remove valid_data")
+        return open_prepared(train, seq_len=cfg.seq_len)
+    as_list = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
+    data_cfg = DataConfig(inputs=as_list(train), valid=as_list(cfg.valid_data) if cfg.valid_data else [],
+                          tokenizer=tokenizer_path, seq_len=cfg.seq_len, out=f"{run_dir}/data", seed=cfg.seed)
+    meta = prepare_data(data_cfg, progress=False)
+    return open_prepared(meta["out"], seq_len=cfg.seq_len)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Check, prepare data, fit; the run folder is storage_path/name."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from rugpt_ray.data import train_ingest
+    from rugpt_ray.data.inputs import resolve_inputs
+
+    ds_config, model_values = check_config(cfg)
+    for inputs in (cfg.train_data, cfg.valid_data):
+        if inputs and not (isinstance(inputs, str) and (Path(inputs) / "meta.json").is_file()):
+            resolve_inputs(inputs)  # every missing path in one error, before Ray starts
+    storage = cfg.storage_path if "://" in cfg.storage_path else os.path.abspath(cfg.storage_path)
+    run_dir = f"{storage.rstrip('/')}/{cfg.name}"
+    tokenizer_path = cfg.tokenizer or str(Path(os.environ.get("RUGPT_DATA", "../shared/data")) / "tokenizer")
+
+    _ray_init()
+    prepared = prepare_training_data(cfg, run_dir, tokenizer_path)
+    ingest = train_ingest(prepared, cfg.num_workers, seed=cfg.seed)
+    if "valid" in ingest.datasets:
+        ingest.datasets["valid"] = ingest.datasets["valid"].limit(cfg.eval_iters * cfg.micro_batch * cfg.num_workers)
+    resources = {"CPU": min(cfg.cpus_per_worker, ingest.resources_per_worker["CPU"])}
+    if cfg.use_gpu:
+        resources = {"CPU": cfg.cpus_per_worker}
+    loop_config = {"train": cfg.to_dict(), "model": model_values, "deepspeed": ds_config,
+                   "steps": total_steps(cfg), "pad_id": ingest.pad_id, "run_dir": run_dir}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=resources),
+        datasets=ingest.datasets,
+        dataset_config=ingest.dataset_config,
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": _worker_env()},
+        ),
+    )
+    result = trainer.fit()
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    return TrainResult(run_dir=run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}))
+
+
+def _worker_env() -> dict[str, str]:
+    keys = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "RUGPT_DATA", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")
+    return {k: os.environ[k] for k in keys if k in os.environ}
