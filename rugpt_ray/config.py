@@ -146,6 +146,8 @@ class TrainConfig:
     """Linear warmup: a fraction of max_steps when < 1, else a number of steps."""
     decay: str = "cosine"
     """After warmup: cosine, linear or constant (the seed's AnnealingLR styles)."""
+    decay_steps: int | None = None
+    """Steps the warmup fraction and the decay span (the seed's --lr-decay-iters); default: all steps."""
     weight_decay: float = 0.01
     """AdamW weight decay; never applied to biases and LayerNorm parameters."""
     adam_beta1: float = 0.9

@@ -112,6 +112,8 @@ def check_config(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any] | Non
     """Every check that can fail before Ray starts; returns the DeepSpeed config and the model settings."""
     user_ds, sparse = _sparse_from_deepspeed_json(cfg)
     apply_deepspeed_json(cfg, user_ds)
+    if cfg.decay_steps is not None and cfg.decay_steps < 1:
+        raise UserError(f"train config: decay_steps must be >= 1, got {cfg.decay_steps}")
     positive = ("seq_len", "micro_batch", "grad_accum", "log_interval", "eval_interval", "eval_iters",
                 "save_interval", "num_workers", "num_to_keep")
     for name in positive:
@@ -153,11 +155,12 @@ def total_steps(cfg: TrainConfig) -> int:
 
 
 def lr_at(step: int, cfg: TrainConfig, steps: int) -> float:
-    """The seed's AnnealingLR: linear warmup, then decay over `steps` (not steps - warmup), floor at min_lr."""
-    warmup = cfg.warmup * steps if cfg.warmup < 1 else cfg.warmup
+    """The seed's AnnealingLR: linear warmup, then decay over `decay_steps` (not minus warmup), floor at min_lr."""
+    span = cfg.decay_steps or steps
+    warmup = cfg.warmup * span if cfg.warmup < 1 else cfg.warmup
     if warmup and step < warmup:
         return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / steps
+    progress = (min(step, span - warmup) - warmup) / span
     if cfg.decay == "cosine":
         lr = cfg.lr / 2 * (math.cos(math.pi * progress) + 1)
     elif cfg.decay == "linear":

@@ -1,0 +1,180 @@
+"""Training through real Ray Train and real DeepSpeed on CPU: learning, resume, a killed worker, export."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from rugpt_ray.checkpoints import export_hf, load_model
+from rugpt_ray.config import TrainConfig, load_train_config
+from rugpt_ray.data import DataConfig, prepare_data
+from rugpt_ray.errors import UserError
+from rugpt_ray.train import check_config, deepspeed_config, lr_at, train
+
+REPO = Path(__file__).resolve().parents[1]
+SEED_XL_JSON = {  # the content of the seed's gpt3_xl_sparse_2048.json (= HF sberbank-ai/rugpt3xl)
+    "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 100,
+    "gradient_clipping": 1.0,
+    "fp16": {"enabled": True, "loss_scale": 0, "loss_scale_window": 2000, "hysteresis": 2, "min_loss_scale": 0.0},
+    "zero_optimization": {"stage": 2, "reduce_bucket_size": 50000000, "overlap_comm": True},
+    "sparse_attention": {"mode": "fixed", "block": 16, "different_layout_per_head": True, "num_local_blocks": 8,
+                         "num_global_blocks": 1, "attention": "unidirectional", "horizontal_global_attention": False,
+                         "num_different_global_patterns": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, data_dir, ray_local):
+    out = tmp_path_factory.mktemp("prepared") / "seq64"
+    prepare_data(DataConfig(inputs=[str(data_dir / "corpus" / "train")], valid=[str(data_dir / "corpus" / "valid")],
+                            tokenizer=str(data_dir / "tokenizer"), seq_len=64, out=str(out)), progress=False)
+    return str(out)
+
+
+def base(tmp_path, prepared, **overrides) -> TrainConfig:
+    values = dict(name="run", storage_path=str(tmp_path), preset="tiny", model={"sparse_mode": "none"},
+                  train_data=prepared, seq_len=64, micro_batch=8, lr=3e-3, min_lr=3e-4, warmup=2, log_interval=5,
+                  eval_interval=10, eval_iters=4, save_interval=10, max_steps=20, num_workers=2, zero_stage=2)
+    values.update(overrides)
+    return TrainConfig.from_dict(values)
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_workers_zero2_learn_resume_and_export(tmp_path, prepared, ray_local):
+    result = train(base(tmp_path, prepared))
+    rows = metrics(result.run_dir)
+    valid = [r["valid_ppl"] for r in rows if "valid_ppl" in r]
+    assert len(valid) == 2 and valid[1] < 0.7 * valid[0]  # 10 more steps cut validation perplexity clearly
+    assert Path(result.checkpoint).name == "step_0000020"
+    shards = sorted(p.name for p in (Path(result.checkpoint) / "deepspeed").iterdir())
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= set(shards)
+
+    # the same name again with a longer budget: continues from step 20, no gap, no restart from 0
+    resumed = train(base(tmp_path, prepared, max_steps=30))
+    steps = [r["step"] for r in metrics(resumed.run_dir)]
+    assert steps == [5, 10, 15, 20, 25, 30]
+    assert Path(resumed.checkpoint).name == "step_0000030"
+    state = json.loads((Path(resumed.checkpoint) / "train_state.json").read_text())
+    assert state["step"] == 30 and state["tokens"] == 30 * 2 * 8 * 64
+
+    # export: stock transformers loads it and gives the trained model's logits
+    trained = load_model(resumed.run_dir)
+    out = export_hf(trained, tmp_path / "hf")
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    ids = torch.randint(5, 50257, (1, 40))
+    with torch.no_grad():
+        assert (hf(ids).logits - trained(ids)[0]).abs().max().item() <= 1e-4
+
+
+def test_seed_deepspeed_json_trains_the_sparse_model(tmp_path, prepared, ray_local):
+    (tmp_path / "ds.json").write_text(json.dumps(SEED_XL_JSON))
+    cfg = base(tmp_path, prepared, model={"sparse_mode": "alternating"}, num_workers=1, max_steps=4, save_interval=4,
+               deepspeed_config=str(tmp_path / "ds.json"), precision="fp32")
+    with pytest.raises(UserError, match="fp16.*needs use_gpu"):
+        check_config(cfg)  # the seed's JSON asks for fp16, which needs a GPU
+    SEED_XL_JSON["fp16"]["enabled"] = False
+    (tmp_path / "ds.json").write_text(json.dumps(SEED_XL_JSON))
+    cfg = base(tmp_path, prepared, model={"sparse_mode": "alternating"}, num_workers=1, max_steps=4, save_interval=4,
+               deepspeed_config=str(tmp_path / "ds.json"))
+    ds, model = check_config(cfg)
+    assert "sparse_attention" not in ds and ds["zero_optimization"]["reduce_bucket_size"] == 50000000
+    assert cfg.micro_batch == 2 and cfg.zero_stage == 2
+    result = train(cfg)
+    trained = load_model(result.checkpoint)
+    assert trained.config.sparse_attention["num_local_blocks"] == 8 and trained.config.is_sparse_layer(0)
+    assert [r["step"] for r in metrics(result.run_dir)][-1] == 4
+
+
+def test_a_killed_worker_is_survived(tmp_path, prepared, ray_local):
+    cfg = base(tmp_path, prepared, max_steps=30, save_interval=10, max_failures=1, eval_interval=100)
+    killed = []
+
+    def kill_one_worker_after_first_checkpoint():
+        deadline = time.time() + 600
+        while time.time() < deadline and not (tmp_path / "run" / "step_0000010" / "model").is_dir():
+            time.sleep(0.5)
+        time.sleep(1.0)
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                killed.append(proc.info["pid"])
+                return
+
+    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint)
+    killer.start()
+    result = train(cfg)
+    killer.join()
+    assert killed, "no Ray Train worker process was found to kill"
+    steps = [r["step"] for r in metrics(result.run_dir)]
+    assert steps == sorted(set(steps)) and steps[-1] == 30
+    kept = sorted(p.name for p in (tmp_path / "run").glob("step_*"))
+    assert kept == ["step_0000020", "step_0000030"]  # num_to_keep=2; step 10 was restored from, then rotated
+    assert json.loads((Path(result.checkpoint) / "train_state.json").read_text())["step"] == 30
+
+
+def test_recipes_load_and_check():
+    for path in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
+        cfg = load_train_config(str(path))
+        ds, _ = check_config(cfg)
+        assert ds["train_micro_batch_size_per_gpu"] == cfg.micro_batch, path
+    xl = load_train_config(str(REPO / "jobs" / "configs" / "xl.yaml"))
+    assert (xl.preset, xl.seq_len, xl.lr, xl.zero_stage, xl.precision) == ("xl", 2048, 2e-4, 2, "bf16")
+
+
+def test_annealing_lr_follows_the_seed():
+    cfg = TrainConfig(lr=1.0, min_lr=0.01, warmup=0.1, decay="cosine", max_steps=100)
+    assert lr_at(0, cfg, 100) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 100) == pytest.approx(1.0)
+    assert lr_at(10, cfg, 100) == pytest.approx(1.0)  # cos(0)
+    assert lr_at(60, cfg, 100) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(0.5 * torch.pi)).item()))
+    assert lr_at(99, cfg, 100) == lr_at(95, cfg, 100)  # the seed clamps progress at decay span - warmup
+    linear = TrainConfig(lr=1.0, min_lr=0.3, warmup=0, decay="linear", max_steps=10)
+    assert [round(lr_at(s, linear, 10), 3) for s in (0, 5, 9)] == [1.0, 0.5, 0.3]
+
+
+def test_deepspeed_config_drops_sparse_and_owns_optimizer(tmp_path):
+    ds = deepspeed_config(TrainConfig(micro_batch=3, grad_accum=2, precision="bf16", zero_stage=3,
+                                      offload_optimizer=True), {"optimizer": {"type": "Adam"}, "train_batch_size": 9})
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert "optimizer" not in ds and "train_batch_size" not in ds
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["lr=fast"], "lr must be float"),
+    (["nonsense=1"], "unknown keys ['nonsense']"),
+    (["seq_len=512"], "seq_len 512 exceeds the model's n_positions 256"),
+    (["train_data=/no/such/dir"], "/no/such/dir"),
+    (["decay=exponential"], "decay 'exponential' is not one of"),
+    (["precision=fp16"], "needs use_gpu"),
+    (["zero_stage=4"], "zero_stage must be 0-3"),
+    (["preset=huge"], "preset 'huge'"),
+    (["model.n_head=5"], "not divisible by n_head"),
+    (["max_steps=null"], "give max_steps or max_tokens"),
+])
+def test_bad_config_is_one_clear_error_before_ray(overrides, message, data_dir):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "rugpt_ray.cli", "train", "--config",
+                          str(REPO / "jobs" / "configs" / "tiny-cpu.yaml"), "storage_path=/tmp/never", *overrides],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 dynamic loss scaling and nccl need a CUDA GPU")
+def test_fp16_loss_scaling_on_gpu(tmp_path, prepared, ray_local):
+    result = train(base(tmp_path, prepared, use_gpu=True, num_workers=1, precision="fp16", max_steps=10))
+    assert "loss_scale" in metrics(result.run_dir)[-1]
