@@ -247,6 +247,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_dict(config["train"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    if not cfg.use_gpu:  # Ray pins fractional-CPU workers to 1 thread; share the node's cores among its workers
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     steps, pad_id, run_dir = config["steps"], config["pad_id"], config["run_dir"]
     model = _build_model(cfg, config["model"])
     model.activation_checkpointing = cfg.activation_checkpointing
