@@ -280,13 +280,11 @@ def load_model(
         values = {**base, **shape}
         if "n_head" not in values and n_head is None:
             raise UserError(f"{source}: the head count cannot be read off seed weights; give a preset or n_head")
-    for name in SHAPE_FIELDS:
-        if preset and name in base and base[name] != values[name]:
-            raise UserError(f"{source}: checkpoint has {name}={values[name]}, preset {preset} has {base[name]}")
-    if preset and detected != "native":
-        values["vocab_size"] = base.get("vocab_size", values["vocab_size"])
-        if detected == "hf" and base.get("n_head", values["n_head"]) != values["n_head"]:
-            raise UserError(f"{source}: checkpoint has n_head={values['n_head']}, preset {preset} has {base['n_head']}")
+    if preset and detected != "native":  # the weights decide shapes; a preset that disagrees is a mistake
+        for name in SHAPE_FIELDS + (("n_head",) if detected == "hf" else ()):
+            if base[name] != values[name]:
+                raise UserError(f"{source}: checkpoint has {name}={values[name]}, preset {preset} has {base[name]}")
+        values["vocab_size"] = base["vocab_size"]  # pad or trim the rows to the preset's (issue #69)
     overrides = dict(n_head=n_head, vocab_size=vocab_size, sparse_mode=sparse_mode, sparse_attention=sparse_config)
     values.update({k: v for k, v in overrides.items() if v is not None})
     if sparse_config is not None and values.get("sparse_mode", "none") == "none":
@@ -317,9 +315,8 @@ def _load_state(model: GPT, sd: dict[str, torch.Tensor], source: str) -> None:
         raise UserError(f"{source}: missing {missing[:4]} / unexpected {unexpected[:4]} parameters")
     for key, value in sd.items():
         if value.shape != expected[key].shape:
-            hint = " (wrong n_head?)" if "c_attn" in key else ""
             raise UserError(f"{source}: {key} has shape {tuple(value.shape)}, the model needs "
-                            f"{tuple(expected[key].shape)}{hint}")
+                            f"{tuple(expected[key].shape)}")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=False)
 
 
