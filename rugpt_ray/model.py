@@ -240,7 +240,10 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            # a token mean; a batch with nothing to predict (a padding row) gives 0, not NaN
+            total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                                    reduction="sum")
+            loss = total / (targets != -100).sum().clamp(min=1)
         return logits, loss
 
     def num_params(self) -> int:
