@@ -186,6 +186,8 @@ class TrainConfig:
     """One GPU per worker (nccl); CPU workers use gloo."""
     cpus_per_worker: float = 0.5
     """CPUs reserved per worker; below 1 so Ray Data keeps CPUs to read with (2 workers on 2 cores)."""
+    threads_per_worker: int | None = None
+    """CPU workers' torch threads (default: the node's cores shared among this run's workers there)."""
     num_to_keep: int = 2
     """Checkpoints kept (oldest deleted first)."""
     max_failures: int = 0
