@@ -135,6 +135,8 @@ def check_config(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any] | Non
         raise UserError(f"train config: need lr > 0 and 0 <= min_lr <= lr, got lr={cfg.lr} min_lr={cfg.min_lr}")
     if cfg.warmup < 0:
         raise UserError(f"train config: warmup must be >= 0, got {cfg.warmup}")
+    if cfg.threads_per_worker is not None and cfg.threads_per_worker < 1:
+        raise UserError(f"train config: threads_per_worker must be >= 1, got {cfg.threads_per_worker}")
     if cfg.cpus_per_worker <= 0:
         raise UserError(f"train config: cpus_per_worker must be > 0, got {cfg.cpus_per_worker}")
     if cfg.train_data is None:
@@ -248,7 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     if not cfg.use_gpu:  # Ray pins fractional-CPU workers to 1 thread; share the node's cores among its workers
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+        torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     steps, pad_id, run_dir = config["steps"], config["pad_id"], config["run_dir"]
     model = _build_model(cfg, config["model"])
     model.activation_checkpointing = cfg.activation_checkpointing
@@ -471,8 +473,9 @@ def prepare_training_data(cfg: TrainConfig, run_dir: str, tokenizer_path: str):
     return open_prepared(meta["out"], seq_len=cfg.seq_len)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Check, prepare data, fit; the run folder is storage_path/name."""
+def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    """Check, prepare data, fit; the run folder is storage_path/name. `callbacks`: Ray Train run callbacks
+    (a Tune sweep forwards the reports to Tune with one)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -509,6 +512,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env={"env_vars": _worker_env()},
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()
