@@ -1,0 +1,96 @@
+"""What the Serve app builder takes: `ServeConfig` is the `args:` block of a Serve config YAML (or the CLI's flags)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from rugpt_ray.errors import UserError
+
+_ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+class ServeConfig(BaseModel):
+    """Models, tokenizer, limits and access control of one rugpt-ray Serve application."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    models: dict[str, str] = Field(min_length=1)
+    """Served name -> checkpoint folder/file or HF hub id; the first is the default when a request names none.
+    A value may use `${VAR}` / `${VAR:-default}` and a glob (its newest match is taken: the demo writes
+    `runs/demo-<time>/model`); both are resolved where the app is built."""
+    tokenizer: str
+    """Tokenizer folder (vocab.json + merges.txt) or hub id, shared by every model; `${VAR:-default}` works."""
+    device: str = "cpu"
+    """Torch device of the models in a replica ("cuda" on GPU replicas)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype of the models."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Most tokens one request may ask for per sequence (max_new_tokens / max_tokens)."""
+    max_prompt_tokens: int = Field(1024, ge=1)
+    """Longest prompt accepted, in tokens; prompt + max_new_tokens must also fit the model's positions."""
+    max_n: int = Field(4, ge=1)
+    """Most sequences per prompt (num_return_sequences / n)."""
+    max_batch_size: int = Field(32, ge=1)
+    """Most sequences decoded together per model; requests beyond it wait for rows to free up."""
+    max_models_per_replica: int = Field(2, ge=1)
+    """Models kept loaded per replica; the least recently used one is unloaded beyond this."""
+    max_ongoing_requests: int = Field(64, ge=1)
+    """Requests a replica works on at once (decoding or waiting for a batch slot); the same setting in a Serve
+    config's `deployments:` entry wins."""
+    max_queued_requests: int = Field(64, ge=-1)
+    """Requests queued in front of busy replicas; more are refused with 503 (-1: no limit); the same setting in
+    a Serve config's `deployments:` entry wins."""
+    request_timeout_s: float = Field(120.0, gt=0)
+    """A generation still running after this long is stopped: 504, or an error event when streaming."""
+    stream_interval_s: float = Field(0.0, ge=0)
+    """Streamed chunks go out at most this often; tokens in between are merged into one chunk (the first one and
+    the end are never held). 0 = a chunk per token. Each chunk costs Serve a message, so some tens of ms save
+    much CPU when many fast streams share a small machine."""
+    max_body_bytes: int = Field(1 << 20, ge=1)
+    """Largest request body accepted (413 beyond)."""
+    api_key_env: str | None = None
+    """Name of an environment variable holding the API key; when set, requests need `Authorization: Bearer
+    <key>` (except /healthz). The key is read in the replica and never travels in the config."""
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, models: dict[str, str]) -> dict[str, str]:
+        for name, path in models.items():
+            if not name or not path:
+                raise ValueError(f"model {name!r}: names and paths must be non-empty")
+        return models
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.models))
+
+    def resolved(self) -> ServeConfig:
+        """A copy whose paths are expanded and checked, so every replica loads the same files."""
+        models = {name: resolve_path(f"model {name}", path) for name, path in self.models.items()}
+        return self.model_copy(update={"models": models, "tokenizer": resolve_path("tokenizer", self.tokenizer)})
+
+
+def resolve_path(what: str, value: str) -> str:
+    """`${VAR:-default}` expanded, a glob replaced by its newest match, a local path made absolute.
+
+    Anything that is not a local path must look like a hub id ('org/name').
+    """
+    expanded = _ENV_REF.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+    if glob.has_magic(expanded):
+        matches = sorted(glob.glob(os.path.expanduser(expanded)), key=os.path.getmtime)
+        if not matches:
+            raise UserError(f"{what}: nothing matches {expanded!r} (from {value!r}; run `make demo` or set "
+                            f"the variable it names)")
+        expanded = matches[-1]
+    path = Path(expanded).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if expanded.count("/") == 1 and not expanded.startswith((".", "/", "~")):
+        return expanded  # an HF hub id, fetched by the replica
+    raise UserError(f"{what}: {expanded!r} is neither a local path nor a hub id like 'org/name'")

@@ -1,0 +1,366 @@
+"""Serving over real Ray Serve on 127.0.0.1, spoken to with plain HTTP (httpx), as a client app would."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from rugpt_ray.checkpoints import load_model, save_native
+from rugpt_ray.config import ModelConfig, preset
+from rugpt_ray.generation import GenerationConfig, generate
+from rugpt_ray.serving import ServeConfig
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["Мороз и солнце; день чудесный!", "Все счастливые семьи"]
+DENSE = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_positions=1024, vocab_size=50257)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 150.0, **kwargs) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2, **kwargs).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} not ready after {timeout} s")
+
+
+def sse(response: httpx.Response) -> list:
+    """The `data:` payloads of a server-sent event stream, JSON-decoded ([DONE] kept as a string)."""
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line.removeprefix("data: ")
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def stop_server(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, make_model) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serving")
+    return {
+        "tiny": save_native(make_model(preset("tiny"), seed=1), root / "tiny"),
+        "dense": save_native(make_model(DENSE, seed=2), root / "dense"),
+        "tiny2": save_native(make_model(preset("tiny"), seed=3), root / "tiny2"),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, checkpoints, data_dir):
+    """One app with three models (two kept per replica) and small limits so that each one can be hit."""
+    from ray import serve
+
+    from rugpt_ray.serving.app import build_app
+
+    port = free_port()
+    cfg = ServeConfig(models={name: str(path) for name, path in checkpoints.items()},
+                      tokenizer=str(data_dir / "tokenizer"), max_new_tokens=1000, max_prompt_tokens=200, max_n=3,
+                      max_batch_size=16, max_models_per_replica=2, max_ongoing_requests=4, max_queued_requests=4,
+                      max_body_bytes=64 * 1024)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name="main", route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        yield client
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def direct(checkpoints, tokenizer):
+    """The same checkpoints in this process: what the server should answer."""
+    models = {name: load_model(path) for name, path in checkpoints.items()}
+    return lambda name, prompts, cfg: [c.text for c in generate(models[name], tokenizer, prompts, cfg)]
+
+
+def stats(client: httpx.Client, model: str) -> dict:
+    return client.get("/stats").json()["models"][model]
+
+
+def good_request(client: httpx.Client) -> None:
+    r = client.post("/generate", json={"prompt": "Привет", "max_new_tokens": 4, "seed": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["completions"][0]["completion_tokens"] == 4
+
+
+def test_health_models_and_stats(server):
+    assert server.get("/healthz").json() == {"status": "ok"}
+    models = server.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == ["tiny", "dense", "tiny2"]
+    assert all(m["object"] == "model" and isinstance(m["created"], int) for m in models["data"])
+    assert "tiny" in server.get("/stats").json()["models"]  # the default model is loaded before traffic
+
+
+def test_generate_equals_direct_generation(server, direct, tokenizer):
+    body = {"prompt": PROMPTS, "max_new_tokens": 20, "temperature": 0.8, "top_k": 40, "top_p": 0.9,
+            "repetition_penalty": 1.2, "num_return_sequences": 2, "seed": 7, "stop": ["ие"]}
+    r = server.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    cfg = GenerationConfig(max_new_tokens=20, temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.2,
+                           num_return_sequences=2, seed=7, stop=["ие"])
+    assert [c["text"] for c in out["completions"]] == direct("tiny", PROMPTS, cfg)
+    assert [c["prompt_index"] for c in out["completions"]] == [0, 0, 1, 1]
+    assert out["model"] == "tiny"
+    prompt_tokens = sum(len(tokenizer.encode(p)) for p in PROMPTS)
+    completion_tokens = sum(c["completion_tokens"] for c in out["completions"])
+    assert out["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens}
+    assert all(c["finish_reason"] in ("stop", "length") for c in out["completions"])
+
+
+def test_streamed_text_equals_non_streamed(server):
+    body = {"prompt": PROMPTS, "max_new_tokens": 24, "num_return_sequences": 2, "seed": 11, "model": "dense"}
+    plain = server.post("/generate", json=body).json()
+    with server.stream("POST", "/generate", json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse(r)
+    final = events[-1]
+    assert final.pop("done") is True and final == plain
+    texts = ["", "", "", ""]
+    for e in events[:-1]:
+        texts[e["index"]] += e["text"]
+    assert texts == [c["text"] for c in plain["completions"]]
+    assert len(events) > 4 * 5  # token by token, not one lump
+
+    openai = {"model": "dense", "prompt": PROMPTS[0], "max_tokens": 16, "seed": 3, "temperature": 0.7}
+    plain = server.post("/v1/completions", json=openai).json()
+    with server.stream("POST", "/v1/completions",
+                       json={**openai, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        chunks = sse(r)
+    assert chunks[-1] == "[DONE]"
+    assert chunks[-2]["usage"] == plain["usage"] and chunks[-2]["choices"] == []
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-2]) == plain["choices"][0]["text"]
+    assert chunks[-3]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert {c["id"] for c in chunks[:-1]} == {chunks[0]["id"]} and chunks[0]["object"] == "text_completion"
+
+
+def test_openai_completions_shape(server, direct):
+    r = server.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS, "max_tokens": 12, "n": 2,
+                                             "temperature": 0, "stop": "\n", "user": "test"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["id"].startswith("cmpl-") and out["object"] == "text_completion"
+    assert isinstance(out["created"], int) and out["model"] == "tiny"
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    assert all(set(c) == {"index", "text", "logprobs", "finish_reason"} for c in out["choices"])
+    greedy = direct("tiny", PROMPTS, GenerationConfig(max_new_tokens=12, greedy=True, num_return_sequences=2,
+                                                      stop=["\n"]))
+    assert [c["text"] for c in out["choices"]] == greedy  # temperature 0 = greedy
+    assert set(out["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
+
+
+def test_concurrent_requests_are_batched_and_seeded_text_does_not_change(server):
+    bodies = [{"prompt": PROMPTS[i % 2], "max_new_tokens": 48 + 8 * i, "seed": i, "model": "dense"}
+              for i in range(4)]  # 4 = max_ongoing_requests: none waits in Serve's queue
+    alone = [server.post("/generate", json=b).json()["completions"][0]["text"] for b in bodies]
+    before = stats(server, "dense")
+
+    async def together():
+        async with httpx.AsyncClient(base_url=str(server.base_url), timeout=120) as client:
+            return await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
+
+    responses = asyncio.run(together())
+    after = stats(server, "dense")
+    assert [r.json()["completions"][0]["text"] for r in responses] == alone
+    assert after["max_batch_requests"] >= 2
+    steps, rows = after["decode_steps"] - before["decode_steps"], after["decoded_rows"] - before["decoded_rows"]
+    assert rows / steps > 1.5, (steps, rows)  # one at a time would be exactly 1
+
+
+def test_models_are_multiplexed_with_lru_eviction(server, direct):
+    cfg = GenerationConfig(max_new_tokens=10, greedy=True)
+    texts = {}
+    for name in ("tiny", "dense", "tiny2"):  # tiny2 is the third model: the least recently used leaves
+        r = server.post("/v1/completions", json={"model": name, "prompt": PROMPTS[0], "max_tokens": 10,
+                                                 "temperature": 0})
+        assert r.status_code == 200 and r.json()["model"] == name
+        texts[name] = r.json()["choices"][0]["text"]
+        assert texts[name] == direct(name, PROMPTS[0], cfg)[0]
+    assert len(set(texts.values())) == 3  # three different checkpoints answered
+    assert set(server.get("/stats").json()["models"]) == {"dense", "tiny2"}
+    again = server.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 10,
+                                                 "temperature": 0}).json()
+    assert again["choices"][0]["text"] == texts["tiny"]  # reloaded on demand
+    assert set(server.get("/stats").json()["models"]) == {"tiny2", "tiny"}
+
+
+LONG_PROMPT = "слово " * 300
+BAD_INPUTS = [
+    ("/generate", b'{"prompt": "x",', 400, "body"),
+    ("/generate", {"prompt": "x", "max_new_tokens": "5"}, 422, "max_new_tokens"),
+    ("/generate", {"prompt": ""}, 422, "prompt"),
+    ("/generate", {"prompt": []}, 422, "prompt"),
+    ("/generate", {"prompt": ["a", ""]}, 422, "prompt"),
+    ("/generate", {"max_new_tokens": 4}, 422, "prompt"),
+    ("/generate", {"prompt": "x", "max_new_tokens": 1001}, 400, "max_new_tokens"),
+    ("/generate", {"prompt": "x", "max_new_tokens": 300}, 400, "max_new_tokens"),  # tiny has 256 positions
+    ("/generate", {"prompt": LONG_PROMPT, "max_new_tokens": 4}, 400, "prompt"),
+    ("/generate", {"prompt": "x", "temperature": -0.5}, 422, "temperature"),
+    ("/generate", {"prompt": "x", "top_p": 0}, 422, "top_p"),
+    ("/generate", {"prompt": "x", "top_p": 1.5}, 422, "top_p"),
+    ("/generate", {"prompt": "x", "num_return_sequences": 4}, 400, "num_return_sequences"),
+    ("/generate", {"prompt": ["x"] * 9, "num_return_sequences": 2}, 400, "num_return_sequences"),
+    ("/generate", {"prompt": "x", "stop": [""]}, 422, "stop"),
+    ("/generate", {"prompt": "x", "temprature": 1}, 422, "temprature"),
+    ("/generate", {"prompt": "x", "model": "nope"}, 404, "model"),
+    ("/generate", {"prompt": "x" * (65 * 1024)}, 413, "body"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 1001}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 4}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 422, "temperature"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 5}, 422, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "top_p": 2}, 422, "top_p"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD_INPUTS,
+                         ids=[f"{p}-{s}-{f}-{i}" for i, (p, _, s, f) in enumerate(BAD_INPUTS)])
+def test_bad_input_is_refused_naming_the_field_then_a_good_request_works(server, path, body, status, param):
+    r = server.post(path, content=body) if isinstance(body, bytes) else server.post(path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param
+    if status == 404:
+        assert "'nope'" in error["message"] and "known: tiny, dense, tiny2" in error["message"]
+    else:
+        assert error["message"].startswith(f"{param}:")
+    good_request(server)
+
+
+def test_overload_is_refused_with_503_then_the_service_recovers(server):
+    async def flood():
+        async with httpx.AsyncClient(base_url=str(server.base_url), timeout=120) as client:
+            return await asyncio.gather(*(client.post("/generate", json={
+                "prompt": "Привет", "model": "dense", "max_new_tokens": 200, "seed": i}) for i in range(16)))
+
+    responses = asyncio.run(flood())
+    codes = [r.status_code for r in responses]
+    assert set(codes) == {200, 503} and codes.count(200) >= 4, codes  # 4 running + up to 4 queued, at least
+    assert all(r.json()["usage"]["completion_tokens"] == 200 for r in responses if r.status_code == 200)
+    good_request(server)
+
+
+def test_client_disconnect_stops_generation_and_frees_the_slot(server):
+    server.post("/generate", json={"prompt": "x", "model": "dense", "max_new_tokens": 1})  # dense is loaded
+    before = stats(server, "dense")
+    with server.stream("POST", "/generate", json={"prompt": "Привет", "model": "dense", "max_new_tokens": 1000,
+                                                  "stream": True}) as r:
+        events = 0
+        for line in r.iter_lines():
+            events += line.startswith("data:")
+            if events == 3:
+                break  # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 20
+    while (now := stats(server, "dense"))["active_requests"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert now["active_requests"] == 0 and now["active_rows"] == 0
+    assert now["cancelled_requests"] == before["cancelled_requests"] + 1
+    assert now["tokens"] - before["tokens"] < 1000
+    good_request(server)
+
+
+def test_serve_configs_are_valid_serve_configs():
+    from ray.serve.schema import ServeDeploySchema
+
+    for name in ("local.yaml", "gpu.yaml"):
+        config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve_configs" / name).read_text()))
+        (app,) = config.applications
+        assert app.import_path == "rugpt_ray.serving.app:build_app"
+        assert [d.name for d in app.deployments] == ["RuGPTServer"]
+        ServeConfig.model_validate(app.args)  # every builder arg is known and well-typed
+    local = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())
+    assert local["http_options"]["host"] == "127.0.0.1"
+
+
+def test_serve_run_local_yaml(tmp_path, checkpoints, data_dir):
+    """`serve run serve_configs/local.yaml` with the model from $RUGPT_SERVE_MODEL (on a free port)."""
+    config = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RUGPT_SERVE_MODEL": str(checkpoints["tiny"]), "RUGPT_DATA": str(data_dir)}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(tmp_path / "local.yaml")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/healthz", proc)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                       json={"model": "demo", "prompt": "Пушкин родился в", "max_tokens": 5}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "demo" and r.json()["usage"]["completion_tokens"] == 5
+        body = {"model": "demo", "prompt": "Пушкин родился в", "max_tokens": 48, "seed": 5}
+        plain = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json={**body, "stream": True},
+                          timeout=60) as r:
+            chunks = sse(r)[:-1]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
+        assert len(chunks) < plain["usage"]["completion_tokens"]  # stream_interval_s merged tokens into chunks
+    finally:
+        stop_server(proc)
+
+
+def test_cli_serve_with_api_key_timeout_and_clean_shutdown(checkpoints, data_dir):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    code = ("import argparse, sys; from rugpt_ray.serving import add_serve_command; "
+            "p = argparse.ArgumentParser(); add_serve_command(p.add_subparsers()); "
+            "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+    env = {**os.environ, "RUGPT_TEST_API_KEY": "s3cret"}
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(checkpoints["tiny"]),
+                             "--model", f"dense={checkpoints['dense']}", "--tokenizer", str(data_dir / "tokenizer"),
+                             "--port", str(port), "--api-key-env", "RUGPT_TEST_API_KEY", "--request-timeout", "1",
+                             "--max-new-tokens", "1000"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    auth = {"Authorization": "Bearer s3cret"}
+    try:
+        wait_ready(f"{base}/healthz", proc)  # health needs no key
+        missing = httpx.get(f"{base}/v1/models")
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.post(f"{base}/generate", json={"prompt": "x"}).status_code == 401
+        models = httpx.get(f"{base}/v1/models", headers=auth).json()
+        assert [m["id"] for m in models["data"]] == ["tiny", "dense"]  # a bare path is named after its folder
+
+        slow = {"prompt": "Привет", "model": "dense", "max_tokens": 1000, "n": 3}
+        r = httpx.post(f"{base}/v1/completions", json=slow, headers=auth, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+        with httpx.stream("POST", f"{base}/v1/completions", json={**slow, "stream": True}, headers=auth,
+                          timeout=60) as r:
+            chunks = sse(r)
+        assert r.status_code == 200 and chunks[-1]["error"]["code"] == "request_timeout"
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "Привет", "max_tokens": 4}, headers=auth, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "tiny"
+    finally:
+        out = stop_server(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopping" in out
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{base}/healthz", timeout=2)
