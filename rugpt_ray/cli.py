@@ -11,6 +11,7 @@ from typing import Any
 
 from rugpt_ray.data import add_prepare_data_command
 from rugpt_ray.errors import UserError
+from rugpt_ray.serving import add_serve_command
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     add_prepare_data_command(sub)
+    add_serve_command(sub)
 
     p = sub.add_parser("info", help="what a checkpoint holds")
     add_model_args(p, model="model")
