@@ -95,7 +95,8 @@ def test_seed_deepspeed_json_trains_the_sparse_model(tmp_path, prepared, ray_loc
     assert [r["step"] for r in metrics(result.run_dir)][-1] == 4
 
 
-def test_a_killed_worker_is_survived(tmp_path, prepared, ray_local):
+def test_a_killed_worker_is_survived(tmp_path, tmp_path_factory, prepared, ray_local):
+    ray_dir = str(tmp_path_factory.getbasetemp())
     cfg = base(tmp_path, prepared, max_steps=30, save_interval=10, max_failures=1, eval_interval=100)
     killed = []
 
@@ -105,10 +106,13 @@ def test_a_killed_worker_is_survived(tmp_path, prepared, ray_local):
             time.sleep(0.5)
         time.sleep(1.0)
         for proc in psutil.process_iter(["pid", "cmdline"]):
-            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and started_by_this_session(proc):
                 os.kill(proc.info["pid"], signal.SIGKILL)
                 killed.append(proc.info["pid"])
                 return
+
+    def started_by_this_session(proc) -> bool:  # a child of this test session's raylet, not another Ray's
+        return any(ray_dir in " ".join(parent.cmdline()) for parent in proc.parents())
 
     killer = threading.Thread(target=kill_one_worker_after_first_checkpoint)
     killer.start()
