@@ -169,19 +169,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from rugpt_ray.checkpoints import export_hf, latest_checkpoint, load_model, save_native
-
-    checkpoint = latest_checkpoint(args.checkpoint)
-    model = load_model(checkpoint / "model")
-    if args.to == "hf":
-        out = export_hf(model, args.out, allow_dense=args.allow_dense, tokenizer_folder=args.tokenizer)
-    else:
-        out = save_native(model, args.out)
-    print(f"exported {checkpoint} ({args.to}) to {out}")
-    return 0
-
-
 def cmd_plot(args: argparse.Namespace) -> int:
     from rugpt_ray.plotting import plot_run
 
@@ -230,13 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys (model.x=... too)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="a training checkpoint (or a run's latest) to the native or HF format")
-    p.add_argument("checkpoint", help="checkpoint folder (step_*) or run folder")
-    p.add_argument("out")
+    p = sub.add_parser("export", help="a training run's newest checkpoint (or a step_* one) to the native or HF "
+                       "format; the same as convert")
+    p.add_argument("src", metavar="CHECKPOINT", help="run folder or step_* checkpoint folder")
+    p.add_argument("dst", metavar="OUT")
     p.add_argument("--to", default="native", choices=("native", "hf"))
+    add_model_args(p, model=None)
     p.add_argument("--allow-dense", action="store_true", help="export a sparse model to HF as dense anyway")
     p.add_argument("--tokenizer", help="tokenizer folder to copy into an HF export")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("plot", help="PNG of a run's loss, perplexity and learning rate")
     p.add_argument("run", help="run folder (storage_path/name)")

@@ -110,3 +110,18 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path, sparse_dir, make_
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert message in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_export_takes_a_run_folders_newest_checkpoint(tmp_path, make_model):
+    for step, seed in ((10, 1), (20, 2)):
+        save_native(make_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=50257),
+                               seed=seed), tmp_path / "run" / f"step_{step:07d}" / "model")
+    out = run("export", str(tmp_path / "run"), str(tmp_path / "hf"), "--to", "hf")
+    assert out.returncode == 0, out.stderr
+    newest = save_native(make_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=50257),
+                                    seed=2), tmp_path / "again")
+    from safetensors.torch import load_file
+
+    key = "transformer.wpe.weight"
+    exported = load_file(tmp_path / "hf" / "model.safetensors")[key]
+    assert torch.equal(exported, load_file(newest / "model.safetensors")[key])
