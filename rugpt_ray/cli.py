@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from rugpt_ray.config import data_root
 from rugpt_ray.data import add_prepare_data_command
 from rugpt_ray.errors import UserError
 from rugpt_ray.serving import add_serve_command
+from rugpt_ray.tuning import add_tune_command
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("RUGPT_DATA", "../shared/data"))
 
 
 def read_sparse_config(path: str) -> dict[str, Any]:
@@ -70,7 +67,7 @@ def load_tokenizer_from_args(args: argparse.Namespace):
     if args.tokenizer:
         return load_tokenizer(args.tokenizer)
     model_dir = Path(args.model)
-    return load_tokenizer(model_dir if (model_dir / "vocab.json").is_file() else default_data_dir() / "tokenizer")
+    return load_tokenizer(model_dir if (model_dir / "vocab.json").is_file() else data_root() / "tokenizer")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -234,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_prepare_data_command(sub)
     add_serve_command(sub)
+    add_tune_command(sub)
 
     p = sub.add_parser("info", help="what a checkpoint holds")
     add_model_args(p, model="model")

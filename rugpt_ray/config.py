@@ -6,6 +6,7 @@ import dataclasses
 import os
 import string
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rugpt_ray.errors import UserError
@@ -202,7 +203,7 @@ class TrainConfig:
         if unknown:
             raise UserError(f"{where}: unknown keys {unknown}")
         for key, value in values.items():
-            _check_type(where, key, value, known[key].type)
+            check_type(where, key, value, known[key].type)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,7 +213,7 @@ class TrainConfig:
 _TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict[str, Any]": dict}
 
 
-def _check_type(where: str, key: str, value: Any, annotation: str) -> None:
+def check_type(where: str, key: str, value: Any, annotation: str) -> None:
     if annotation == "Any":
         return
     options = [a.strip() for a in annotation.split("|")]
@@ -274,11 +275,16 @@ def load_train_config(path: str | None, overrides: list[str] | None = None) -> T
 _NULLABLE = {"preset", "max_steps", "max_tokens"}
 
 
+def data_root() -> Path:
+    """The shared data folder (tokenizer, corpus): `$RUGPT_DATA`, default ../shared/data."""
+    return Path(os.environ.get("RUGPT_DATA", "../shared/data"))
+
+
 def expand_data_vars(value: Any) -> Any:
     """`$RUGPT_DATA` (default ../shared/data) and other environment variables in paths, lists of paths too."""
     if isinstance(value, list):
         return [expand_data_vars(v) for v in value]
     if not isinstance(value, str):
         return value
-    env = {**os.environ, "RUGPT_DATA": os.environ.get("RUGPT_DATA", "../shared/data")}
+    env = {**os.environ, "RUGPT_DATA": str(data_root())}
     return string.Template(value).safe_substitute(env)

@@ -12,8 +12,7 @@ import time
 import torch
 
 from rugpt_ray.checkpoints import load_model
-from rugpt_ray.cli import default_data_dir
-from rugpt_ray.config import ModelConfig, load_train_config
+from rugpt_ray.config import ModelConfig, data_root, load_train_config
 from rugpt_ray.data import iter_documents, resolve_inputs
 from rugpt_ray.evaluation import join_documents, perplexity
 from rugpt_ray.generation import GenerationConfig, generate
@@ -30,7 +29,7 @@ def main(argv: list[str]) -> int:
     overrides = [a for a in argv if "=" in a]
     cfg = load_train_config(recipe, [f"name=demo-{time.strftime('%Y%m%d-%H%M%S')}", *overrides])
     _, model_values = check_config(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer or default_data_dir() / "tokenizer")
+    tokenizer = load_tokenizer(cfg.tokenizer or data_root() / "tokenizer")
     valid = join_documents(tokenizer.encode_batch([d.text for d in iter_documents(resolve_inputs(cfg.valid_data))]),
                            tokenizer.eos_id)
 

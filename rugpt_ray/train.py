@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from rugpt_ray.config import PRESETS, ModelConfig, TrainConfig
+from rugpt_ray.config import PRESETS, ModelConfig, TrainConfig, data_root
 from rugpt_ray.errors import UserError
 
 CHECKPOINT_TAG = "deepspeed"
@@ -398,45 +398,55 @@ def _save(engine, state: TrainState, metrics: dict[str, Any], rank: int) -> None
 
 
 class _MetricsLog:
-    """metrics.jsonl + TensorBoard events in the run folder (rank 0), and one progress line per report."""
+    """metrics.jsonl in the run folder (local or a URI such as s3://) and TensorBoard events (local folders) on
+    rank 0, and one progress line per report."""
 
     def __init__(self, run_dir: str | None, resume_step: int):
-        self.path = Path(run_dir) / METRICS_FILE if run_dir and "://" not in run_dir else None
-        self.writer = None
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # drop lines past the checkpoint we resumed from: no step is logged twice
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            _atomic_write(self.path, "".join(line + "\n" for line in kept))
-        from tensorboardX import SummaryWriter
+        from rugpt_ray.data.inputs import filesystem, is_uri
 
-        self.writer = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=resume_step + 1)
+        self.lines: list[str] = []
+        self.fs = self.writer = None
+        if run_dir is None:  # ranks other than 0
+            return
+        self.fs, self.path = filesystem(f"{run_dir.rstrip('/')}/{METRICS_FILE}")
+        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+        try:
+            with self.fs.open_input_stream(self.path) as f:
+                old = f.read().decode("utf-8").splitlines()
+        except FileNotFoundError:
+            old = []
+        # lines past the checkpoint we resumed from are dropped: no step is logged twice
+        self.lines = [line for line in old if line.strip() and json.loads(line)["step"] <= resume_step]
+        self._flush()
+        if not is_uri(run_dir):
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+
+    def _flush(self) -> None:
+        """The whole file again, through a temporary name: readers never see half a line."""
+        tmp = self.path + ".tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write("".join(line + "\n" for line in self.lines).encode("utf-8"))
+        self.fs.move(tmp, self.path)
 
     def write(self, metrics: dict[str, Any]) -> None:
-        if self.path is None:
+        if self.fs is None:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for key, value in metrics.items():
-            if key != "step":
-                self.writer.add_scalar(key, value, metrics["step"])
-        self.writer.flush()
-        shown = " | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
-        print(shown, flush=True)
+        print(" | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()), flush=True)
+        self.lines.append(json.dumps(metrics))
+        self._flush()
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, metrics["step"])
+            self.writer.flush()
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -448,7 +458,8 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def _ray_init() -> None:
+def ray_init() -> None:
+    """Connect to RAY_ADDRESS's cluster, else start a local one on 127.0.0.1 (not on every interface)."""
     import ray
 
     if not ray.is_initialized():
@@ -488,9 +499,9 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             resolve_inputs(inputs)  # every missing path in one error, before Ray starts
     storage = cfg.storage_path if "://" in cfg.storage_path else os.path.abspath(cfg.storage_path)
     run_dir = f"{storage.rstrip('/')}/{cfg.name}"
-    tokenizer_path = cfg.tokenizer or str(Path(os.environ.get("RUGPT_DATA", "../shared/data")) / "tokenizer")
+    tokenizer_path = cfg.tokenizer or str(data_root() / "tokenizer")
 
-    _ray_init()
+    ray_init()
     prepared = prepare_training_data(cfg, run_dir, tokenizer_path)
     ingest = train_ingest(prepared, cfg.num_workers, seed=cfg.seed)
     if "valid" in ingest.datasets:

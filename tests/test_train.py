@@ -16,7 +16,8 @@ from rugpt_ray.checkpoints import export_hf, load_model
 from rugpt_ray.config import TrainConfig, load_train_config
 from rugpt_ray.data import DataConfig, prepare_data
 from rugpt_ray.errors import UserError
-from rugpt_ray.train import check_config, deepspeed_config, lr_at, train
+from rugpt_ray.plotting import read_metrics
+from rugpt_ray.train import _MetricsLog, check_config, deepspeed_config, lr_at, train
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_XL_JSON = {  # the content of the seed's gpt3_xl_sparse_2048.json (= HF sberbank-ai/rugpt3xl)
@@ -133,6 +134,20 @@ def test_recipes_load_and_check():
         assert ds["train_micro_batch_size_per_gpu"] == cfg.micro_batch, path
     xl = load_train_config(str(REPO / "jobs" / "configs" / "xl.yaml"))
     assert (xl.preset, xl.seq_len, xl.lr, xl.zero_stage, xl.precision) == ("xl", 2048, 2e-4, 2, "bf16")
+
+
+def test_metrics_log_through_a_uri_keeps_only_steps_up_to_a_resume(tmp_path, capsys):
+    uri = f"file://{tmp_path}/run"  # what storage_path=s3://... runs take: pyarrow filesystems, no local path
+    log = _MetricsLog(uri, resume_step=0)
+    for step in (10, 20, 30):
+        log.write({"step": step, "loss": 1.0 / step})
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [10, 20, 30]
+    assert "step 30 | loss 0.03333" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "tensorboard").exists()  # TensorBoard events only in local run folders
+    _MetricsLog(uri, resume_step=20).write({"step": 30, "loss": 0.5})
+    assert [(m["step"], m["loss"]) for m in read_metrics(tmp_path / "run")] == [(10, 0.1), (20, 0.05), (30, 0.5)]
+    _MetricsLog(None, resume_step=0).write({"step": 40, "loss": 0.1})  # ranks other than 0: nothing
+    assert capsys.readouterr().out == "step 30 | loss 0.5\n"
 
 
 def test_annealing_lr_follows_the_seed():

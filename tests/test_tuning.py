@@ -1,0 +1,184 @@
+"""Sweeps through real Ray Tune over real Ray Train + DeepSpeed on CPU: ASHA stops laggards, the results name the
+best trial and its config trains, an interrupted sweep resumes without re-running finished trials, bad specs fail
+before any trial starts."""
+
+import csv
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rugpt_ray.cli import main
+from rugpt_ray.config import load_train_config
+from rugpt_ray.data import DataConfig, prepare_data
+from rugpt_ray.errors import UserError
+from rugpt_ray.train import train
+from rugpt_ray.tuning import load_sweep_config, plan_sweep, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, data_dir, ray_local):
+    """One short text each (Gogol's "The Nose", Chekhov's "The Lady with the Dog"): trials start faster."""
+    out = tmp_path_factory.mktemp("tune-data") / "seq64"
+    corpus = data_dir / "corpus"
+    prepare_data(DataConfig(inputs=[str(corpus / "train" / "gogol_nos.txt")],
+                            valid=[str(corpus / "valid" / "chekhov_dama_s_sobachkoy.txt")],
+                            tokenizer=str(data_dir / "tokenizer"), seq_len=64, out=str(out)), progress=False)
+    return str(out)
+
+
+def spec_file(tmp_path: Path, train_data: str, **overrides) -> str:
+    """A small sweep: the dense tiny model, seq 64, 1 worker of 0.45 CPU per trial, so 2 trials fit on 2 CPUs."""
+    values = dict(
+        name="sweep", storage_path=str(tmp_path / "sweeps"),
+        train=dict(preset="tiny", model={"sparse_mode": "none"}, train_data=train_data, seq_len=64, micro_batch=8,
+                   lr=3e-3, min_lr=1e-5, warmup=2, log_interval=5, eval_interval=5, eval_iters=2, save_interval=5,
+                   max_steps=20, num_to_keep=4, zero_stage=0),
+        space={"lr": {"grid": [3e-3, 1e-5]}, "weight_decay": {"uniform": [0.0, 0.1]}},
+        num_samples=2, scheduler="asha", grace_period=5, max_concurrent_trials=2,
+        resources_per_trial={"num_workers": 1, "cpus_per_worker": 0.45})
+    for key, value in overrides.items():
+        if isinstance(value, dict) and key == "train":
+            values["train"].update(value)
+        else:
+            values[key] = value
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_asha_stops_laggards_and_the_best_config_trains(tmp_path, prepared, ray_local, capsys):
+    # 4 trials (lr grid of a good and a hopeless value, twice), 2 at a time, ASHA rungs at steps 5 and 10: the
+    # fourth (hopeless) one always meets the first two's results at step 5 and stops there
+    assert main(["tune", "--config", spec_file(tmp_path, prepared)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    folder = Path(printed[-1])
+    assert folder == tmp_path / "sweeps" / "sweep"
+
+    with open(folder / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {float(r["lr"]) for r in rows} == {3e-3, 1e-5}
+    assert {r["status"] for r in rows} <= {"finished", "stopped early"}
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert stopped and all(int(r["steps"]) < 20 for r in stopped)
+    assert all(int(r["steps"]) == 20 for r in rows if r["status"] == "finished")
+    good = [float(r["best_valid_loss"]) for r in rows if float(r["lr"]) == 3e-3]
+    hopeless = [float(r["best_valid_loss"]) for r in rows if float(r["lr"]) == 1e-5]
+    assert max(good) < min(hopeless) - 0.5  # lr 3e-3 learns in 5 steps, 1e-5 barely moves
+    for r in rows:  # stopped trials keep their checkpoints too
+        assert Path(r["checkpoint"]).is_dir() and Path(r["checkpoint"]).parent == folder / "runs" / r["trial"]
+
+    # the reported best is the table's minimum, with its checkpoint at that evaluation
+    best = min(rows, key=lambda r: float(r["best_valid_loss"]))
+    assert f"best: {best['trial']} " in "\n".join(printed)
+    assert f"best valid_loss {float(best['best_valid_loss']):.4g} at step {best['best_step']}" in "\n".join(printed)
+    assert f"best checkpoint: {best['checkpoint']}" in printed
+    state = json.loads((Path(best["checkpoint"]) / "train_state.json").read_text())
+    assert state["step"] == int(best["best_step"]) and state["metrics"]["valid_loss"] == float(best["best_valid_loss"])
+    assert (folder / "trials.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # best.yaml is a training recipe with the winning values; a short run from it trains
+    cfg = load_train_config(str(folder / "best.yaml"), [f"storage_path={tmp_path / 'runs'}", "max_steps=5"])
+    assert (cfg.lr, cfg.weight_decay) == (float(best["lr"]), float(best["weight_decay"]))
+    assert (cfg.name, cfg.num_workers, cfg.seq_len) == ("sweep-best", 1, 64)
+    trial = json.loads((folder / "runs" / best["trial"] / "trial.json").read_text())
+    assert trial["config"]["threads_per_worker"] == 1  # 2 trials at once share the 2 cores
+    assert cfg.threads_per_worker is None  # a run on its own uses them all
+    result = train(cfg)
+    assert Path(result.checkpoint).name == "step_0000005"
+    assert result.metrics["valid_loss"] < float(max(hopeless))
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, prepared, ray_local):
+    spec = spec_file(tmp_path, prepared, scheduler="none", num_samples=2, max_concurrent_trials=1,
+                     space={"lr": {"loguniform": [1e-3, 5e-3]}, "weight_decay": {"choice": [0.0, 0.1]}},
+                     train={"max_steps": 10, "eval_interval": 5, "save_interval": 5, "log_interval": 5})
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "tune.py"), "--config", spec], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # Ctrl+C once the first trial has ended (the second may not have started yet)
+        lines.append(line)
+        if line.startswith("trial ") and " ended at step 10" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    output = "".join(lines) + rest
+    assert proc.returncode == 130, output[-3000:]
+    assert "interrupted: run the same command again" in output, output[-3000:]
+    first = lines[-1].split()[1]
+    runs = tmp_path / "sweeps" / "sweep" / "runs"
+    metrics = runs / first / "metrics.jsonl"
+    before = (metrics.read_bytes(), metrics.stat().st_mtime_ns, sorted(p.name for p in (runs / first).glob("step_*")))
+
+    result = run_sweep(load_sweep_config(spec))
+    assert not result.interrupted
+    assert len(result.rows) == 2 and [r["status"] for r in result.rows] == ["finished", "finished"]
+    assert all(r["steps"] == 10 for r in result.rows)
+    after = (metrics.read_bytes(), metrics.stat().st_mtime_ns, sorted(p.name for p in (runs / first).glob("step_*")))
+    assert after == before  # the finished trial did not train again
+    assert first in {r["trial"] for r in result.rows}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"space": {}}, "the search space is empty"),
+    ({"space": {"lr": 0.001}}, "space.lr: expected one of {loguniform: ..., uniform: ..., choice: ..., grid: ...}"),
+    ({"space": {"lr": {"loguniform": ["1e-4", "1e-2"]}}}, "YAML reads 1e-4 as text: write 1.0e-4"),
+    ({"space": {"lr": {"loguniform": [0.0, 1e-2]}}}, "loguniform needs low < high and low > 0"),
+    ({"space": {"lr": {"choice": []}}}, "choice needs a non-empty list"),
+    ({"space": {"learning_rate": {"choice": [1e-3]}}}, "space.learning_rate: not a training config key"),
+    ({"space": {"seq_len": {"choice": [32, 64]}}}, "space.seq_len: cannot be searched (the data is prepared once"),
+    ({"space": {"lr": {"choice": [1e-6]}}}, "space.lr value 1e-06: train config: need lr > 0 and 0 <= min_lr <= lr"),
+    ({"scheduler": "hyperband"}, "scheduler 'hyperband' is not one of asha, none"),
+    ({"metric": "accuracy"}, "the trainer never reports metric 'accuracy'"),
+    ({"train": {"valid_data": None}}, "metric valid_loss needs validation data"),
+    ({"resources_per_trial": {"gpus": 1}}, "resources_per_trial: unknown keys ['gpus']"),
+    ({"grace_period": 21}, "grace_period must be between 1 and the trials' 20 steps"),
+    ({"storage_path": "s3://bucket/sweeps"}, "storage_path s3://bucket/sweeps: a sweep needs a folder every node"),
+])
+def test_bad_spec_is_one_clear_error_before_any_trial(tmp_path, data_dir, overrides, message):
+    corpus = data_dir / "corpus"
+    spec = spec_file(tmp_path, str(corpus / "train"), **{"train": {"valid_data": str(corpus / "valid")}})
+    values = yaml.safe_load(Path(spec).read_text())
+    for key, value in overrides.items():
+        if key == "train":
+            values["train"].update(value)
+        else:
+            values[key] = value
+    Path(spec).write_text(yaml.safe_dump(values))
+    with pytest.raises(UserError) as error:
+        run_sweep(load_sweep_config(spec))
+    assert message in str(error.value)
+    assert not (tmp_path / "sweeps").exists()  # nothing was started
+
+
+def test_the_command_reports_bad_input_in_one_line(tmp_path, data_dir):
+    corpus = data_dir / "corpus"
+    spec = spec_file(tmp_path, str(corpus / "train"), space={}, train={"valid_data": str(corpus / "valid")})
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "tune.py"), "--config", spec, "metric=valid_loss"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "rugpt-ray tune: error: sweep spec: the search space is empty; "
+        "e.g. space: {lr: {loguniform: [1.0e-4, 1.0e-2]}, weight_decay: {uniform: [0.0, 0.1]}}"], out.stderr
+
+
+def test_a_sweep_folder_resumes_only_with_its_own_spec(tmp_path, data_dir):
+    corpus = data_dir / "corpus"
+    spec = spec_file(tmp_path, str(corpus / "train"), train={"valid_data": str(corpus / "valid")})
+    folder = tmp_path / "sweeps" / "sweep"
+    folder.mkdir(parents=True)
+    started = {**dataclasses.asdict(load_sweep_config(spec)), "num_samples": 9}
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(started))
+    with pytest.raises(UserError, match="holds a sweep started with other num_samples; run it with the spec in"):
+        run_sweep(load_sweep_config(spec))
+    for spec_path in sorted((REPO / "tune").glob("*.yaml")):  # the shipped specs pass every check
+        plan = plan_sweep(load_sweep_config(str(spec_path)))
+        assert set(plan.space) == {"lr", "weight_decay"} and plan.spec.scheduler == "asha"
