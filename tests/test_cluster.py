@@ -1,0 +1,114 @@
+"""The cluster promise, tested on this machine: `ray job submit` against a `ray start` head runs the job
+entrypoints, and training and serving survive losing a node (ray.cluster_utils.Cluster, in a child process so it
+does not meet this session's Ray)."""
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from rugpt_ray.checkpoints import load_model
+from rugpt_ray.evaluation import join_documents, perplexity
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_env() -> dict[str, str]:
+    """What a user's shell has after `make setup`: the venv first on PATH (the job's `python`), no auth token."""
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+@contextlib.contextmanager
+def ray_start_head() -> Iterator[str]:
+    """`ray start --head` on 127.0.0.1 with ports of its own; yields the Jobs API address. Stops only the processes
+    of this cluster (those naming its temp dir), never another Ray on the machine as `ray stop` would."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="rugpt-ray-"))  # short: Ray's socket paths must fit in 107 bytes
+    dashboard = free_port()
+    command = [RAY, "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
+               "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+               "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+               "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    try:
+        started = subprocess.run(command, env=cluster_env(), capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        stop_processes_under(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_processes_under(temp_dir: Path) -> None:
+    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    mine = [p for p in psutil.process_iter(["cmdline"])
+            if p.pid not in me and str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    for process in mine:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=15)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def submit(address: str, *entrypoint: str) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir . -- python ...` from the repository root, waiting for the job to end."""
+    return subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python",
+                           *entrypoint], cwd=REPO, env=cluster_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_ray_job_submit_trains_then_evaluates(tmp_path, data_dir, tokenizer):
+    train_file = data_dir / "corpus" / "train" / "gogol_nos.txt"
+    valid_file = data_dir / "corpus" / "valid" / "chekhov_dama_s_sobachkoy.txt"
+    storage = tmp_path / "runs"
+    with ray_start_head() as address:
+        trained = submit(address, "jobs/train.py", "--config", "jobs/configs/tiny-cpu.yaml", "name=job",
+                         f"storage_path={storage}", f"train_data={train_file}", f"valid_data={valid_file}",
+                         "max_steps=10", "log_interval=5", "eval_interval=10", "save_interval=10", "eval_iters=2")
+        assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+        assert re.search(r"Job '\S+' succeeded", trained.stdout + trained.stderr), trained.stdout[-2000:]
+        assert str(storage / "job") in trained.stdout.splitlines()  # the job's last line: its run folder
+        state = json.loads((storage / "job" / "step_0000010" / "train_state.json").read_text())
+        assert state["step"] == 10 and state["metrics"]["valid_loss"] > 0
+
+        evaluated = submit(address, "jobs/evaluate.py", "--model", str(storage / "job"), "--data", str(valid_file),
+                           "--seq-len", "128")
+        assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    reported = float(re.search(r"perplexity ([\d.]+)", evaluated.stdout).group(1))
+    model = load_model(storage / "job" / "step_0000010" / "model")
+    tokens = join_documents([tokenizer.encode(valid_file.read_text(encoding="utf-8"))], tokenizer.eos_id)
+    assert reported == pytest.approx(perplexity(model, tokens, 128, 4).ppl, rel=1e-3)  # the job's checkpoint
+
+
+def test_losing_a_node_training_resumes_and_serving_recovers(tmp_path):
+    """Both scenarios in one child process with its own 3-node cluster (see cluster_scenarios.py)."""
+    out = tmp_path / "result.json"
+    run = subprocess.run([sys.executable, str(REPO / "tests" / "cluster_scenarios.py"), str(tmp_path), str(out)],
+                         cwd=REPO, env=cluster_env(), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and out.is_file(), run.stdout[-4000:] + run.stderr[-4000:]
+    result = json.loads(out.read_text())
+    steps = result["train"]["logged_steps"]
+    assert steps == sorted(set(steps)) and steps[-1] == result["train"]["max_steps"]  # no gap, no restart from 0
+    assert result["train"]["checkpoints_before_loss"]
+    assert set(result["train"]["checkpoints_before_loss"]) <= set(result["train"]["checkpoints_after"])
+    assert result["train"]["train_worker_actors"] == 4  # a second worker group: the run went through a failure
+    assert result["train"]["final_step"] == result["train"]["max_steps"]
+    assert result["serve"]["before"] == result["serve"]["after"]  # same greedy text from the new replica
+    assert result["serve"]["replica_node_before"] != result["serve"]["replica_node_after"]
