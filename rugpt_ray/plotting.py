@@ -12,12 +12,18 @@ PANELS = (("loss", ("loss", "valid_loss")), ("perplexity", ("ppl", "valid_ppl"))
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{run_dir}: no metrics.jsonl (is it a training run folder?)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a run's metrics.jsonl, in a local folder or behind a URI (storage_path=s3://...)."""
+    from rugpt_ray.data.inputs import filesystem
+
+    fs, path = filesystem(f"{str(run_dir).rstrip('/')}/metrics.jsonl")
+    try:
+        with fs.open_input_stream(path) as f:
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{run_dir}: no metrics.jsonl (is it a training run folder?)") from None
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     if not rows:
-        raise UserError(f"{path}: no metrics logged yet")
+        raise UserError(f"{run_dir}/metrics.jsonl: no metrics logged yet")
     return rows
 
 

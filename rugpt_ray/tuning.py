@@ -10,7 +10,7 @@ A sweep folder (`storage_path/name`, or `--out`) holds:
     sweep.yaml       the spec it was started with (re-running the same spec resumes the sweep)
     trials.csv, trials.png, best.yaml      the results
 and Tune's own state. Re-running resumes: finished trials are kept, unfinished ones continue from their last
-training checkpoint.
+training checkpoint. The folder may be a URI (s3://bucket/sweeps/NAME): every file goes through pyarrow.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import fnmatch
+import io
 import json
 import math
 import os
@@ -33,6 +35,7 @@ from rugpt_ray.config import (
     load_train_config,
     parse_overrides,
 )
+from rugpt_ray.data.inputs import filesystem, is_uri
 from rugpt_ray.errors import UserError
 
 KINDS = ("loguniform", "uniform", "choice", "grid")
@@ -90,7 +93,8 @@ class SweepConfig:
     """ASHA: at each rung only the best 1/reduction_factor of the trials that reached it go on."""
     max_concurrent_trials: int | None = None
     """Trials running at once; at most (and by default) as many as the cluster fits with one CPU left for Ray Data's
-    reads (more would starve them: the trials' training would wait forever)."""
+    reads (more would starve them: the trials' training would wait forever). Give it on an autoscaling cluster
+    whose GPU nodes are not up yet: it is then taken as it is."""
     resources_per_trial: dict[str, Any] = field(default_factory=dict)
     """Each trial's Ray Train workers: num_workers, cpus_per_worker, threads_per_worker, use_gpu (over the recipe's
     values). CPU workers' threads default to the node's cores shared among all the trials' workers running at once."""
@@ -126,8 +130,8 @@ def load_sweep_config(path: str, overrides: list[str] | None = None, out: str | 
         else:
             values[key] = value
     if out:
-        out_path = Path(out).resolve()
-        values.update(name=out_path.name, storage_path=str(out_path.parent))
+        parent, _, name = (out if is_uri(out) else str(Path(out).resolve())).rstrip("/").rpartition("/")
+        values.update(name=name, storage_path=parent)
     return SweepConfig.from_dict(values, where=path)
 
 
@@ -141,11 +145,12 @@ class SweepPlan:
     base: TrainConfig
     space: dict[str, tuple[str, list]]
     steps: int
-    folder: Path
+    folder: str
+    """The sweep folder: an absolute local path or a URI."""
 
     @property
-    def runs(self) -> Path:
-        return self.folder / "runs"
+    def runs(self) -> str:
+        return f"{self.folder}/runs"
 
     @property
     def num_trials(self) -> int:
@@ -177,9 +182,6 @@ def plan_sweep(spec: SweepConfig) -> SweepPlan:
         raise UserError(f"sweep spec: max_concurrent_trials must be >= 1, got {spec.max_concurrent_trials}")
     if spec.reduction_factor <= 1:
         raise UserError(f"sweep spec: reduction_factor must be > 1, got {spec.reduction_factor}")
-    if "://" in spec.storage_path:
-        raise UserError(f"sweep spec: storage_path {spec.storage_path}: a sweep needs a folder every node reaches "
-                        "(local, or a shared mount such as /mnt/cluster_storage on a cluster), not a URI")
     base = _base_config(spec)
     check_config(TrainConfig.from_dict(base.to_dict()))
     prepared = read_meta(base.train_data) if isinstance(base.train_data, str) else None
@@ -196,7 +198,8 @@ def plan_sweep(spec: SweepConfig) -> SweepPlan:
     if spec.grace_period is not None and not 1 <= spec.grace_period <= steps:
         raise UserError(f"sweep spec: grace_period must be between 1 and the trials' {steps} steps, "
                         f"got {spec.grace_period}")
-    return SweepPlan(spec, base, space, steps, Path(spec.storage_path).resolve() / spec.name)
+    storage = spec.storage_path.rstrip("/") if is_uri(spec.storage_path) else str(Path(spec.storage_path).resolve())
+    return SweepPlan(spec, base, space, steps, f"{storage}/{spec.name}")
 
 
 def _base_config(spec: SweepConfig) -> TrainConfig:
@@ -278,10 +281,8 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], runs: str, metri
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = TrainConfig.from_dict({**base, **params, "name": trial_id, "storage_path": runs})
-    run_dir = Path(runs) / trial_id
-    run_dir.mkdir(parents=True, exist_ok=True)
     trial = {"trial_id": trial_id, "params": params, "config": cfg.to_dict()}
-    (run_dir / TRIAL_FILE).write_text(json.dumps(trial, indent=2))
+    write_file(f"{runs}/{trial_id}/{TRIAL_FILE}", json.dumps(trial, indent=2))
     train(cfg, callbacks=[_report_callback(metric)])
 
 
@@ -355,7 +356,8 @@ def _tune_space(space: dict[str, tuple[str, list]]) -> dict[str, Any]:
 
 def _concurrent_trials(plan: SweepPlan) -> int:
     """The spec's max_concurrent_trials, at most the trials the cluster holds with one CPU left for Ray Data (see
-    data.train_ingest)."""
+    data.train_ingest). A cluster with no room for one trial yet (an autoscaling one before its GPU nodes start)
+    runs max_concurrent_trials when the spec gives it: the trials wait for the nodes."""
     import ray
 
     base, resources = plan.base, ray.cluster_resources()
@@ -364,6 +366,10 @@ def _concurrent_trials(plan: SweepPlan) -> int:
     fits = math.floor((resources.get("CPU", 0) - 1) / cpus + 1e-9)
     if base.use_gpu:
         fits = min(fits, math.floor(resources.get("GPU", 0) / base.num_workers))
+    if fits < 1 and plan.spec.max_concurrent_trials:
+        print(f"no room for a trial in the cluster yet; {plan.spec.max_concurrent_trials} at a time "
+              "(max_concurrent_trials) once the autoscaler adds nodes", flush=True)
+        return plan.spec.max_concurrent_trials
     if fits < 1:
         gpus = f" and {base.num_workers} GPUs" if base.use_gpu else ""
         raise UserError(f"one trial needs {cpus:g} CPUs{gpus} plus a CPU for Ray Data; the cluster has "
@@ -387,7 +393,7 @@ class SweepResult:
     """Some trials did not end or start (the sweep was stopped); running it again resumes it."""
 
     @property
-    def folder(self) -> Path:
+    def folder(self) -> str:
         return self.plan.folder
 
 
@@ -402,23 +408,22 @@ def run_sweep(spec: SweepConfig) -> SweepResult:
 
     plan = plan_sweep(spec)
     _check_same_spec(plan)
-    plan.folder.mkdir(parents=True, exist_ok=True)
     ray_init()
     base = plan.base
     tokenizer = base.tokenizer or str(data_root() / "tokenizer")
-    prepared = prepare_training_data(base, str(plan.folder), tokenizer)
+    prepared = prepare_training_data(base, plan.folder, tokenizer)
     concurrent = _concurrent_trials(plan)
     threads = base.threads_per_worker
     if threads is None and not base.use_gpu:  # oversubscribed cores run torch several times slower
         threads = max(1, (os.cpu_count() or 1) // (concurrent * base.num_workers))
     trial_base = {**base.to_dict(), "train_data": prepared.path, "valid_data": None, "threads_per_worker": threads}
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, base=trial_base, runs=str(plan.runs), metric=spec.metric), TRIAL_DRIVER)
-    (plan.folder / SPEC_FILE).write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
+        tune.with_parameters(_run_trial, base=trial_base, runs=plan.runs, metric=spec.metric), TRIAL_DRIVER)
+    write_file(f"{plan.folder}/{SPEC_FILE}", yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
 
     if tune.Tuner.can_restore(plan.folder):
         print(f"resuming sweep {plan.folder}", flush=True)
-        tuner = tune.Tuner.restore(str(plan.folder), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(plan.folder, trainable, resume_unfinished=True, resume_errored=True)
     else:
         scheduler = None
         if spec.scheduler == "asha":
@@ -430,12 +435,12 @@ def run_sweep(spec: SweepConfig) -> SweepResult:
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, scheduler=scheduler, num_samples=spec.num_samples,
                 search_alg=BasicVariantGenerator(max_concurrent=concurrent, random_state=spec.seed)),
-            run_config=tune.RunConfig(name=spec.name, storage_path=str(plan.folder.parent), verbose=1,
+            run_config=tune.RunConfig(name=spec.name, storage_path=plan.folder.rpartition("/")[0], verbose=1,
                                       callbacks=[_sweep_callback()]),
         )
     tuner.fit()
     _release_orphaned_placement_groups(wait_s=30)  # the last trials' groups: free for whatever runs next
-    trials = tune.ExperimentAnalysis(str(plan.folder)).trials  # as saved: what a re-run resumes from
+    trials = tune.ExperimentAnalysis(plan.folder).trials  # as saved: what a re-run resumes from
     status = {t.trial_id: {"TERMINATED": "done", "ERROR": "failed"}.get(t.status, "unfinished") for t in trials}
     rows = _trial_rows(plan, status)
     best = _best(rows, plan)
@@ -448,16 +453,46 @@ def _check_same_spec(plan: SweepPlan) -> None:
     """Resuming needs the spec the sweep started with (its place aside: the folder may have moved)."""
     import yaml
 
-    saved_file = plan.folder / SPEC_FILE
-    if not saved_file.is_file():
+    saved_file = f"{plan.folder}/{SPEC_FILE}"
+    text = read_file(saved_file)
+    if text is None:
         return
-    saved = yaml.safe_load(saved_file.read_text())
+    saved = yaml.safe_load(text)
     now = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(plan.spec)))
     changed = sorted(k for k in set(saved) | set(now)
                      if k not in ("name", "storage_path") and saved.get(k) != now.get(k))
     if changed:
         raise UserError(f"{plan.folder} holds a sweep started with other {', '.join(changed)}; run it with the spec "
                         f"in {saved_file} to resume it, or give another name or --out")
+
+
+def read_file(path: str) -> str | None:
+    """A text file in a local folder or behind a URI; None when there is none."""
+    fs, inner = filesystem(path)
+    try:
+        with fs.open_input_stream(inner) as f:
+            return f.read().decode("utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def write_file(path: str, data: str | bytes) -> None:
+    """Written under a temporary name, then moved: readers never see half a file."""
+    fs, inner = filesystem(path)
+    fs.create_dir(inner.rpartition("/")[0], recursive=True)
+    with fs.open_output_stream(inner + ".tmp") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    fs.move(inner + ".tmp", inner)
+
+
+def subfolders(path: str, pattern: str = "*") -> list[str]:
+    """Names of the folders in `path` matching a glob pattern, sorted ([] when `path` does not exist)."""
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    entries = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    return sorted(e.base_name for e in entries
+                  if e.type == pafs.FileType.Directory and fnmatch.fnmatch(e.base_name, pattern))
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -469,9 +504,11 @@ def _trial_rows(plan: SweepPlan, status: dict[str, str]) -> list[dict[str, Any]]
     loss, ppl = plan.metric_pair()
     better = min if plan.spec.mode == "min" else max
     rows = []
-    for trial_file in sorted(plan.runs.glob(f"*/{TRIAL_FILE}")):
-        trial = json.loads(trial_file.read_text())
-        run_dir = trial_file.parent
+    for name in subfolders(plan.runs):
+        run_dir, text = f"{plan.runs}/{name}", read_file(f"{plan.runs}/{name}/{TRIAL_FILE}")
+        if text is None:
+            continue
+        trial = json.loads(text)
         try:
             metrics = read_metrics(run_dir)
         except UserError:
@@ -491,20 +528,19 @@ def _trial_rows(plan: SweepPlan, status: dict[str, str]) -> list[dict[str, Any]]
     return rows
 
 
-def _best_checkpoint(run_dir: Path, metric: str, better) -> str:
+def _best_checkpoint(run_dir: str, metric: str, better) -> str:
     """The kept checkpoint with the best metric (checkpoints at evaluation steps carry it), else the newest."""
     from rugpt_ray.train import STATE_FILE
 
     scored = []
-    for folder in sorted(run_dir.glob("step_*")):
-        state_file = folder / STATE_FILE
-        if state_file.is_file():
-            value = json.loads(state_file.read_text()).get("metrics", {}).get(metric)
-            scored.append((folder, value))
+    for name in subfolders(run_dir, "step_*"):
+        state = read_file(f"{run_dir}/{name}/{STATE_FILE}")
+        if state is not None:
+            scored.append((f"{run_dir}/{name}", json.loads(state).get("metrics", {}).get(metric)))
     with_metric = [(f, v) for f, v in scored if v is not None]
     if with_metric:
-        return str(better(with_metric, key=lambda fv: fv[1])[0])
-    return str(scored[-1][0]) if scored else ""
+        return better(with_metric, key=lambda fv: fv[1])[0]
+    return scored[-1][0] if scored else ""
 
 
 def _best(rows: list[dict[str, Any]], plan: SweepPlan) -> dict[str, Any] | None:
@@ -535,17 +571,18 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def _write_results(plan: SweepPlan, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
     """trials.csv, trials.png and (with a best trial) best.yaml in the sweep folder."""
-    with open(plan.folder / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*_columns(plan), "checkpoint"], extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()})
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=[*_columns(plan), "checkpoint"], extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()})
+    write_file(f"{plan.folder}/trials.csv", table.getvalue())
     plot_sweep(plan, rows, best)
     if best:
         _write_best_config(plan, best)
 
 
-def plot_sweep(plan: SweepPlan, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> Path:
+def plot_sweep(plan: SweepPlan, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
     """Left: the metric against step, one line per trial (dashed: stopped early). Right: the first two searched
     keys (lr × weight decay) coloured by each trial's best metric, the best one starred."""
     import matplotlib
@@ -559,7 +596,7 @@ def plot_sweep(plan: SweepPlan, rows: list[dict[str, Any]], best: dict[str, Any]
     metric = plan.spec.metric
     fig, (curves, scatter) = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in rows:
-        run_dir = plan.runs / row["trial"]
+        run_dir = f"{plan.runs}/{row['trial']}"
         points = [(m["step"], m[metric]) for m in read_metrics(run_dir) if metric in m] if row["steps"] else []
         if points:
             label = ", ".join(f"{k} {_short(row[k])}" for k in plan.space)
@@ -592,11 +629,11 @@ def plot_sweep(plan: SweepPlan, rows: list[dict[str, Any]], best: dict[str, Any]
     scatter.set_title(f"{x_key} × {y_key}")
     fig.suptitle(f"sweep {plan.spec.name}")
     fig.tight_layout()
-    out = plan.folder / "trials.png"
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
+    out = f"{plan.folder}/trials.png"
+    write_file(out, png.getvalue())
     return out
 
 
@@ -608,11 +645,11 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _write_best_config(plan: SweepPlan, best: dict[str, Any]) -> Path:
+def _write_best_config(plan: SweepPlan, best: dict[str, Any]) -> str:
     """best.yaml: the best trial's config under a new run name in the recipe's storage, for `rugpt-ray train`."""
     import yaml
 
-    trial = json.loads((plan.runs / best["trial"] / TRIAL_FILE).read_text())
+    trial = json.loads(read_file(f"{plan.runs}/{best['trial']}/{TRIAL_FILE}"))
     params = trial["params"]
     values = {**trial["config"], "name": f"{plan.spec.name}-best", "storage_path": plan.base.storage_path,
               "threads_per_worker": plan.base.threads_per_worker}  # a run on its own: not shared with other trials
@@ -621,8 +658,8 @@ def _write_best_config(plan: SweepPlan, best: dict[str, Any]) -> Path:
               f"{best[f'best_{metric}']:.4g} at step {best['best_step']}\n"
               f"# ({', '.join(f'{k} {params[k]!r}' for k in plan.space)}). Its checkpoint: {best['checkpoint']}\n"
               f"# train_data is the prepared data the sweep trained on. Train: rugpt-ray train --config THIS_FILE\n")
-    out = plan.folder / "best.yaml"
-    out.write_text(header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
+    out = f"{plan.folder}/best.yaml"
+    write_file(out, header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
     return out
 
 
@@ -634,9 +671,9 @@ def describe(result: SweepResult) -> str:
         lines.append(f"best: {best['trial']} ({', '.join(f'{k} {_short(best[k])}' for k in plan.space)}), "
                      f"best {metric} {best[f'best_{metric}']:.4g} at step {best['best_step']}")
         lines.append(f"best checkpoint: {best['checkpoint']}")
-        lines.append(f"best config: {result.folder / 'best.yaml'}")
-    lines.append(f"table: {result.folder / 'trials.csv'}")
-    lines.append(f"plot: {result.folder / 'trials.png'}")
+        lines.append(f"best config: {result.folder}/best.yaml")
+    lines.append(f"table: {result.folder}/trials.csv")
+    lines.append(f"plot: {result.folder}/trials.png")
     if result.interrupted:
         lines.append("interrupted: run the same command again to resume (finished trials are kept)")
     return "\n".join(lines)

@@ -98,7 +98,9 @@ def test_asha_stops_laggards_and_the_best_config_trains(tmp_path, prepared, ray_
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, prepared, ray_local):
+    # the sweep folder behind a URI (as s3://bucket/sweeps on a cluster): every file goes through pyarrow
     spec = spec_file(tmp_path, prepared, scheduler="none", num_samples=2, max_concurrent_trials=1,
+                     storage_path=f"file://{tmp_path}/sweeps",
                      space={"lr": {"loguniform": [1e-3, 5e-3]}, "weight_decay": {"choice": [0.0, 0.1]}},
                      train={"max_steps": 10, "eval_interval": 5, "save_interval": 5, "log_interval": 5})
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
@@ -126,6 +128,12 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     after = (metrics.read_bytes(), metrics.stat().st_mtime_ns, sorted(p.name for p in (runs / first).glob("step_*")))
     assert after == before  # the finished trial did not train again
     assert first in {r["trial"] for r in result.rows}
+    folder = tmp_path / "sweeps" / "sweep"
+    assert result.folder == f"file://{folder}"
+    assert all(r["checkpoint"].startswith(f"file://{runs}/") for r in result.rows)
+    assert (folder / "trials.png").is_file() and (folder / "best.yaml").is_file()
+    with open(folder / "trials.csv") as f:
+        assert sorted(r["trial"] for r in csv.DictReader(f)) == sorted(r["trial"] for r in result.rows)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -142,7 +150,6 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     ({"train": {"valid_data": None}}, "metric valid_loss needs validation data"),
     ({"resources_per_trial": {"gpus": 1}}, "resources_per_trial: unknown keys ['gpus']"),
     ({"grace_period": 21}, "grace_period must be between 1 and the trials' 20 steps"),
-    ({"storage_path": "s3://bucket/sweeps"}, "storage_path s3://bucket/sweeps: a sweep needs a folder every node"),
 ])
 def test_bad_spec_is_one_clear_error_before_any_trial(tmp_path, data_dir, overrides, message):
     corpus = data_dir / "corpus"
@@ -182,3 +189,18 @@ def test_a_sweep_folder_resumes_only_with_its_own_spec(tmp_path, data_dir):
     for spec_path in sorted((REPO / "tune").glob("*.yaml")):  # the shipped specs pass every check
         plan = plan_sweep(load_sweep_config(str(spec_path)))
         assert set(plan.space) == {"lr", "weight_decay"} and plan.spec.scheduler == "asha"
+
+
+def test_gpu_trials_on_a_cluster_without_gpus_wait_only_when_asked(tmp_path, data_dir, ray_local, capsys):
+    """An autoscaling cluster has no GPU node before the sweep asks for one: max_concurrent_trials is then taken
+    as it is (the trials wait for nodes); without it the sweep cannot size itself and says why."""
+    from rugpt_ray.tuning import _concurrent_trials
+
+    corpus = data_dir / "corpus"
+    gpu = {"resources_per_trial": {"num_workers": 1, "use_gpu": True}, "train": {"valid_data": str(corpus / "valid")}}
+    spec = spec_file(tmp_path, str(corpus / "train"), max_concurrent_trials=3, **gpu)
+    assert _concurrent_trials(plan_sweep(load_sweep_config(spec))) == 3
+    assert "no room for a trial in the cluster yet; 3 at a time" in capsys.readouterr().out
+    spec = spec_file(tmp_path, str(corpus / "train"), max_concurrent_trials=None, **gpu)
+    with pytest.raises(UserError, match="one trial needs 0.51 CPUs and 1 GPUs plus a CPU for Ray Data; the cluster has 2 CPUs, 0 GPUs"):
+        _concurrent_trials(plan_sweep(load_sweep_config(spec)))
