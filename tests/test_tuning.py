@@ -202,5 +202,6 @@ def test_gpu_trials_on_a_cluster_without_gpus_wait_only_when_asked(tmp_path, dat
     assert _concurrent_trials(plan_sweep(load_sweep_config(spec))) == 3
     assert "no room for a trial in the cluster yet; 3 at a time" in capsys.readouterr().out
     spec = spec_file(tmp_path, str(corpus / "train"), max_concurrent_trials=None, **gpu)
-    with pytest.raises(UserError, match="one trial needs 0.51 CPUs and 1 GPUs plus a CPU for Ray Data; the cluster has 2 CPUs, 0 GPUs"):
+    with pytest.raises(UserError, match="one trial needs 0.51 CPUs and 1 GPUs plus a CPU for Ray Data; the cluster "
+                                        "has 2 CPUs, 0 GPUs"):
         _concurrent_trials(plan_sweep(load_sweep_config(spec)))
