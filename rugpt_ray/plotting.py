@@ -13,14 +13,11 @@ PANELS = (("loss", ("loss", "valid_loss")), ("perplexity", ("ppl", "valid_ppl"))
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The rows of a run's metrics.jsonl, in a local folder or behind a URI (storage_path=s3://...)."""
-    from rugpt_ray.data.inputs import filesystem
+    from rugpt_ray.data.inputs import read_text
 
-    fs, path = filesystem(f"{str(run_dir).rstrip('/')}/metrics.jsonl")
-    try:
-        with fs.open_input_stream(path) as f:
-            text = f.read().decode("utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{run_dir}: no metrics.jsonl (is it a training run folder?)") from None
+    text = read_text(f"{str(run_dir).rstrip('/')}/metrics.jsonl")
+    if text is None:
+        raise UserError(f"{run_dir}: no metrics.jsonl (is it a training run folder?)")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     if not rows:
         raise UserError(f"{run_dir}/metrics.jsonl: no metrics logged yet")

@@ -402,40 +402,30 @@ class _MetricsLog:
     rank 0, and one progress line per report."""
 
     def __init__(self, run_dir: str | None, resume_step: int):
-        from rugpt_ray.data.inputs import filesystem, is_uri
+        from rugpt_ray.data.inputs import is_uri, read_text, write_file
 
+        self.path = f"{run_dir.rstrip('/')}/{METRICS_FILE}" if run_dir else None  # None: ranks other than 0
         self.lines: list[str] = []
-        self.fs = self.writer = None
-        if run_dir is None:  # ranks other than 0
+        self.writer = None
+        if self.path is None:
             return
-        self.fs, self.path = filesystem(f"{run_dir.rstrip('/')}/{METRICS_FILE}")
-        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
-        try:
-            with self.fs.open_input_stream(self.path) as f:
-                old = f.read().decode("utf-8").splitlines()
-        except FileNotFoundError:
-            old = []
         # lines past the checkpoint we resumed from are dropped: no step is logged twice
+        old = (read_text(self.path) or "").splitlines()
         self.lines = [line for line in old if line.strip() and json.loads(line)["step"] <= resume_step]
-        self._flush()
+        write_file(self.path, "".join(line + "\n" for line in self.lines))
         if not is_uri(run_dir):
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
 
-    def _flush(self) -> None:
-        """The whole file again, through a temporary name: readers never see half a line."""
-        tmp = self.path + ".tmp"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write("".join(line + "\n" for line in self.lines).encode("utf-8"))
-        self.fs.move(tmp, self.path)
-
     def write(self, metrics: dict[str, Any]) -> None:
-        if self.fs is None:
+        from rugpt_ray.data.inputs import write_file
+
+        if self.path is None:
             return
         print(" | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()), flush=True)
         self.lines.append(json.dumps(metrics))
-        self._flush()
+        write_file(self.path, "".join(line + "\n" for line in self.lines))  # the whole file: it stays small
         if self.writer is not None:
             for key, value in metrics.items():
                 if key != "step":

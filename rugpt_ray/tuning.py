@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import fnmatch
 import io
 import json
 import math
@@ -35,7 +34,7 @@ from rugpt_ray.config import (
     load_train_config,
     parse_overrides,
 )
-from rugpt_ray.data.inputs import filesystem, is_uri
+from rugpt_ray.data.inputs import is_uri, read_text, subfolders, write_file
 from rugpt_ray.errors import UserError
 
 KINDS = ("loguniform", "uniform", "choice", "grid")
@@ -454,7 +453,7 @@ def _check_same_spec(plan: SweepPlan) -> None:
     import yaml
 
     saved_file = f"{plan.folder}/{SPEC_FILE}"
-    text = read_file(saved_file)
+    text = read_text(saved_file)
     if text is None:
         return
     saved = yaml.safe_load(text)
@@ -464,35 +463,6 @@ def _check_same_spec(plan: SweepPlan) -> None:
     if changed:
         raise UserError(f"{plan.folder} holds a sweep started with other {', '.join(changed)}; run it with the spec "
                         f"in {saved_file} to resume it, or give another name or --out")
-
-
-def read_file(path: str) -> str | None:
-    """A text file in a local folder or behind a URI; None when there is none."""
-    fs, inner = filesystem(path)
-    try:
-        with fs.open_input_stream(inner) as f:
-            return f.read().decode("utf-8")
-    except FileNotFoundError:
-        return None
-
-
-def write_file(path: str, data: str | bytes) -> None:
-    """Written under a temporary name, then moved: readers never see half a file."""
-    fs, inner = filesystem(path)
-    fs.create_dir(inner.rpartition("/")[0], recursive=True)
-    with fs.open_output_stream(inner + ".tmp") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-    fs.move(inner + ".tmp", inner)
-
-
-def subfolders(path: str, pattern: str = "*") -> list[str]:
-    """Names of the folders in `path` matching a glob pattern, sorted ([] when `path` does not exist)."""
-    import pyarrow.fs as pafs
-
-    fs, inner = filesystem(path)
-    entries = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
-    return sorted(e.base_name for e in entries
-                  if e.type == pafs.FileType.Directory and fnmatch.fnmatch(e.base_name, pattern))
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -505,7 +475,7 @@ def _trial_rows(plan: SweepPlan, status: dict[str, str]) -> list[dict[str, Any]]
     better = min if plan.spec.mode == "min" else max
     rows = []
     for name in subfolders(plan.runs):
-        run_dir, text = f"{plan.runs}/{name}", read_file(f"{plan.runs}/{name}/{TRIAL_FILE}")
+        run_dir, text = f"{plan.runs}/{name}", read_text(f"{plan.runs}/{name}/{TRIAL_FILE}")
         if text is None:
             continue
         trial = json.loads(text)
@@ -534,7 +504,7 @@ def _best_checkpoint(run_dir: str, metric: str, better) -> str:
 
     scored = []
     for name in subfolders(run_dir, "step_*"):
-        state = read_file(f"{run_dir}/{name}/{STATE_FILE}")
+        state = read_text(f"{run_dir}/{name}/{STATE_FILE}")
         if state is not None:
             scored.append((f"{run_dir}/{name}", json.loads(state).get("metrics", {}).get(metric)))
     with_metric = [(f, v) for f, v in scored if v is not None]
@@ -649,7 +619,7 @@ def _write_best_config(plan: SweepPlan, best: dict[str, Any]) -> str:
     """best.yaml: the best trial's config under a new run name in the recipe's storage, for `rugpt-ray train`."""
     import yaml
 
-    trial = json.loads(read_file(f"{plan.runs}/{best['trial']}/{TRIAL_FILE}"))
+    trial = json.loads(read_text(f"{plan.runs}/{best['trial']}/{TRIAL_FILE}"))
     params = trial["params"]
     values = {**trial["config"], "name": f"{plan.spec.name}-best", "storage_path": plan.base.storage_path,
               "threads_per_worker": plan.base.threads_per_worker}  # a run on its own: not shared with other trials

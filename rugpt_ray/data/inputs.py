@@ -39,6 +39,35 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def read_text(path: str) -> str | None:
+    """A text file, local or behind a URI; None when there is none."""
+    fs, inner = filesystem(path)
+    try:
+        with fs.open_input_stream(inner) as f:
+            return f.read().decode("utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def write_file(path: str, data: str | bytes) -> None:
+    """A file, local or behind a URI, written under a temporary name and then moved: never seen half-written."""
+    fs, inner = filesystem(path)
+    fs.create_dir(posixpath.dirname(inner), recursive=True)
+    with fs.open_output_stream(inner + ".tmp") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    fs.move(inner + ".tmp", inner)
+
+
+def subfolders(path: str, pattern: str = "*") -> list[str]:
+    """Names of the folders in `path` matching a glob pattern, sorted; [] when `path` does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    entries = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    return sorted(e.base_name for e in entries
+                  if e.type == pafs.FileType.Directory and fnmatch.fnmatch(e.base_name, pattern))
+
+
 class _Resolver:
     """Collects found files with their sizes and every problem, so all of them are reported at once."""
 
