@@ -26,6 +26,7 @@ for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "fa
                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}.items():
     os.environ.setdefault(key, value)
 
+from rugpt_ray.config import data_root  # noqa: E402
 from rugpt_ray.data import DataConfig, prepare_data, resolve_inputs  # noqa: E402
 from rugpt_ray.tokenizer import load_tokenizer  # noqa: E402
 
@@ -98,7 +99,7 @@ def seed_way(tokenizer, files: list[str], seq_len: int, cache: Path) -> tuple[fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=os.environ.get("RUGPT_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
+    ap.add_argument("--data", default=str(data_root()))
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best time of each way counts")
     args = ap.parse_args()

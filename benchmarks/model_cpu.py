@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import tempfile
@@ -22,7 +21,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from rugpt_ray.checkpoints import export_hf
-from rugpt_ray.config import ModelConfig
+from rugpt_ray.config import ModelConfig, data_root
 from rugpt_ray.generation import GenerationConfig, stream
 from rugpt_ray.model import GPT
 from rugpt_ray.tokenizer import load_tokenizer
@@ -82,7 +81,7 @@ def main() -> None:
     prompt = ids[:1, :prompt_len]
     gen_cfg = GenerationConfig(max_new_tokens=new_tokens, greedy=True)
 
-    tokenizer = load_tokenizer(Path(os.environ.get("RUGPT_DATA", "../shared/data")) / "tokenizer")
+    tokenizer = load_tokenizer(data_root() / "tokenizer")
     generated = []
 
     def gen_ours():

@@ -29,6 +29,8 @@ from pathlib import Path
 import httpx
 import torch
 
+from rugpt_ray.config import data_root
+
 PROMPTS = ["Александр Сергеевич Пушкин родился в", "Москва — столица", "Однажды весною, в час небывало жаркого",
            "Искусственный интеллект"]
 RAY_WORKER_NICENESS = 15
@@ -141,8 +143,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, choices=range(1, 11), metavar="1..10")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--ttft-repeats", type=int, default=40, choices=range(5, 501), metavar="5..500")
-    parser.add_argument("--tokenizer", default=os.path.join(os.environ.get("RUGPT_DATA", "../shared/data"),
-                                                            "tokenizer"))
+    parser.add_argument("--tokenizer", default=str(data_root() / "tokenizer"))
     parser.add_argument("--stream-interval", type=float, default=0.05,
                         help="the app's stream_interval_s (serve_configs/local.yaml's value; 0 = a chunk per token)")
     parser.add_argument("--no-stream", action="store_true",

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from rugpt_ray.config import TrainConfig, preset
+from rugpt_ray.config import TrainConfig, data_root, preset
 from rugpt_ray.data import DataConfig, prepare_data
 from rugpt_ray.model import GPT
 from rugpt_ray.train import lr_at, param_groups, train
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out")
     args = parser.parse_args()
-    data = Path(os.environ.get("RUGPT_DATA", "../shared/data"))
+    data = data_root()
     with tempfile.TemporaryDirectory() as tmp:
         meta = prepare_data(DataConfig(inputs=[str(data / "corpus" / "train")], tokenizer=str(data / "tokenizer"),
                                        seq_len=SEQ_LEN, out=f"{tmp}/prepared"), progress=False)
