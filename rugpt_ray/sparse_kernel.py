@@ -1,14 +1,16 @@
 """Block-sparse causal attention in Triton (forward and backward), driven by a DeepSpeed-style layout.
 
 The rule is the one in `rugpt_ray.attention`: query i sees key j iff ``layout[h, i // block, j // block]`` and
-``j <= i``. A query row that sees nothing gets output 0 and zero gradients (the SDPA reference gives NaN there).
+``j <= i``. A query row that sees nothing gets output 0 and zero gradients (SDPA gives NaN or 0 there, by backend).
 
 Design (FlashAttention-2 style, one program per (query tile, batch*head)):
-- once per (layout, seq_len, tile size) the host builds, per head and query tile of ``block_m`` tokens, the sorted
-  list of layout key blocks any of its rows may see (``kv_idx`` int32, ``kv_cnt``), and the transposed list per
-  key block of the query tiles that see it (``q_idx``, ``q_cnt``); both are cached;
-- forward: a query tile walks only its listed key blocks (``block`` tokens each) with an online softmax in fp32;
-  the element mask (layout bit of the row's query block, causal, sequence tail) is applied inside each block;
+- once per (layout, seq_len, block_m) the host builds, per head and query tile of ``block_m`` tokens, the sorted
+  list of layout key blocks any of its rows may see (``kv_idx`` int32, ``kv_cnt``) with, per entry, a bitmask of
+  which of the tile's query blocks have it (``kv_bits``), and the transposed list per key block of the query
+  tiles that see it (``q_idx``, ``q_cnt``); all cached per layout tensor;
+- forward: a query tile walks only its listed key blocks, ``block_n // block`` of them gathered per step (so the
+  16-token global stripes of the XL layout cost 16 keys, not a 64/128-key tile), online softmax in fp32; the
+  element mask (layout bit of the row's query block, causal, sequence tail) is applied inside each step;
 - backward: ``delta = rowsum(dO * O)`` in torch, a dQ kernel over the same lists and a dK/dV kernel per key block
   over the transposed list; no atomics, so results are deterministic.
 
@@ -30,7 +32,8 @@ try:  # keep the module importable without Triton (string annotations: `tl` is o
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
-__all__ = ["block_sparse_attention", "build_block_index", "BlockIndex"]
+
+__all__ = ["BlockIndex", "block_sparse_attention", "build_block_index", "compile_for_cuda"]
 
 _LOG2E = 1.4426950408889634
 
@@ -41,17 +44,18 @@ _LOG2E = 1.4426950408889634
 # library helpers are @jit functions that the interpreter can only run when TRITON_INTERPRET=1 was set at import.
 # fmt: off
 def _fwd_kernel(
-    Q, K, V, Out, LSE, LAYOUT, KV_IDX, KV_CNT,
+    Q, K, V, Out, LSE, KV_IDX, KV_BITS, KV_CNT,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
-    H, S, D, NBQ, NBK, NT, MAXCNT, qk_scale,
+    H, S, D, NT, MAXCNT, qk_scale,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+    KB: tl.constexpr,
 ):
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK)
+    offs_j = tl.arange(0, KB * BLOCK)  # KB listed key blocks per step, gathered
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < S
     d_valid = offs_d < D
@@ -60,24 +64,28 @@ def _fwd_kernel(
         mask=m_valid[:, None] & d_valid[None, :],
         other=0.0,
     ).to(DOT)
-    lay_row = LAYOUT + h * NBQ * NBK + (offs_m // BLOCK) * NBK
+    qb_local = offs_m // BLOCK - (t * BLOCK_M) // BLOCK  # bit of the row's query block in KV_BITS
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     cnt = tl.load(KV_CNT + h * NT + t)
     idx_base = KV_IDX + (h * NT + t) * MAXCNT
-    for i in range(0, cnt):
-        kb = tl.load(idx_base + i)
-        offs_k = kb * BLOCK + offs_n
-        k_valid = offs_k < S
+    bits_base = KV_BITS + (h * NT + t) * MAXCNT
+    for it in range(0, (cnt + KB - 1) // KB):
+        slot = it * KB + offs_j // BLOCK
+        s_valid = slot < cnt
+        kb = tl.load(idx_base + slot, mask=s_valid, other=0)
+        bits = tl.load(bits_base + slot, mask=s_valid, other=0)
+        offs_k = kb * BLOCK + offs_j % BLOCK
+        k_valid = s_valid & (offs_k < S)
         kv_mask = k_valid[:, None] & d_valid[None, :]
         k_ptrs = K + b * skb + h * skh + offs_k[:, None] * sks + offs_d[None, :] * skd
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(DOT)
         v_ptrs = V + b * svb + h * svh + offs_k[:, None] * svs + offs_d[None, :] * svd
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(DOT)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        allowed = tl.load(lay_row + kb, mask=m_valid, other=0) != 0
-        mask = allowed[:, None] & (offs_k[None, :] <= offs_m[:, None]) & k_valid[None, :]
+        allowed = ((bits[None, :] >> qb_local[:, None]) & 1) != 0
+        mask = allowed & (offs_k[None, :] <= offs_m[:, None]) & k_valid[None, :]
         qk = tl.where(mask, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -99,17 +107,18 @@ def _fwd_kernel(
 
 
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, LAYOUT, KV_IDX, KV_CNT,
+    Q, K, V, DO, DQ, LSE, DELTA, KV_IDX, KV_BITS, KV_CNT,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
-    H, S, D, NBQ, NBK, NT, MAXCNT, qk_scale, sm_scale,
+    H, S, D, NT, MAXCNT, qk_scale, sm_scale,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+    KB: tl.constexpr,
 ):
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK)
+    offs_j = tl.arange(0, KB * BLOCK)  # KB listed key blocks per step, gathered
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < S
     d_valid = offs_d < D
@@ -120,22 +129,26 @@ def _bwd_dq_kernel(
     do = tl.load(do_ptrs, mask=md_mask, other=0.0).to(DOT)
     lse = tl.load(LSE + bh * S + offs_m, mask=m_valid, other=0.0)
     delta = tl.load(DELTA + bh * S + offs_m, mask=m_valid, other=0.0)
-    lay_row = LAYOUT + h * NBQ * NBK + (offs_m // BLOCK) * NBK
+    qb_local = offs_m // BLOCK - (t * BLOCK_M) // BLOCK  # bit of the row's query block in KV_BITS
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     cnt = tl.load(KV_CNT + h * NT + t)
     idx_base = KV_IDX + (h * NT + t) * MAXCNT
-    for i in range(0, cnt):
-        kb = tl.load(idx_base + i)
-        offs_k = kb * BLOCK + offs_n
-        k_valid = offs_k < S
+    bits_base = KV_BITS + (h * NT + t) * MAXCNT
+    for it in range(0, (cnt + KB - 1) // KB):
+        slot = it * KB + offs_j // BLOCK
+        s_valid = slot < cnt
+        kb = tl.load(idx_base + slot, mask=s_valid, other=0)
+        bits = tl.load(bits_base + slot, mask=s_valid, other=0)
+        offs_k = kb * BLOCK + offs_j % BLOCK
+        k_valid = s_valid & (offs_k < S)
         kv_mask = k_valid[:, None] & d_valid[None, :]
         k_ptrs = K + b * skb + h * skh + offs_k[:, None] * sks + offs_d[None, :] * skd
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(DOT)
         v_ptrs = V + b * svb + h * svh + offs_k[:, None] * svs + offs_d[None, :] * svd
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(DOT)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        allowed = tl.load(lay_row + kb, mask=m_valid, other=0) != 0
-        mask = allowed[:, None] & (offs_k[None, :] <= offs_m[:, None]) & k_valid[None, :]
+        allowed = ((bits[None, :] >> qb_local[:, None]) & 1) != 0
+        mask = allowed & (offs_k[None, :] <= offs_m[:, None]) & k_valid[None, :]
         p = tl.exp2(tl.where(mask, qk, float("-inf")) - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -223,6 +236,7 @@ class BlockIndex:
 
     layout: Tensor  # (H, NBK, NBK) int8, the layout cut to the sequence, on the kernels' device
     kv_idx: Tensor  # (H, NT, max_kv) int32, ascending key blocks per query tile (first kv_cnt entries valid)
+    kv_bits: Tensor  # (H, NT, max_kv) int32, bit r: the tile's r-th query block has the layout bit for that key block
     kv_cnt: Tensor  # (H, NT) int32
     q_idx: Tensor  # (H, NBK, max_q) int32, ascending query tiles per key block
     q_cnt: Tensor  # (H, NBK) int32
@@ -250,18 +264,26 @@ def build_block_index(layout: Tensor, seq_len: int, block: int, block_m: int) ->
         raise ValueError(f"layout must be (heads, blocks, blocks), got {tuple(layout.shape)}")
     if layout.shape[-1] < nbk:
         raise ValueError(f"layout has {layout.shape[-1]} blocks of {block}, too few for {seq_len} tokens")
+    rows_per_tile = max(block_m // block, 1)  # query blocks per tile (tiles and blocks are powers of two)
+    if rows_per_tile > 31:
+        raise ValueError(f"block_m ({block_m}) may span at most 31 layout blocks of {block}")
     lay = layout[:, :nbk, :nbk].bool()
     nt = math.ceil(seq_len / block_m)
     device = lay.device
     first = torch.arange(nt, device=device) * block_m
     last = torch.clamp(first + block_m, max=seq_len) - 1
-    qb = torch.arange(nbk, device=device)
-    member = (qb[None, :] * block <= last[:, None]) & ((qb[None, :] + 1) * block > first[:, None])  # (NT, NBK)
-    tile = torch.einsum("tq,hqk->htk", member.float(), lay.float()) > 0  # (H, NT, NBK)
-    tile &= (qb[None, :] * block <= last[:, None])[None]
+    # bits[h, t, kb]: bit r set when query block (first_t // block + r) of the tile has layout bit kb
+    qb = (first // block)[:, None] + torch.arange(rows_per_tile, device=device)[None, :]  # (NT, R)
+    rows = lay[:, qb.clamp(max=nbk - 1)] & (qb < nbk)[None, :, :, None]  # (H, NT, R, NBK)
+    weights = (1 << torch.arange(rows_per_tile, device=device, dtype=torch.int64))[None, None, :, None]
+    bits = (rows.to(torch.int64) * weights).sum(2)  # (H, NT, NBK)
+    kb = torch.arange(nbk, device=device)
+    tile = (bits != 0) & (kb[None, :] * block <= last[:, None])[None]  # causal at block granularity
     kv_idx, kv_cnt = _compact(tile)
+    kv_bits = torch.gather(bits, 2, kv_idx.long()).to(torch.int32).contiguous()
     q_idx, q_cnt = _compact(tile.transpose(1, 2))
-    return BlockIndex(lay.to(torch.int8).contiguous(), kv_idx, kv_cnt, q_idx, q_cnt, seq_len, block, block_m)
+    layout8 = lay.to(torch.int8).contiguous()
+    return BlockIndex(layout8, kv_idx, kv_bits, kv_cnt, q_idx, q_cnt, seq_len, block, block_m)
 
 
 _INDEX_CACHE: dict[tuple, tuple[weakref.ref, int, BlockIndex]] = {}
@@ -281,9 +303,9 @@ def _cached_index(layout: Tensor, seq_len: int, block: int, block_m: int, device
     return index
 
 
-def _meta(q: Tensor, index: BlockIndex) -> dict:
-    """The kernels' compile-time arguments."""
-    return {
+def _meta(q: Tensor, index: BlockIndex, kb: int | None = None) -> dict:
+    """The kernels' compile-time arguments (`kb`: key blocks per step, for the forward and dQ kernels)."""
+    return ({} if kb is None else {"KB": kb}) | {
         "BLOCK": index.block,
         "BLOCK_M": index.block_m,
         "BLOCK_D": triton.next_power_of_2(q.shape[-1]),
@@ -292,8 +314,12 @@ def _meta(q: Tensor, index: BlockIndex) -> dict:
     }
 
 
+def _launch_opts_gpu() -> dict:
+    return {"num_warps": 4, "num_stages": 2}
+
+
 def _launch_opts(q: Tensor) -> dict:
-    return {} if q.device.type == "cpu" else {"num_warps": 4, "num_stages": 2}
+    return {} if q.device.type == "cpu" else _launch_opts_gpu()
 
 
 def _precision(q: Tensor) -> str:
@@ -313,21 +339,20 @@ def _strides(x: Tensor) -> tuple[int, ...]:
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, index: BlockIndex, sm_scale: float):
+    def forward(ctx, q, k, v, index: BlockIndex, sm_scale: float, kb: int):
         b, h, s, d = q.shape
         fwd, _, _ = _kernels(q.device.type == "cpu")
         o = torch.empty((b, h, s, d), dtype=q.dtype, device=q.device)
         lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
         nt, max_kv = index.kv_idx.shape[1], index.kv_idx.shape[2]
-        nbk = index.layout.shape[-1]
         fwd[(nt, b * h)](
-            q, k, v, o, lse, index.layout, index.kv_idx, index.kv_cnt,
+            q, k, v, o, lse, index.kv_idx, index.kv_bits, index.kv_cnt,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            h, s, d, nbk, nbk, nt, max_kv, sm_scale * _LOG2E,
-            **_meta(q, index), **_launch_opts(q),
+            h, s, d, nt, max_kv, sm_scale * _LOG2E,
+            **_meta(q, index, kb), **_launch_opts(q),
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.index, ctx.sm_scale = index, sm_scale
+        ctx.index, ctx.sm_scale, ctx.kb = index, sm_scale, kb
         return o
 
     @staticmethod
@@ -341,18 +366,77 @@ class _BlockSparseAttention(torch.autograd.Function):
         dq, dk, dv = (torch.empty((b, h, s, d), dtype=x.dtype, device=x.device) for x in (q, k, v))
         nt, max_kv = index.kv_idx.shape[1], index.kv_idx.shape[2]
         nbk, max_q = index.q_idx.shape[1], index.q_idx.shape[2]
-        meta = _meta(q, index)
         dq_kernel[(nt, b * h)](
-            q, k, v, do, dq, lse, delta, index.layout, index.kv_idx, index.kv_cnt,
+            q, k, v, do, dq, lse, delta, index.kv_idx, index.kv_bits, index.kv_cnt,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            h, s, d, nbk, nbk, nt, max_kv, sm_scale * _LOG2E, sm_scale, **meta, **_launch_opts(q),
+            h, s, d, nt, max_kv, sm_scale * _LOG2E, sm_scale, **_meta(q, index, ctx.kb), **_launch_opts(q),
         )  # fmt: skip
         dkdv_kernel[(nbk, b * h)](
             q, k, v, do, dk, dv, lse, delta, index.layout, index.q_idx, index.q_cnt,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            h, s, d, nbk, nbk, max_q, sm_scale * _LOG2E, sm_scale, **meta, **_launch_opts(q),
+            h, s, d, nbk, nbk, max_q, sm_scale * _LOG2E, sm_scale, **_meta(q, index), **_launch_opts(q),
         )  # fmt: skip
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
+
+
+# pointer arguments that are not q/k/v-typed, and the kernels' integer arguments
+_PTR_ARGS = {
+    "LSE": "fp32",
+    "DELTA": "fp32",
+    "LAYOUT": "i8",
+    "KV_IDX": "i32",
+    "KV_BITS": "i32",
+    "KV_CNT": "i32",
+    "Q_IDX": "i32",
+    "Q_CNT": "i32",
+}
+_INT_ARGS = {"H", "S", "D", "NBQ", "NBK", "NT", "MAXCNT"}
+
+
+def compile_for_cuda(
+    dtype: torch.dtype = torch.bfloat16,
+    head_dim: int = 128,
+    block: int = 16,
+    block_m: int = 64,
+    block_n: int = 64,
+    arch: int = 90,
+) -> dict[str, object]:
+    """Compile the three kernels ahead of time for an NVIDIA GPU of compute capability `arch` (no GPU needed).
+
+    Catches what the interpreter does not check (types, layouts, shared memory) on a machine without a GPU.
+    Returns {kernel name: compiled kernel} (``.asm["ptx"]``, ``.metadata.shared``, ...).
+    """
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    elem = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    consts = {
+        "KB": max(block_n // block, 1),
+        "BLOCK": block,
+        "BLOCK_M": block_m,
+        "BLOCK_D": triton.next_power_of_2(head_dim),
+        "PREC": "ieee" if dtype == torch.float32 else "tf32",
+        "DOT": {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[elem],
+    }
+    out = {}
+    for fn in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel):
+        params = inspect.signature(fn).parameters
+        const = {name: value for name, value in consts.items() if name in params}
+        sig = {}
+        for name in params:
+            if name in const:
+                sig[name] = "constexpr"
+            elif name in ("qk_scale", "sm_scale"):
+                sig[name] = "fp32"
+            elif name[0].isupper() and name not in _INT_ARGS:
+                sig[name] = "*" + _PTR_ARGS.get(name, elem)
+            else:
+                sig[name] = "i32"
+        src = ASTSource(triton.jit(fn), sig, const)
+        out[fn.__name__] = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=_launch_opts_gpu())
+    return out
 
 
 def block_sparse_attention(
@@ -363,13 +447,16 @@ def block_sparse_attention(
     block: int,
     *,
     block_m: int | None = None,
+    block_n: int | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Causal block-sparse attention of (B, H, S, D) q, k, v under `layout` (H, NB, NB), NB * block >= S.
 
     Same result as SDPA with ``layout_token_mask(layout, pos, pos, block)`` for positions 0..S-1, except that a
     query row with no visible key gives 0 instead of NaN. `block_m` is the query tile (a power of two >= 16;
-    default 64 on GPU, 32 on CPU); `scale` defaults to 1/sqrt(D). Differentiable in q, k and v.
+    default 64 on GPU, 32 on CPU); the forward and dQ kernels take `block_n` keys per step, gathered from
+    `block_n // block` listed layout blocks (a power of two; default 64 on GPU, 32 on CPU, at least `block`).
+    `scale` defaults to 1/sqrt(D). Differentiable in q, k and v.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share one (B, H, S, D) shape, got {q.shape}, {k.shape}, {v.shape}")
@@ -385,6 +472,10 @@ def block_sparse_attention(
         block_m = 32 if q.device.type == "cpu" else 64
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+    if block_n is None:
+        block_n = max(32 if q.device.type == "cpu" else 64, block)
+    if block_n < block or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= block ({block}), got {block_n}")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     index = _cached_index(layout, q.shape[2], block, block_m, q.device)
-    return _BlockSparseAttention.apply(q, k, v, index, sm_scale)
+    return _BlockSparseAttention.apply(q, k, v, index, sm_scale, block_n // block)

@@ -522,5 +522,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
 
 def _worker_env() -> dict[str, str]:
+    """The driver's settings that workers need, and Train's print patch off: in Ray workers it logs every print
+    twice (once teed to the redirected stdout, once through the root logger), so each progress line came twice."""
     keys = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "RUGPT_DATA", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")
-    return {k: os.environ[k] for k in keys if k in os.environ}
+    return {**{k: os.environ[k] for k in keys if k in os.environ}, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}

@@ -81,12 +81,12 @@ def test_matches_sdpa_reference(name):
     torch.testing.assert_close(out.detach().double(), sdpa, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("block_m", [16, 64])
-def test_tile_sizes(block_m):
-    """Query tiles smaller than, equal to and spanning several layout blocks, with a head dim that is not a power
-    of two."""
+@pytest.mark.parametrize(("block_m", "block_n"), [(16, 16), (64, 64), (128, 32)])
+def test_tile_sizes(block_m, block_n):
+    """Query tiles of one and of several layout blocks, one or several key blocks gathered per step (also past
+    the end of a tile's list), and a head dim that is not a power of two."""
     layout = make_layout(FIXED_SMALL, 2, 128)
-    _check(*_inputs(1, 2, 117, 24, seed=block_m), layout, block_m=block_m)
+    _check(*_inputs(1, 2, 117, 24, seed=block_m + block_n), layout, block_m=block_m, block_n=block_n)
 
 
 def test_block_32_and_custom_scale():
@@ -151,6 +151,9 @@ def test_block_index_lists_and_cache():
     # tile 1 (tokens 32..63, query blocks 2-3) of head 0 sees exactly the union of those layout rows up to block 3
     want = sorted(set(layout[0, 2].nonzero().flatten().tolist()) | set(layout[0, 3, :4].nonzero().flatten().tolist()))
     assert index.kv_idx[0, 1, : index.kv_cnt[0, 1]].tolist() == want
+    # bit r of each entry: the tile's r-th query block (2 + r) has that key block in the layout
+    bits = [int(layout[0, 2, kb]) | int(layout[0, 3, kb]) << 1 for kb in want]
+    assert index.kv_bits[0, 1, : index.kv_cnt[0, 1]].tolist() == bits
     # transposed lists hold the same pairs
     pairs = {(t, kb) for t in range(index.kv_cnt.shape[1]) for kb in index.kv_idx[0, t, : index.kv_cnt[0, t]].tolist()}
     back = {(t, kb) for kb in range(index.q_cnt.shape[1]) for t in index.q_idx[0, kb, : index.q_cnt[0, kb]].tolist()}
@@ -175,6 +178,8 @@ def test_rejects_bad_arguments():
         block_sparse_attention(torch.randn(1, 2, 80, 16), *[torch.randn(1, 2, 80, 16)] * 2, layout, BLOCK)
     with pytest.raises(ValueError, match="block_m"):
         block_sparse_attention(q, q, q, layout, BLOCK, block_m=48)
+    with pytest.raises(ValueError, match="block_n"):
+        block_sparse_attention(q, q, q, layout, BLOCK, block_n=8)
 
 
 @pytest.mark.gpu
@@ -195,3 +200,39 @@ def test_compiled_kernel_on_gpu_bf16():
     for got, want in ((out, ref), (qb.grad, qf.grad), (kb.grad, kf.grad), (vb.grad, vf.grad)):
         rel = (got.float() - want.detach()).norm() / want.norm()
         assert rel <= 2e-2, rel
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_kernels_compile_for_h100():
+    """The compiled (not interpreted) kernels build for sm_90 in bf16, head dim 128: catches type errors that the
+    interpreter lets through, without a GPU."""
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("Triton has no NVIDIA backend here")
+    from rugpt_ray.sparse_kernel import compile_for_cuda
+
+    kernels = compile_for_cuda(torch.bfloat16, head_dim=128, block=16, block_m=64, block_n=64, arch=90)
+    assert set(kernels) == {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
+    for kernel in kernels.values():
+        assert "mma" in kernel.asm["ptx"]  # the dots became tensor-core instructions
+        assert kernel.metadata.shared <= 227 * 1024
+
+
+def test_gpu_suite_runs_at_toy_sizes_on_cpu(tmp_path):
+    """benchmarks/gpu_suite.py --cpu-toy: every path runs and every sparse path is within the issue's tolerance."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "suite.json"
+    suite = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
+    run = subprocess.run([sys.executable, str(suite), "--cpu-toy", "--out", str(out)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["path"] for r in rows} == {"sdpa_dense_causal", "sdpa_layout_mask", "flex_block_mask",
+                                         "block_sparse_kernel"}
+    checked = [r for r in rows if r["path"] != "sdpa_dense_causal"]
+    assert all(r["ok"] and max(r["rel_err"].values()) <= 2e-2 for r in checked), checked
