@@ -247,8 +247,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
-    """A YAML recipe plus command-line overrides, checked before anything starts."""
+def read_config_values(path: str | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML mapping (recipe or sweep spec) with `key=value` overrides applied; `a.b=x` sets one entry of `a`."""
     import yaml
 
     values: dict[str, Any] = {}
@@ -266,6 +266,12 @@ def load_train_config(path: str | None, overrides: list[str] | None = None) -> T
             values[key] = {**values[key], **value}
         else:
             values[key] = value
+    return values
+
+
+def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    """A YAML recipe plus command-line overrides, checked before anything starts."""
+    values = read_config_values(path, overrides)
     for key in ("train_data", "valid_data", "tokenizer", "init_from", "deepspeed_config"):
         values[key] = expand_data_vars(values.get(key))
     return TrainConfig.from_dict({k: v for k, v in values.items() if v is not None or k in _NULLABLE},

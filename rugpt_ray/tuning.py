@@ -32,7 +32,7 @@ from rugpt_ray.config import (
     data_root,
     expand_data_vars,
     load_train_config,
-    parse_overrides,
+    read_config_values,
 )
 from rugpt_ray.data.inputs import is_uri, read_text, subfolders, write_file
 from rugpt_ray.errors import UserError
@@ -113,21 +113,7 @@ class SweepConfig:
 
 def load_sweep_config(path: str, overrides: list[str] | None = None, out: str | None = None) -> SweepConfig:
     """A YAML spec plus `key=value` overrides (`train.x=...`, `space.lr=...` set one entry); `out` is the folder."""
-    import yaml
-
-    try:
-        values = yaml.safe_load(open(path, encoding="utf-8")) or {}
-    except OSError as e:
-        raise UserError(f"--config {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise UserError(f"--config {path}: not valid YAML ({e})") from e
-    if not isinstance(values, dict):
-        raise UserError(f"--config {path}: expected a mapping of keys to values")
-    for key, value in parse_overrides(overrides or []).items():
-        if isinstance(value, dict) and isinstance(values.get(key), dict):
-            values[key] = {**values[key], **value}
-        else:
-            values[key] = value
+    values = read_config_values(path, overrides)
     if out:
         parent, _, name = (out if is_uri(out) else str(Path(out).resolve())).rstrip("/").rpartition("/")
         values.update(name=name, storage_path=parent)
