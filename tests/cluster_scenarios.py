@@ -136,7 +136,7 @@ def serving_scenario(cluster: Cluster, scratch: Path) -> dict:
     replica_nodes = set(actor_nodes("ServeReplica:main:RuGPTServer").values())
     serve.shutdown()
     return {"before": before.json()["completions"][0]["text"], "after": after.json()["completions"][0]["text"],
-            "replica_node_before": victim.node_id, "replica_node_after": sorted(replica_nodes)}
+            "replica_node_before": victim.node_id, "replica_nodes_after": sorted(replica_nodes)}
 
 
 def _free_port() -> int:

@@ -104,11 +104,12 @@ def test_losing_a_node_training_resumes_and_serving_recovers(tmp_path):
                          cwd=REPO, env=cluster_env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and out.is_file(), run.stdout[-4000:] + run.stderr[-4000:]
     result = json.loads(out.read_text())
-    steps = result["train"]["logged_steps"]
-    assert steps == sorted(set(steps)) and steps[-1] == result["train"]["max_steps"]  # no gap, no restart from 0
+    # every log_interval (5) logged once up to the end: no gap, no restart from 0, no step twice
+    assert result["train"]["logged_steps"] == list(range(5, result["train"]["max_steps"] + 1, 5))
     assert result["train"]["checkpoints_before_loss"]
     assert set(result["train"]["checkpoints_before_loss"]) <= set(result["train"]["checkpoints_after"])
     assert result["train"]["train_worker_actors"] == 4  # a second worker group: the run went through a failure
     assert result["train"]["final_step"] == result["train"]["max_steps"]
     assert result["serve"]["before"] == result["serve"]["after"]  # same greedy text from the new replica
-    assert result["serve"]["replica_node_before"] != result["serve"]["replica_node_after"]
+    assert result["serve"]["replica_nodes_after"]
+    assert result["serve"]["replica_node_before"] not in result["serve"]["replica_nodes_after"]
