@@ -152,10 +152,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from rugpt_ray.config import load_train_config
     from rugpt_ray.plotting import plot_run
-    from rugpt_ray.train import train
+    from rugpt_ray.train import ray_connection, train
 
     cfg = load_train_config(args.config, args.overrides)
-    result = train(cfg)
+    with ray_connection():
+        result = train(cfg)
     if result.metrics:
         print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in result.metrics.items()))

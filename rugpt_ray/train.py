@@ -10,11 +10,13 @@ optimizer, schedule, RNG and data position restored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -455,6 +457,21 @@ def ray_init() -> None:
     if not ray.is_initialized():
         local = "RAY_ADDRESS" not in os.environ
         ray.init(log_to_driver=True, **({"_node_ip_address": "127.0.0.1"} if local else {}))
+
+
+@contextlib.contextmanager
+def ray_connection() -> Iterator[None]:
+    """For a command's work: leaves Ray afterwards if the work connected to it (a caller's own connection stays).
+    Ray forwards workers' log lines asynchronously; a late one would otherwise land after the command's last
+    line (the run or sweep folder, which scripts read)."""
+    import ray
+
+    connected_before = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not connected_before:
+            ray.shutdown()
 
 
 def prepare_training_data(cfg: TrainConfig, run_dir: str, tokenizer_path: str):

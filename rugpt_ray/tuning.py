@@ -638,8 +638,11 @@ def describe(result: SweepResult) -> str:
 # --------------------------------------------------------------------------------------------- command line
 
 def _tune_command(args: argparse.Namespace) -> int:
+    from rugpt_ray.train import ray_connection
+
     spec = load_sweep_config(args.config, args.overrides, out=args.out)
-    result = run_sweep(spec)
+    with ray_connection():
+        result = run_sweep(spec)
     print(describe(result))
     print(result.folder)
     return 130 if result.interrupted else 0
