@@ -198,16 +198,21 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "train config") -> TrainConfig:
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise UserError(f"{where}: unknown keys {unknown}")
-        for key, value in values.items():
-            check_type(where, key, value, known[key].type)
-        return cls(**values)
+        return checked_dataclass(cls, values, where)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def checked_dataclass(cls: type, values: dict[str, Any], where: str, list_known: bool = False) -> Any:
+    """`cls(**values)` after one clear error for an unknown key or a value of the wrong type."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"{where}: unknown keys {unknown}" + (f"; known: {sorted(known)}" if list_known else ""))
+    for key, value in values.items():
+        check_type(where, key, value, known[key].type)
+    return cls(**values)
 
 
 _TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict[str, Any]": dict}

@@ -28,7 +28,7 @@ from typing import Any
 
 from rugpt_ray.config import (
     TrainConfig,
-    check_type,
+    checked_dataclass,
     data_root,
     expand_data_vars,
     load_train_config,
@@ -102,13 +102,7 @@ class SweepConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "sweep spec") -> SweepConfig:
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise UserError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
-        for key, value in values.items():
-            check_type(where, key, value, known[key].type)
-        return cls(**values)
+        return checked_dataclass(cls, values, where, list_known=True)
 
 
 def load_sweep_config(path: str, overrides: list[str] | None = None, out: str | None = None) -> SweepConfig:
