@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test test-fast demo lint bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml
 test: setup
 	$(VENV)/bin/ruff check rugpt_ray tests benchmarks jobs
 	$(PY) -m pytest -q
+
+# The developer loop: every test that starts no Ray, DeepSpeed or server (a few minutes on 2 cores).
+test-fast: setup
+	$(VENV)/bin/ruff check rugpt_ray tests benchmarks jobs
+	$(PY) -m pytest -q -m "not slow"
 
 demo: setup
 	$(PY) -m rugpt_ray.demo

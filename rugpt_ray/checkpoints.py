@@ -23,11 +23,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from rugpt_ray.config import PRESETS, ModelConfig
+from rugpt_ray.config import CHECKPOINT_FORMATS, ModelConfig, check_preset
 from rugpt_ray.errors import UserError
 from rugpt_ray.model import GPT
 
-FORMATS = ("auto", "hf", "megatron", "native")
 NATIVE_FORMAT = "rugpt-ray"
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 SHAPE_FIELDS = ("n_layer", "n_embd", "n_positions")
@@ -252,10 +251,9 @@ def load_model(
     """Load any supported checkpoint as a `GPT`; settings not stored in it come from `preset` or arguments."""
     source = str(path_or_hub_id)
     path = Path(source).expanduser()
-    if fmt not in FORMATS:
-        raise UserError(f"unknown checkpoint format {fmt!r}; known: {', '.join(FORMATS)}")
-    if preset is not None and preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    if fmt not in CHECKPOINT_FORMATS:
+        raise UserError(f"unknown checkpoint format {fmt!r}; known: {', '.join(CHECKPOINT_FORMATS)}")
+    base: dict[str, Any] = check_preset(preset) if preset else {}
     detected = detect_format(path)
     if detected == "hub":
         if fmt not in ("auto", "hf"):
@@ -267,7 +265,6 @@ def load_model(
         raise UserError(f"{source}: looks like a {detected} checkpoint, not {fmt}")
 
     layout = None
-    base: dict[str, Any] = dict(PRESETS[preset]) if preset else {}
     if detected == "native":
         stored, sd = _from_native(path)
         layout = sd.pop("sparse_layout", None)

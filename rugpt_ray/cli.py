@@ -3,29 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rugpt_ray.config import data_root
-from rugpt_ray.data import add_prepare_data_command
+from rugpt_ray.config import (
+    CHECKPOINT_FORMATS,
+    DTYPES,
+    SPARSE_MODES,
+    check_train_config,
+    default_tokenizer,
+    load_train_config,
+    read_deepspeed_json,
+)
+from rugpt_ray.data.prepare import DataConfig
 from rugpt_ray.errors import UserError
-from rugpt_ray.serving import add_serve_command
-from rugpt_ray.tuning import add_tune_command
 
-DTYPES = ("float32", "bfloat16", "float16")
+Command = Callable[[argparse.Namespace], int]
 
 
 def read_sparse_config(path: str) -> dict[str, Any]:
     """A bare `sparse_attention` dict, or a whole DeepSpeed JSON (the seed's) that carries one."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"--sparse-config {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise UserError(f"--sparse-config {path}: expected a JSON object")
-    return data.get("sparse_attention", data)
+    _, sparse = read_deepspeed_json(path, "--sparse-config")
+    if sparse is None:
+        raise UserError(f"--sparse-config {path}: no sparse_attention block (nor a bare one with a mode)")
+    return sparse
 
 
 def add_model_args(p: argparse.ArgumentParser, *, model: str | None = "--model") -> None:
@@ -34,12 +39,12 @@ def add_model_args(p: argparse.ArgumentParser, *, model: str | None = "--model")
         p.add_argument("--model", required=True, help="checkpoint folder/file or HF hub id")
     elif model:
         p.add_argument(model, help="checkpoint folder/file or HF hub id")
-    p.add_argument("--from", dest="fmt", default="auto", choices=("auto", "hf", "megatron", "native"),
+    p.add_argument("--from", dest="fmt", default="auto", choices=CHECKPOINT_FORMATS,
                    help="checkpoint format (default: detect)")
     p.add_argument("--preset", help="preset for what seed weights do not store (heads, sparse layers, vocab rows)")
     p.add_argument("--n-head", type=int, help="attention heads (seed checkpoints do not store them)")
     p.add_argument("--sparse-config", help="DeepSpeed JSON (or its sparse_attention block) for sparse layers")
-    p.add_argument("--sparse-mode", choices=("none", "all", "alternating", "top_bottom"))
+    p.add_argument("--sparse-mode", choices=SPARSE_MODES)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
 
@@ -67,7 +72,7 @@ def load_tokenizer_from_args(args: argparse.Namespace):
     if args.tokenizer:
         return load_tokenizer(args.tokenizer)
     model_dir = Path(args.model)
-    return load_tokenizer(model_dir if (model_dir / "vocab.json").is_file() else data_root() / "tokenizer")
+    return load_tokenizer(model_dir if (model_dir / "vocab.json").is_file() else default_tokenizer())
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -150,17 +155,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rugpt_ray.config import load_train_config
+    plan = check_train_config(load_train_config(args.config, args.overrides))  # before torch and Ray are imported
     from rugpt_ray.plotting import plot_run
-    from rugpt_ray.train import ray_connection, train
+    from rugpt_ray.ray_start import ray_connection
+    from rugpt_ray.storage import is_uri
+    from rugpt_ray.train import train
 
-    cfg = load_train_config(args.config, args.overrides)
     with ray_connection():
-        result = train(cfg)
+        result = train(plan)
     if result.metrics:
         print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in result.metrics.items()))
-    if "://" not in result.run_dir:
+    if not is_uri(result.run_dir):
         print(f"plot: {plot_run(result.run_dir)}")
     print(f"checkpoint: {result.checkpoint}")
     print(result.run_dir)
@@ -174,7 +180,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def lazy(target: str) -> Command:
+    """A command function of another module ("module:function"), imported when the command runs: `--help` and the
+    other commands do not pay for Ray, Serve or torch."""
+    module, _, name = target.partition(":")
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), name)(args)
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand, in the order `--help` lists them."""
     parser = argparse.ArgumentParser(prog="rugpt-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -197,10 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--to", required=True, choices=("native", "hf"))
-    add_model_args(p, model=None)
-    p.add_argument("--allow-dense", action="store_true", help="export a sparse model to HF as dense anyway")
-    p.add_argument("--tokenizer", help="tokenizer folder to copy into an HF export")
-    p.set_defaults(func=cmd_convert)
+    add_convert_args(p)
+
+    p = sub.add_parser("export", help="a training run's newest checkpoint (or a step_* one) to the native or HF "
+                       "format; the same as convert")
+    p.add_argument("src", metavar="CHECKPOINT", help="run folder or step_* checkpoint folder")
+    p.add_argument("dst", metavar="OUT")
+    p.add_argument("--to", default="native", choices=("native", "hf"))
+    add_convert_args(p)
 
     p = sub.add_parser("evaluate", help="perplexity on text files")
     add_model_args(p)
@@ -215,29 +237,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys (model.x=... too)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="a training run's newest checkpoint (or a step_* one) to the native or HF "
-                       "format; the same as convert")
-    p.add_argument("src", metavar="CHECKPOINT", help="run folder or step_* checkpoint folder")
-    p.add_argument("dst", metavar="OUT")
-    p.add_argument("--to", default="native", choices=("native", "hf"))
-    add_model_args(p, model=None)
-    p.add_argument("--allow-dense", action="store_true", help="export a sparse model to HF as dense anyway")
-    p.add_argument("--tokenizer", help="tokenizer folder to copy into an HF export")
-    p.set_defaults(func=cmd_convert)
-
     p = sub.add_parser("plot", help="PNG of a run's loss, perplexity and learning rate")
     p.add_argument("run", help="run folder (storage_path/name)")
     p.add_argument("--out", help="PNG path (default: RUN/metrics.png)")
     p.set_defaults(func=cmd_plot)
 
-    add_prepare_data_command(sub)
-    add_serve_command(sub)
-    add_tune_command(sub)
+    add_prepare_data_args(sub.add_parser(
+        "prepare-data", help="tokenize and pack text into a Parquet cache for training",
+        description="Tokenize txt files with Ray Data and pack them into blocks of seq_len + 1 tokens (EOS between "
+                    "documents) stored as Parquet shards plus meta.json. Training reads the cache."))
+
+    add_serve_args(sub.add_parser(
+        "serve", help="serve models over HTTP with Ray Serve (blocks until interrupted)"))
+
+    p = sub.add_parser(
+        "tune", help="sweep hyperparameters with Ray Tune (resumes a sweep of the same name)",
+        description="Run a Ray Tune sweep over the trainer: every trial trains the spec's recipe with values drawn "
+                    "from its space; ASHA stops trials that fall behind. Prints the trials table, the best trial "
+                    "and its checkpoint, and, last, the sweep folder (trials.csv, trials.png, best.yaml).")
+    p.add_argument("--config", required=True, help="sweep spec YAML, e.g. tune/lr_wd.yaml")
+    p.add_argument("--out", help="sweep folder (default: the spec's storage_path/name)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override spec keys (train.max_steps=100, space.lr=..., num_samples=4)")
+    p.set_defaults(func=lazy("rugpt_ray.tuning.trials:cmd_tune"))
 
     p = sub.add_parser("info", help="what a checkpoint holds")
     add_model_args(p, model="model")
     p.set_defaults(func=cmd_info)
     return parser
+
+
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    """What convert and export share: how to read the source, and what an HF export takes."""
+    add_model_args(p, model=None)
+    p.add_argument("--allow-dense", action="store_true", help="export a sparse model to HF as dense anyway")
+    p.add_argument("--tokenizer", help="tokenizer folder to copy into an HF export")
+    p.set_defaults(func=cmd_convert)
+
+
+def add_prepare_data_args(p: argparse.ArgumentParser) -> None:
+    """Flags named after DataConfig's fields (`seq_len` -> `--seq-len`), with its defaults."""
+    d = DataConfig.__dataclass_fields__
+    p.add_argument("--inputs", nargs="+", required=True, metavar="PATH",
+                   help="file.list, folder, glob, .txt file or URI (s3://, gs://, file://); several allowed")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder (vocab.json + merges.txt) or hub id")
+    p.add_argument("--seq-len", dest="seq_len", type=int, required=True, help="model context length")
+    p.add_argument("--out", required=True, help="cache folder (local or URI)")
+    p.add_argument("--valid", nargs="+", default=[], metavar="PATH", help="validation text, same forms as --inputs")
+    p.add_argument("--paragraphs", action="store_true", help="one document per blank-line-separated paragraph")
+    p.add_argument("--strict-utf8", dest="strict_utf8", action="store_true", help="invalid UTF-8 is an error")
+    p.add_argument("--seed", type=int, default=d["seed"].default, help="seed of file and block order (default 0)")
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep training files in sorted order")
+    p.add_argument("--blocks-per-shard", dest="blocks_per_shard", type=int, default=d["blocks_per_shard"].default,
+                   help="blocks per Parquet file (default 8192)")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
+    p.set_defaults(func=lazy("rugpt_ray.data.prepare:cmd_prepare_data"))
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The `rugpt-ray serve` quick case: ServeConfig's fields as flags."""
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
+                   help="checkpoint folder/file or hub id, optionally named (repeat for several; the first is "
+                        "the default)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-env", metavar="VAR",
+                   help="environment variable holding an API key; requests then need 'Authorization: Bearer <key>'")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together per model")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens one request may ask for")
+    p.add_argument("--request-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="stop a generation after this long (504, or an error event when streaming)")
+    p.set_defaults(func=lazy("rugpt_ray.serving.command:cmd_serve"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,14 +12,15 @@ import time
 import torch
 
 from rugpt_ray.checkpoints import load_model
-from rugpt_ray.config import ModelConfig, data_root, load_train_config
+from rugpt_ray.config import ModelConfig, check_train_config, default_tokenizer, load_train_config
 from rugpt_ray.data import iter_documents, resolve_inputs
 from rugpt_ray.evaluation import join_documents, perplexity
 from rugpt_ray.generation import GenerationConfig, generate
 from rugpt_ray.model import GPT
 from rugpt_ray.plotting import plot_run
+from rugpt_ray.ray_start import ray_connection
 from rugpt_ray.tokenizer import load_tokenizer
-from rugpt_ray.train import check_config, train
+from rugpt_ray.train import train
 
 PROMPT = "Александр Сергеевич Пушкин родился в"
 
@@ -28,17 +29,18 @@ def main(argv: list[str]) -> int:
     recipe = argv[0] if argv and "=" not in argv[0] else "jobs/configs/tiny-cpu.yaml"
     overrides = [a for a in argv if "=" in a]
     cfg = load_train_config(recipe, [f"name=demo-{time.strftime('%Y%m%d-%H%M%S')}", *overrides])
-    _, model_values = check_config(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer or data_root() / "tokenizer")
+    plan = check_train_config(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer())
     valid = join_documents(tokenizer.encode_batch([d.text for d in iter_documents(resolve_inputs(cfg.valid_data))]),
                            tokenizer.eos_id)
 
     torch.manual_seed(cfg.seed)  # the trainer's initial weights
-    before = perplexity(GPT(ModelConfig.from_dict(model_values)), valid, cfg.seq_len)
+    before = perplexity(GPT(ModelConfig.from_dict(plan.model)), valid, cfg.seq_len)
     print(f"before training, corpus/valid {before.describe()}", flush=True)
 
     started = time.perf_counter()
-    result = train(cfg)
+    with ray_connection():  # Ray's last worker lines land before ours, not after the run folder
+        result = train(plan)
     model = load_model(result.run_dir)
     after = perplexity(model, valid, cfg.seq_len)
     print(f"\ntrained {cfg.max_steps} steps on {cfg.num_workers} workers in {time.perf_counter() - started:.0f} s")

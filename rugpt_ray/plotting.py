@@ -1,20 +1,24 @@
-"""PNG plots of a run's metrics (`rugpt-ray plot RUN`)."""
+"""PNG plots: a run's metrics (`rugpt-ray plot RUN`) and a sweep's trials (trials.png)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rugpt_ray.errors import UserError
+from rugpt_ray.storage import read_text, write_file
+
+if TYPE_CHECKING:
+    from rugpt_ray.tuning.plan import SweepPlan
 
 PANELS = (("loss", ("loss", "valid_loss")), ("perplexity", ("ppl", "valid_ppl")), ("learning rate", ("lr",)))
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The rows of a run's metrics.jsonl, in a local folder or behind a URI (storage_path=s3://...)."""
-    from rugpt_ray.data.inputs import read_text
-
     text = read_text(f"{str(run_dir).rstrip('/')}/metrics.jsonl")
     if text is None:
         raise UserError(f"{run_dir}: no metrics.jsonl (is it a training run folder?)")
@@ -51,3 +55,64 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     plt.close(fig)
     os.replace(tmp, out)
     return out
+
+
+def plot_sweep(plan: SweepPlan, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
+    """Left: the metric against step, one line per trial (dashed: stopped early). Right: the first two searched
+    keys (lr × weight decay) coloured by each trial's best metric, the best one starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    metric = plan.spec.metric
+    fig, (curves, scatter) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for row in rows:
+        run_dir = f"{plan.runs}/{row['trial']}"
+        points = [(m["step"], m[metric]) for m in read_metrics(run_dir) if metric in m] if row["steps"] else []
+        if points:
+            label = ", ".join(f"{k} {short_value(row[k])}" for k in plan.space)
+            curves.plot(*zip(*points, strict=True), marker="o", linestyle="--" if row["status"] == "stopped early"
+                        else "-", label=label)
+    curves.set_xlabel("step")
+    curves.set_ylabel(metric)
+    curves.set_title(f"{metric} per trial (dashed: stopped early)")
+    if curves.get_legend_handles_labels()[0]:
+        curves.legend(fontsize=7)
+
+    keys = list(plan.space)
+    x_key, y_key = keys[0], keys[1] if len(keys) > 1 else f"best_{metric}"
+    ranked = [r for r in rows if r.get(f"best_{metric}") is not None and _numeric(r[x_key]) and _numeric(r[y_key])]
+    if ranked:
+        dots = scatter.scatter([r[x_key] for r in ranked], [r[y_key] for r in ranked],
+                               c=[r[f"best_{metric}"] for r in ranked], cmap="viridis_r", s=60)
+        fig.colorbar(dots, ax=scatter, label=f"best {metric}")
+    if best and _numeric(best[x_key]) and _numeric(best[y_key]):
+        scatter.scatter([best[x_key]], [best[y_key]], marker="*", s=300, facecolors="none", edgecolors="red",
+                        label="best")
+        scatter.legend()
+    for key, set_scale, axis in ((x_key, scatter.set_xscale, scatter.xaxis),
+                                 (y_key, scatter.set_yscale, scatter.yaxis)):
+        if plan.space.get(key, ("",))[0] == "loguniform":
+            set_scale("log")
+            axis.set_minor_formatter(NullFormatter())  # labels at decades only: minor ones overlap
+    scatter.set_xlabel(x_key)
+    scatter.set_ylabel(y_key)
+    scatter.set_title(f"{x_key} × {y_key}")
+    fig.suptitle(f"sweep {plan.spec.name}")
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    out = f"{plan.folder}/trials.png"
+    write_file(out, png.getvalue())
+    return out
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def short_value(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

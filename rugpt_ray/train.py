@@ -10,153 +10,31 @@ optimizer, schedule, RNG and data position restored.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rugpt_ray.config import PRESETS, ModelConfig, TrainConfig, data_root
+from rugpt_ray.config import ModelConfig, TrainConfig, TrainPlan, check_train_config, default_tokenizer
 from rugpt_ray.errors import UserError
+from rugpt_ray.progress import follow_progress
+from rugpt_ray.ray_start import start_ray
+from rugpt_ray.storage import is_uri, read_text, write_file
 
 CHECKPOINT_TAG = "deepspeed"
 STATE_FILE = "train_state.json"
 METRICS_FILE = "metrics.jsonl"
-DECAY_STYLES = ("cosine", "linear", "constant")
-PRECISIONS = ("fp32", "bf16", "fp16")
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; the first name found in the device name wins.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
 
 
-# --------------------------------------------------------------------------------------------- config
-
-def _sparse_from_deepspeed_json(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The user's DeepSpeed JSON without its `sparse_attention` block (DeepSpeed 0.19.8 rejects it)."""
-    if not cfg.deepspeed_config:
-        return {}, None
-    try:
-        ds = json.loads(Path(cfg.deepspeed_config).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"deepspeed_config {cfg.deepspeed_config}: {e}") from e
-    if not isinstance(ds, dict):
-        raise UserError(f"deepspeed_config {cfg.deepspeed_config}: expected a JSON object")
-    return ds, ds.pop("sparse_attention", None)
-
-
-def apply_deepspeed_json(cfg: TrainConfig, ds: dict[str, Any]) -> None:
-    """The JSON's values win: copy them into the config so logs and checks see what actually runs."""
-    if "train_micro_batch_size_per_gpu" in ds:
-        cfg.micro_batch = int(ds["train_micro_batch_size_per_gpu"])
-    if "gradient_accumulation_steps" in ds:
-        cfg.grad_accum = int(ds["gradient_accumulation_steps"])
-    if "gradient_clipping" in ds:
-        cfg.grad_clip = float(ds["gradient_clipping"])
-    if ds.get("fp16", {}).get("enabled"):
-        cfg.precision = "fp16"
-    elif ds.get("bf16", {}).get("enabled"):
-        cfg.precision = "bf16"
-    elif "fp16" in ds or "bf16" in ds:
-        cfg.precision = "fp32"
-    zero = ds.get("zero_optimization", {})
-    if "stage" in zero:
-        cfg.zero_stage = int(zero["stage"])
-    if zero.get("offload_optimizer", {}).get("device") == "cpu":
-        cfg.offload_optimizer = True
-
-
-def deepspeed_config(cfg: TrainConfig, user: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The engine's config: the user's JSON (if any) with batch, precision, ZeRO and clipping filled in."""
-    ds = json.loads(json.dumps(user or {}))
-    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch
-    ds["gradient_accumulation_steps"] = cfg.grad_accum
-    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
-    ds["gradient_clipping"] = cfg.grad_clip
-    ds.setdefault("steps_per_print", 10**9)
-    ds.setdefault("wall_clock_breakdown", False)
-    ds["fp16"] = {**ds.get("fp16", {}), "enabled": cfg.precision == "fp16"}
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.precision == "bf16"}
-    zero = {**ds.get("zero_optimization", {}), "stage": cfg.zero_stage}
-    if cfg.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    ds["zero_optimization"] = zero
-    for key in ("optimizer", "scheduler"):  # the platform owns these (AdamW groups, AnnealingLR)
-        ds.pop(key, None)
-    return ds
-
-
-def model_config_for(cfg: TrainConfig, sparse_from_json: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The model's settings known before loading weights (None when only the checkpoint can tell)."""
-    overrides = dict(cfg.model)
-    if sparse_from_json is not None:
-        overrides.setdefault("sparse_attention", sparse_from_json)
-        overrides.setdefault("sparse_mode", "all")  # the seed's --sparse-mode default
-    if cfg.init_from:
-        meta_file = Path(cfg.init_from) / "config.json"
-        if meta_file.is_file():
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            base = meta.get("model", meta)
-            return {"n_positions": base.get("n_positions"), **overrides}
-        return {**PRESETS.get(cfg.preset or "", {}), **overrides} if cfg.preset else None
-    if cfg.preset not in PRESETS:
-        raise UserError(f"preset {cfg.preset!r} is not one of {', '.join(PRESETS)} (or give init_from)")
-    values = {**PRESETS[cfg.preset], **overrides}
-    return ModelConfig.from_dict(values, where=f"model (preset {cfg.preset} + overrides)").to_dict()
-
-
-def check_config(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Every check that can fail before Ray starts; returns the DeepSpeed config and the model settings."""
-    user_ds, sparse = _sparse_from_deepspeed_json(cfg)
-    apply_deepspeed_json(cfg, user_ds)
-    if cfg.decay_steps is not None and cfg.decay_steps < 1:
-        raise UserError(f"train config: decay_steps must be >= 1, got {cfg.decay_steps}")
-    positive = ("seq_len", "micro_batch", "grad_accum", "log_interval", "eval_interval", "eval_iters",
-                "save_interval", "num_workers", "num_to_keep")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise UserError(f"train config: {name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.max_steps is None and cfg.max_tokens is None:
-        raise UserError("train config: give max_steps or max_tokens")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise UserError(f"train config: max_steps must be >= 1, got {cfg.max_steps}")
-    if cfg.decay not in DECAY_STYLES:
-        raise UserError(f"train config: decay {cfg.decay!r} is not one of {', '.join(DECAY_STYLES)}")
-    if cfg.precision not in PRECISIONS:
-        raise UserError(f"train config: precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if cfg.precision == "fp16" and not cfg.use_gpu:
-        raise UserError("train config: precision fp16 (dynamic loss scaling) needs use_gpu=true; use bf16 or fp32")
-    if cfg.zero_stage not in (0, 1, 2, 3):
-        raise UserError(f"train config: zero_stage must be 0-3, got {cfg.zero_stage}")
-    if not (cfg.lr > 0 and 0 <= cfg.min_lr <= cfg.lr):
-        raise UserError(f"train config: need lr > 0 and 0 <= min_lr <= lr, got lr={cfg.lr} min_lr={cfg.min_lr}")
-    if cfg.warmup < 0:
-        raise UserError(f"train config: warmup must be >= 0, got {cfg.warmup}")
-    if cfg.threads_per_worker is not None and cfg.threads_per_worker < 1:
-        raise UserError(f"train config: threads_per_worker must be >= 1, got {cfg.threads_per_worker}")
-    if cfg.cpus_per_worker <= 0:
-        raise UserError(f"train config: cpus_per_worker must be > 0, got {cfg.cpus_per_worker}")
-    if cfg.train_data is None:
-        raise UserError("train config: train_data is missing (text files, a file.list, or a prepared folder)")
-    if cfg.init_from and not Path(cfg.init_from).exists() and cfg.init_from.count("/") != 1:
-        raise UserError(f"train config: init_from {cfg.init_from}: no such file or folder")
-    model = model_config_for(cfg, sparse)
-    if model and model.get("n_positions") and cfg.seq_len > model["n_positions"]:
-        raise UserError(f"train config: seq_len {cfg.seq_len} exceeds the model's n_positions {model['n_positions']}")
-    return deepspeed_config(cfg, user_ds), model
-
-
-def total_steps(cfg: TrainConfig) -> int:
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.num_workers * cfg.seq_len
-    return max(1, math.ceil(cfg.max_tokens / tokens_per_step))
-
+# --------------------------------------------------------------------------------------------- schedule
 
 def lr_at(step: int, cfg: TrainConfig, steps: int) -> float:
     """The seed's AnnealingLR: linear warmup, then decay over `decay_steps` (not minus warmup), floor at min_lr."""
@@ -242,6 +120,7 @@ def _masked_targets(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs in each Ray Train worker."""
+    import logging
     import warnings
 
     import deepspeed
@@ -249,6 +128,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's API use
     cfg = TrainConfig.from_dict(config["train"])
+    if cfg.log_level != "debug":  # Ray Train logs every report at INFO through the root logger, a repr per line
+        logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     if not cfg.use_gpu:  # Ray pins fractional-CPU workers to 1 thread; share the node's cores among its workers
@@ -400,12 +281,10 @@ def _save(engine, state: TrainState, metrics: dict[str, Any], rank: int) -> None
 
 
 class _MetricsLog:
-    """metrics.jsonl in the run folder (local or a URI such as s3://) and TensorBoard events (local folders) on
-    rank 0, and one progress line per report."""
+    """metrics.jsonl in the run folder (local or a URI such as s3://) and TensorBoard events (local folders), on
+    rank 0; the driver prints progress from the file (`rugpt_ray.progress`)."""
 
     def __init__(self, run_dir: str | None, resume_step: int):
-        from rugpt_ray.data.inputs import is_uri, read_text, write_file
-
         self.path = f"{run_dir.rstrip('/')}/{METRICS_FILE}" if run_dir else None  # None: ranks other than 0
         self.lines: list[str] = []
         self.writer = None
@@ -421,11 +300,8 @@ class _MetricsLog:
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, metrics: dict[str, Any]) -> None:
-        from rugpt_ray.data.inputs import write_file
-
         if self.path is None:
             return
-        print(" | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()), flush=True)
         self.lines.append(json.dumps(metrics))
         write_file(self.path, "".join(line + "\n" for line in self.lines))  # the whole file: it stays small
         if self.writer is not None:
@@ -435,12 +311,6 @@ class _MetricsLog:
             self.writer.flush()
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 # --------------------------------------------------------------------------------------------- driver
 
 @dataclass
@@ -448,30 +318,6 @@ class TrainResult:
     run_dir: str
     checkpoint: str | None
     metrics: dict[str, Any]
-
-
-def ray_init() -> None:
-    """Connect to RAY_ADDRESS's cluster, else start a local one on 127.0.0.1 (not on every interface)."""
-    import ray
-
-    if not ray.is_initialized():
-        local = "RAY_ADDRESS" not in os.environ
-        ray.init(log_to_driver=True, **({"_node_ip_address": "127.0.0.1"} if local else {}))
-
-
-@contextlib.contextmanager
-def ray_connection() -> Iterator[None]:
-    """For a command's work: leaves Ray afterwards if the work connected to it (a caller's own connection stays).
-    Ray forwards workers' log lines asynchronously; a late one would otherwise land after the command's last
-    line (the run or sweep folder, which scripts read)."""
-    import ray
-
-    connected_before = ray.is_initialized()
-    try:
-        yield
-    finally:
-        if not connected_before:
-            ray.shutdown()
 
 
 def prepare_training_data(cfg: TrainConfig, run_dir: str, tokenizer_path: str):
@@ -491,7 +337,13 @@ def prepare_training_data(cfg: TrainConfig, run_dir: str, tokenizer_path: str):
     return open_prepared(meta["out"], seq_len=cfg.seq_len)
 
 
-def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+def run_folder(cfg: TrainConfig) -> str:
+    """storage_path/name: an absolute local path or a URI."""
+    storage = cfg.storage_path if is_uri(cfg.storage_path) else os.path.abspath(cfg.storage_path)
+    return f"{storage.rstrip('/')}/{cfg.name}"
+
+
+def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None) -> TrainResult:
     """Check, prepare data, fit; the run folder is storage_path/name. `callbacks`: Ray Train run callbacks
     (a Tune sweep forwards the reports to Tune with one)."""
     import ray.train
@@ -500,24 +352,24 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     from rugpt_ray.data import train_ingest
     from rugpt_ray.data.inputs import resolve_inputs
 
-    ds_config, model_values = check_config(cfg)
+    plan = cfg if isinstance(cfg, TrainPlan) else check_train_config(cfg)
+    cfg = plan.config
     for inputs in (cfg.train_data, cfg.valid_data):
         if inputs and not (isinstance(inputs, str) and (Path(inputs) / "meta.json").is_file()):
             resolve_inputs(inputs)  # every missing path in one error, before Ray starts
-    storage = cfg.storage_path if "://" in cfg.storage_path else os.path.abspath(cfg.storage_path)
-    run_dir = f"{storage.rstrip('/')}/{cfg.name}"
-    tokenizer_path = cfg.tokenizer or str(data_root() / "tokenizer")
+    run_dir = run_folder(cfg)
 
-    ray_init()
-    prepared = prepare_training_data(cfg, run_dir, tokenizer_path)
+    start_ray()
+    prepared = prepare_training_data(cfg, run_dir, cfg.tokenizer or default_tokenizer())
     ingest = train_ingest(prepared, cfg.num_workers, seed=cfg.seed)
     if "valid" in ingest.datasets:
         ingest.datasets["valid"] = ingest.datasets["valid"].limit(cfg.eval_iters * cfg.micro_batch * cfg.num_workers)
     resources = {"CPU": min(cfg.cpus_per_worker, ingest.resources_per_worker["CPU"])}
     if cfg.use_gpu:
         resources = {"CPU": cfg.cpus_per_worker}
-    loop_config = {"train": cfg.to_dict(), "model": model_values, "deepspeed": ds_config,
-                   "steps": total_steps(cfg), "pad_id": ingest.pad_id, "run_dir": run_dir}
+    steps = cfg.total_steps()
+    loop_config = {"train": cfg.to_dict(), "model": plan.model, "deepspeed": plan.deepspeed,
+                   "steps": steps, "pad_id": ingest.pad_id, "run_dir": run_dir}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -526,14 +378,16 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         datasets=ingest.datasets,
         dataset_config=ingest.dataset_config,
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=storage,
+            name=cfg.name, storage_path=run_dir.rpartition("/")[0],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env={"env_vars": _worker_env()},
+            logging_config=ray.train.LoggingConfig(log_level="DEBUG" if cfg.log_level == "debug" else "WARNING"),
             callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
+    with follow_progress(f"{run_dir}/{METRICS_FILE}", steps, cfg.tokens_per_step(), quiet=cfg.log_level == "warning"):
+        result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint else None
     return TrainResult(run_dir=run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}))
 

@@ -17,6 +17,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """`make test-fast` (-m "not slow") must start no Ray: a test that uses the shared Ray is marked slow."""
+    unmarked = [item.nodeid for item in items
+                if "ray_local" in item.fixturenames and not item.get_closest_marker("slow")]
+    if unmarked:
+        raise pytest.UsageError(f"these tests start Ray but are not marked slow: {', '.join(unmarked)}")
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = Path(os.environ.get("RUGPT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))

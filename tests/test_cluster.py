@@ -20,6 +20,8 @@ import pytest
 from rugpt_ray.checkpoints import load_model
 from rugpt_ray.evaluation import join_documents, perplexity
 
+pytestmark = pytest.mark.slow  # every test here starts Ray clusters
+
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -15,9 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from rugpt_ray.cli import build_parser
 from rugpt_ray.data import (
     DataConfig,
-    add_prepare_data_command,
     format_summary,
     iter_documents,
     open_prepared,
@@ -138,6 +137,7 @@ def test_file_pieces_give_the_ids_of_the_whole_file(tmp_path: Path, tokenizer, c
 # ---------------------------------------------------------------- the Ray Data pipeline
 
 
+@pytest.mark.slow
 def test_prepare_keeps_tokens_in_full_blocks(prepared_2048: dict, reference: dict, corpus: Path):
     for split in ("train", "valid"):
         s = prepared_2048["splits"][split]
@@ -163,6 +163,7 @@ def test_prepare_keeps_tokens_in_full_blocks(prepared_2048: dict, reference: dic
     assert [f["path"] for f in train["files"]] == order  # seeded file order
 
 
+@pytest.mark.slow
 def test_unshuffled_blocks_decode_back_to_the_documents(prepared_plain: dict, reference: dict, tokenizer):
     prepared = open_prepared(prepared_plain["out"])
     blocks = prepared.dataset("train").take_batch(prepared.blocks("train"), batch_format="numpy")
@@ -179,6 +180,7 @@ def test_unshuffled_blocks_decode_back_to_the_documents(prepared_plain: dict, re
     assert prepared_plain["splits"]["train"]["tokens"] == sum(len(reference[p]) + 1 for p in files)
 
 
+@pytest.mark.slow
 def test_epochs_reshuffle_blocks_reproducibly(prepared_2048: dict):
     prepared = open_prepared(prepared_2048["out"])
     n = prepared.blocks("train")
@@ -190,6 +192,7 @@ def test_epochs_reshuffle_blocks_reproducibly(prepared_2048: dict):
     assert [int(i) for i in again.to_pandas()["idx"]] == epoch1
 
 
+@pytest.mark.slow
 def test_two_workers_get_disjoint_complete_equal_shards(prepared_2048: dict, tmp_path: Path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -235,6 +238,7 @@ def test_two_workers_get_disjoint_complete_equal_shards(prepared_2048: dict, tmp
     assert ranks[0]["train0"] + ranks[1]["train0"] != ranks[0]["train1"] + ranks[1]["train1"]  # reshuffled
 
 
+@pytest.mark.slow
 def test_cache_built_with_other_tokenizer_or_seq_len_is_refused(prepared_2048: dict, data_dir: Path, tmp_path: Path,
                                                                 tokenizer):
     out = prepared_2048["out"]
@@ -259,6 +263,7 @@ def test_cache_built_with_other_tokenizer_or_seq_len_is_refused(prepared_2048: d
         prepare_data(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_bad_files_are_warned_counted_and_replaced(ray_local, tmp_path: Path, data_dir: Path, tokenizer, caplog):
     text = (data_dir / "corpus" / "valid" / "chekhov_dama_s_sobachkoy.txt").read_text(encoding="utf-8")[:3000]
     folder = tmp_path / "in"
@@ -292,6 +297,7 @@ def test_bad_files_are_warned_counted_and_replaced(ray_local, tmp_path: Path, da
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "in"]  # nothing half-written is left
 
 
+@pytest.mark.slow
 def test_nothing_usable_is_a_clear_error(ray_local, tmp_path: Path, data_dir: Path):
     tok = str(data_dir / "tokenizer")
     _write(tmp_path / "e" / "empty.txt", "")
@@ -307,9 +313,9 @@ def test_nothing_usable_is_a_clear_error(ray_local, tmp_path: Path, data_dir: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "e", "s"]
 
 
+@pytest.mark.slow
 def test_prepare_data_command(ray_local, tmp_path: Path, corpus: Path, data_dir: Path, capsys):
-    parser = argparse.ArgumentParser(prog="rugpt-ray")
-    add_prepare_data_command(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     lst = _write(tmp_path / "train.list", f"# two short works\n{corpus}/train/gogol_nos.txt\n\n"
                                           f"{corpus}/train/turgenev_mumu.txt\n")
     out = tmp_path / "cache"

@@ -19,6 +19,8 @@ from rugpt_ray.config import ModelConfig, preset
 from rugpt_ray.generation import GenerationConfig, generate
 from rugpt_ray.serving import ServeConfig
 
+pytestmark = pytest.mark.slow  # the tests here start Ray Serve (the serve config check rides along)
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["Мороз и солнце; день чудесный!", "Все счастливые семьи"]
 DENSE = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_positions=1024, vocab_size=50257)
@@ -330,9 +332,7 @@ def test_serve_run_local_yaml(tmp_path, checkpoints, data_dir):
 def test_cli_serve_with_api_key_timeout_and_clean_shutdown(checkpoints, data_dir):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    code = ("import argparse, sys; from rugpt_ray.serving import add_serve_command; "
-            "p = argparse.ArgumentParser(); add_serve_command(p.add_subparsers()); "
-            "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+    code = "import sys; from rugpt_ray.cli import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "RUGPT_TEST_API_KEY": "s3cret"}
     proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(checkpoints["tiny"]),
                              "--model", f"dense={checkpoints['dense']}", "--tokenizer", str(data_dir / "tokenizer"),

@@ -21,12 +21,8 @@ import pytest
 import torch
 
 from rugpt_ray.errors import UserError
-from rugpt_ray.sparsity import (
-    XL_SPARSE_ATTENTION,
-    layout_density,
-    make_layout,
-    normalize_sparse_config,
-)
+from rugpt_ray.sparse_config import XL_SPARSE_ATTENTION, normalize_sparse_config
+from rugpt_ray.sparsity import layout_density, make_layout
 
 DS_VERSION = "0.19.6"
 DS_SDIST = f"deepspeed-{DS_VERSION}.tar.gz"

@@ -19,7 +19,8 @@ from rugpt_ray.config import load_train_config
 from rugpt_ray.data import DataConfig, prepare_data
 from rugpt_ray.errors import UserError
 from rugpt_ray.train import train
-from rugpt_ray.tuning import load_sweep_config, plan_sweep, run_sweep
+from rugpt_ray.tuning.plan import load_sweep_config, plan_sweep
+from rugpt_ray.tuning.trials import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +56,7 @@ def spec_file(tmp_path: Path, train_data: str, **overrides) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_asha_stops_laggards_and_the_best_config_trains(tmp_path, prepared, ray_local, capsys):
     # 4 trials (lr grid of a good and a hopeless value, twice), 2 at a time, ASHA rungs at steps 5 and 10: the
     # fourth (hopeless) one always meets the first two's results at step 5 and stops there
@@ -97,6 +99,7 @@ def test_asha_stops_laggards_and_the_best_config_trains(tmp_path, prepared, ray_
     assert result.metrics["valid_loss"] < float(max(hopeless))
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, prepared, ray_local):
     # the sweep folder behind a URI (as s3://bucket/sweeps on a cluster): every file goes through pyarrow
     spec = spec_file(tmp_path, prepared, scheduler="none", num_samples=2, max_concurrent_trials=1,
@@ -191,10 +194,11 @@ def test_a_sweep_folder_resumes_only_with_its_own_spec(tmp_path, data_dir):
         assert set(plan.space) == {"lr", "weight_decay"} and plan.spec.scheduler == "asha"
 
 
+@pytest.mark.slow
 def test_gpu_trials_on_a_cluster_without_gpus_wait_only_when_asked(tmp_path, data_dir, ray_local, capsys):
     """An autoscaling cluster has no GPU node before the sweep asks for one: max_concurrent_trials is then taken
     as it is (the trials wait for nodes); without it the sweep cannot size itself and says why."""
-    from rugpt_ray.tuning import _concurrent_trials
+    from rugpt_ray.tuning.trials import _concurrent_trials
 
     corpus = data_dir / "corpus"
     gpu = {"resources_per_trial": {"num_workers": 1, "use_gpu": True}, "train": {"valid_data": str(corpus / "valid")}}

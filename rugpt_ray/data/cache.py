@@ -11,8 +11,8 @@ import json
 
 import numpy as np
 
-from rugpt_ray.data.inputs import filesystem
 from rugpt_ray.errors import UserError
+from rugpt_ray.storage import filesystem
 
 META_NAME = "meta.json"
 FORMAT = 1

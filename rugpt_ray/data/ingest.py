@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rugpt_ray.data.cache import META_NAME, blocks_table, mismatches, read_meta
-from rugpt_ray.data.inputs import is_uri
 from rugpt_ray.errors import UserError
+from rugpt_ray.ray_start import start_ray
+from rugpt_ray.storage import is_uri
 
 if TYPE_CHECKING:
     from rugpt_ray.tokenizer import RuGPTTokenizer
@@ -116,11 +117,9 @@ def train_ingest(prepared: PreparedData, num_workers: int, *, seed: int | None =
     import ray.data
     from ray.train import DataConfig as RayDataConfig
 
-    from rugpt_ray.data.prepare import ensure_ray
-
     if num_workers < 1:
         raise UserError(f"num_workers must be >= 1, got {num_workers}")
-    ensure_ray()
+    start_ray(log_to_driver=False)
     cpus = ray.cluster_resources().get("CPU", 0.0)
     per_worker = math.floor(min(1.0, (cpus - 1) / num_workers) * 100) / 100
     if per_worker <= 0:

@@ -14,58 +14,16 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from rugpt_ray.errors import UserError
+from rugpt_ray.storage import is_uri
 
 if TYPE_CHECKING:
-    import pyarrow.fs as pafs
+    pass
 
 TEXT_SUFFIX = ".txt"
 LIST_SUFFIX = ".list"
 GLOB_CHARS = frozenset("*?[")
 
 Inputs = str | os.PathLike | Iterable[str | os.PathLike]
-
-
-def is_uri(path: str) -> bool:
-    """`s3://...`, `gs://...`, `file:///...`: opened through pyarrow filesystems instead of `open()`."""
-    return "://" in path
-
-
-def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and the path inside it; local paths become absolute (Ray workers have another cwd)."""
-    import pyarrow.fs as pafs
-
-    if is_uri(path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def read_text(path: str) -> str | None:
-    """A text file, local or behind a URI; None when there is none."""
-    fs, inner = filesystem(path)
-    try:
-        with fs.open_input_stream(inner) as f:
-            return f.read().decode("utf-8")
-    except FileNotFoundError:
-        return None
-
-
-def write_file(path: str, data: str | bytes) -> None:
-    """A file, local or behind a URI, written under a temporary name and then moved: never seen half-written."""
-    fs, inner = filesystem(path)
-    fs.create_dir(posixpath.dirname(inner), recursive=True)
-    with fs.open_output_stream(inner + ".tmp") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-    fs.move(inner + ".tmp", inner)
-
-
-def subfolders(path: str, pattern: str = "*") -> list[str]:
-    """Names of the folders in `path` matching a glob pattern, sorted; [] when `path` does not exist."""
-    import pyarrow.fs as pafs
-
-    fs, inner = filesystem(path)
-    entries = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
-    return sorted(e.base_name for e in entries
-                  if e.type == pafs.FileType.Directory and fnmatch.fnmatch(e.base_name, pattern))
 
 
 class _Resolver:

@@ -17,31 +17,37 @@ import random
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
+from rugpt_ray.config import Config, option
 from rugpt_ray.data.cache import FORMAT, META_NAME, block_schema, blocks_table, mismatches, read_meta, write_json
-from rugpt_ray.data.inputs import filesystem, is_uri, resolve_splits
+from rugpt_ray.data.inputs import resolve_splits
 from rugpt_ray.data.text import piece_ranges, tokenize_piece
 from rugpt_ray.errors import UserError
+from rugpt_ray.ray_start import start_ray
+from rugpt_ray.storage import filesystem, is_uri
 
 log = logging.getLogger("rugpt_ray.data")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Config):
     """What to prepare and how; field names are the `prepare-data` flags (`seq_len` -> `--seq-len`)."""
+
+    where: ClassVar[str] = "prepare-data"
 
     inputs: list[str]
     """Training text: file.list, folder, glob, .txt file or URI (s3://, gs://, file://), or a list of these."""
     tokenizer: str
     """Tokenizer folder (vocab.json + merges.txt) or hub id; its fingerprint is stored and checked."""
-    seq_len: int
+    seq_len: int = option(ge=1)
     """Model context length; blocks hold seq_len + 1 tokens (inputs and shifted labels)."""
     out: str
     """Cache folder (local or URI) for meta.json and the Parquet shards; written under a temp name, then renamed."""
-    valid: list[str] = field(default_factory=list)
+    valid: list[str] = option(factory=list)
     """Validation text, same forms as `inputs`; must not share files with it."""
     paragraphs: bool = False
     """A document is each blank-line-separated paragraph instead of each whole file (the seed's way)."""
@@ -51,17 +57,12 @@ class DataConfig:
     """Seed of the training file order here and of the block order in each training epoch."""
     shuffle: bool = True
     """Shuffle the training files (seeded); off, files go in sorted order (for inspection)."""
-    blocks_per_shard: int = 8192
+    blocks_per_shard: int = option(8192, ge=1)
     """Blocks per Parquet file (8192 blocks at seq_len 2048 is 64 MiB before compression)."""
-    piece_bytes: int = 4 << 20
+    piece_bytes: int = option(4 << 20, ge=1)
     """Files above this size are tokenized by several Ray tasks, cut at line boundaries (ids unchanged)."""
     overwrite: bool = False
     """Replace an existing cache built with other settings instead of refusing."""
-
-    def check(self) -> None:
-        for name in ("seq_len", "blocks_per_shard", "piece_bytes"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def settings(self) -> dict:
         """The settings besides tokenizer, seq_len and inputs that change the cache's content."""
@@ -166,14 +167,6 @@ class _Progress:
                 f"{tokens:,} tokens  {rate:,.0f} tokens/s  ETA {eta:,.0f} s")
         print(f"\r{line}\033[K" if self.tty else line, end="\n" if final or not self.tty else "", file=sys.stderr,
               flush=True)
-
-
-def ensure_ray() -> None:
-    """Start a local Ray unless connected already (RAY_ADDRESS or an earlier ray.init)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
 
 
 def _prepare_split(name: str, files: dict[str, int], cfg: DataConfig, tokenizer, fs, folder: str,
@@ -321,7 +314,6 @@ def prepare_data(cfg: DataConfig, *, progress: bool = True) -> dict:
 
     from rugpt_ray.tokenizer import load_tokenizer
 
-    cfg.check()
     splits = {"train": cfg.inputs, **({"valid": cfg.valid} if cfg.valid else {})}
     inputs = resolve_splits(splits)
     both = sorted(set(inputs["train"]) & set(inputs.get("valid", {})))
@@ -332,7 +324,7 @@ def prepare_data(cfg: DataConfig, *, progress: bool = True) -> dict:
     if existing is not None:
         return {**existing, "out": cfg.out, "reused": True}
 
-    ensure_ray()
+    start_ray(log_to_driver=False)
     fs, root = filesystem(cfg.out)
     root = root.rstrip("/")
     tmp = f"{root}.tmp-{uuid.uuid4().hex[:8]}"
@@ -387,32 +379,9 @@ def format_summary(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def _prepare_data_command(args: argparse.Namespace) -> int:
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    """`rugpt-ray prepare-data`: the flags are DataConfig's fields."""
     names = {f.name for f in dataclasses.fields(DataConfig)}
-    cfg = DataConfig(**{k: v for k, v in vars(args).items() if k in names})
+    cfg = DataConfig.from_dict({k: v for k, v in vars(args).items() if k in names})
     print(format_summary(prepare_data(cfg, progress=True)))
     return 0
-
-
-def add_prepare_data_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `prepare-data` on an argparse subparsers object; `args.func(args)` returns the exit code."""
-    d = DataConfig.__dataclass_fields__
-    p = subparsers.add_parser(
-        "prepare-data", help="tokenize and pack text into a Parquet cache for training",
-        description="Tokenize txt files with Ray Data and pack them into blocks of seq_len + 1 tokens (EOS between "
-                    "documents) stored as Parquet shards plus meta.json. Training reads the cache.")
-    p.add_argument("--inputs", nargs="+", required=True, metavar="PATH",
-                   help="file.list, folder, glob, .txt file or URI (s3://, gs://, file://); several allowed")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder (vocab.json + merges.txt) or hub id")
-    p.add_argument("--seq-len", dest="seq_len", type=int, required=True, help="model context length")
-    p.add_argument("--out", required=True, help="cache folder (local or URI)")
-    p.add_argument("--valid", nargs="+", default=[], metavar="PATH", help="validation text, same forms as --inputs")
-    p.add_argument("--paragraphs", action="store_true", help="one document per blank-line-separated paragraph")
-    p.add_argument("--strict-utf8", dest="strict_utf8", action="store_true", help="invalid UTF-8 is an error")
-    p.add_argument("--seed", type=int, default=d["seed"].default, help="seed of file and block order (default 0)")
-    p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep training files in sorted order")
-    p.add_argument("--blocks-per-shard", dest="blocks_per_shard", type=int, default=d["blocks_per_shard"].default,
-                   help="blocks per Parquet file (default 8192)")
-    p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
-    p.set_defaults(func=_prepare_data_command)
-    return p

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from rugpt_ray.data.inputs import filesystem
 from rugpt_ray.errors import UserError
+from rugpt_ray.storage import filesystem
 
 if TYPE_CHECKING:
     from rugpt_ray.tokenizer import RuGPTTokenizer

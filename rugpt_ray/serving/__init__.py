@@ -2,13 +2,12 @@
 
 - `rugpt_ray.serving.app:build_app` — the Serve app builder (the `import_path` of serve_configs/*.yaml);
   its `args` are `ServeConfig`'s fields.
-- `add_serve_command(subparsers)` — the `rugpt-ray serve` subcommand.
+- `rugpt_ray.serving.command:cmd_serve` — the `rugpt-ray serve` quick case (flags registered in `rugpt_ray.cli`).
 - `rugpt_ray.serving.engine.BatchEngine` — continuous batching over one model, usable without Serve.
 
-This package imports Ray and FastAPI only in `app`, so the CLI stays quick to start.
+Importing the package does not import Ray or FastAPI (only `app` and `command` do).
 """
 
-from rugpt_ray.serving.command import add_serve_command
 from rugpt_ray.serving.config import ServeConfig
 
-__all__ = ["ServeConfig", "add_serve_command"]
+__all__ = ["ServeConfig"]

@@ -6,12 +6,15 @@ import glob
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from rugpt_ray.config import DTYPES, close_matches
 from rugpt_ray.errors import UserError
 
+_COMPARISONS = (("greater than or equal to", ">="), ("less than or equal to", "<="), ("greater than", ">"),
+                ("less than", "<"))
 _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
@@ -28,7 +31,7 @@ class ServeConfig(BaseModel):
     """Tokenizer folder (vocab.json + merges.txt) or hub id, shared by every model; `${VAR:-default}` works."""
     device: str = "cpu"
     """Torch device of the models in a replica ("cuda" on GPU replicas)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal[DTYPES] = "float32"
     """Weight dtype of the models."""
     max_new_tokens: int = Field(256, ge=1)
     """Most tokens one request may ask for per sequence (max_new_tokens / max_tokens)."""
@@ -65,6 +68,21 @@ class ServeConfig(BaseModel):
             if not name or not path:
                 raise ValueError(f"model {name!r}: names and paths must be non-empty")
         return models
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "serve config") -> ServeConfig:
+        """Checked like every other config: one line `WHERE: KEY must be ..., got VALUE` (pydantic checks)."""
+        unknown = sorted(set(values) - set(cls.model_fields))
+        if unknown:
+            raise UserError(f"{where}: unknown keys {unknown}{close_matches(unknown, cls.model_fields)}")
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            error = e.errors()[0]
+            rule = error["msg"].replace("Input should be", "must be").replace("Value error, ", "")
+            for words, sign in _COMPARISONS:
+                rule = rule.replace(words, sign)
+            raise UserError(f"{where}: {'.'.join(map(str, error['loc']))} {rule}, got {error['input']!r}") from None
 
     @property
     def default_model(self) -> str:

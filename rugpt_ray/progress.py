@@ -1,0 +1,108 @@
+"""Training progress as the user reads it: one clean line per log interval, or a bar with ETA on a terminal.
+
+Printed by the driver, not by the workers: rank 0 writes metrics.jsonl (locally or behind a URI) and a thread here
+follows the file. Workers' output reaches the driver through Ray's log forwarding, line by line and with a prefix,
+so it can neither be a bar nor be known to go to a terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+from rugpt_ray.storage import read_text
+
+POLL_S = 1.0
+BAR_WIDTH = 24
+
+
+def progress_line(row: dict[str, Any], steps: int, tokens_per_step: int) -> str:
+    """`step 40/120 | loss 6.12 | ppl 455 | lr 0.0029 | 1,948 tokens/s | ETA 1m20s` (+ validation when it ran)."""
+    parts = [f"step {row['step']}/{steps}"]
+    for key in ("loss", "ppl", "lr", "valid_loss", "valid_ppl"):
+        if key in row:
+            parts.append(f"{key} {row[key]:.4g}")
+    rate = row.get("tokens_per_s")
+    if rate:
+        parts.append(f"{rate:,.0f} tokens/s")
+        parts.append(f"ETA {format_seconds((steps - row['step']) * tokens_per_step / rate)}")
+    return " | ".join(parts)
+
+
+def format_seconds(seconds: float) -> str:
+    """`45s`, `3m05s`, `2h07m`."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class ProgressPrinter:
+    """Prints the rows of a metrics.jsonl not printed yet: lines, or on a terminal one bar redrawn in place (with a
+    line kept for each evaluation)."""
+
+    def __init__(self, metrics_file: str, steps: int, tokens_per_step: int, out: TextIO | None = None):
+        self.metrics_file, self.steps, self.tokens_per_step = metrics_file, steps, tokens_per_step
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty()
+        self.last_step = -1
+        self.bar_shown = False
+
+    def poll(self) -> None:
+        text = read_text(self.metrics_file) or ""
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row["step"] > self.last_step:
+                self.last_step = row["step"]
+                self._show(row)
+
+    def close(self) -> None:
+        self.poll()
+        if self.bar_shown:
+            print(file=self.out, flush=True)
+            self.bar_shown = False
+
+    def _show(self, row: dict[str, Any]) -> None:
+        line = progress_line(row, self.steps, self.tokens_per_step)
+        if not self.tty:
+            print(line, file=self.out, flush=True)
+            return
+        if "valid_loss" in row:
+            print(f"\r{line}\033[K", file=self.out, flush=True)
+        done = min(BAR_WIDTH, BAR_WIDTH * row["step"] // max(self.steps, 1))
+        bar = "#" * done + "." * (BAR_WIDTH - done)
+        print(f"\r[{bar}] {line}\033[K", end="", file=self.out, flush=True)
+        self.bar_shown = True
+
+
+@contextlib.contextmanager
+def follow_progress(metrics_file: str, steps: int, tokens_per_step: int, *, quiet: bool = False) -> Iterator[None]:
+    """Print the run's progress while the body runs (a training fit), and the rows that came last after it."""
+    if quiet:
+        yield
+        return
+    printer = ProgressPrinter(metrics_file, steps, tokens_per_step)
+    printer.last_step = max((json.loads(line)["step"] for line in (read_text(metrics_file) or "").splitlines()
+                             if line.strip()), default=-1)  # a resumed run: its earlier rows were printed then
+    stop = threading.Event()
+
+    def follow() -> None:
+        while not stop.wait(POLL_S):
+            printer.poll()
+
+    thread = threading.Thread(target=follow, name="rugpt-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        printer.close()
