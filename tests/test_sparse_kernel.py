@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from rugpt_ray.attention import layout_token_mask
-from rugpt_ray.sparsity import XL_SPARSE_ATTENTION, make_layout
+from rugpt_ray.sparse_config import XL_SPARSE_ATTENTION
+from rugpt_ray.sparsity import make_layout
 
 pytest.importorskip("triton")
 

@@ -1,0 +1,59 @@
+"""PNG plots of a run and of a sweep: written whole, one panel per metric family, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from rugpt_ray.config import TrainConfig
+from rugpt_ray.errors import UserError
+from rugpt_ray.plotting import plot_run, plot_sweep, read_metrics
+from rugpt_ray.tuning.plan import SweepConfig, SweepPlan
+
+
+def write_run(run_dir: Path, steps: list[int], valid_every: int = 20) -> None:
+    run_dir.mkdir(parents=True)
+    rows = [{"step": s, "loss": 8.0 / s, "ppl": 3000.0 / s, "lr": 1e-3,
+             **({"valid_loss": 9.0 / s, "valid_ppl": 4000.0 / s} if s % valid_every == 0 else {})} for s in steps]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_plot_run_writes_one_png_with_three_panels(tmp_path):
+    write_run(tmp_path / "run", [10, 20, 30, 40])
+    out = plot_run(tmp_path / "run")
+    assert out == tmp_path / "run" / "metrics.png"
+    height, width, _ = matplotlib.image.imread(out).shape
+    assert (width, height) == (1500, 360)  # 3 panels of 5 x 3.6 inches at 100 dpi
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "metrics.png"]  # no temp file
+    assert plot_run(tmp_path / "run", tmp_path / "elsewhere.png") == tmp_path / "elsewhere.png"
+
+
+def test_read_metrics_says_what_is_missing(tmp_path):
+    with pytest.raises(UserError, match="no metrics.jsonl .is it a training run folder"):
+        read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="no metrics logged yet"):
+        read_metrics(tmp_path)
+    write_run(tmp_path / "run", [5, 10])
+    assert [r["step"] for r in read_metrics(f"file://{tmp_path}/run")] == [5, 10]  # behind a URI too
+
+
+def test_plot_sweep_draws_every_trial_and_the_best(tmp_path):
+    spec = SweepConfig(name="demo", space={"lr": {"loguniform": [1e-4, 1e-2]}, "weight_decay": {"choice": [0.0]}})
+    plan = SweepPlan(spec, TrainConfig(), {"lr": ("loguniform", [1e-4, 1e-2]), "weight_decay": ("choice", [0.0])},
+                     steps=40, folder=str(tmp_path))
+    rows = []
+    for i, (lr, steps) in enumerate([(1e-3, [10, 20, 30, 40]), (3e-3, [10, 20]), (5e-4, [])]):
+        trial = f"t{i}"
+        if steps:
+            write_run(tmp_path / "runs" / trial, steps)
+        best = min((9.0 / s for s in steps if s % 20 == 0), default=None)
+        rows.append({"trial": trial, "lr": lr, "weight_decay": 0.0, "steps": steps[-1] if steps else 0,
+                     "best_valid_loss": best, "status": "finished" if len(steps) == 4 else "stopped early"})
+    out = plot_sweep(plan, rows, best=rows[0])
+    assert out == f"{tmp_path}/trials.png"
+    height, width, _ = matplotlib.image.imread(out).shape
+    assert (width, height) == (1200, 450)
