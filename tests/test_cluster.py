@@ -32,14 +32,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cluster_env() -> dict[str, str]:
-    """What a user's shell has after `make setup`: the venv first on PATH (the job's `python`), no auth token."""
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+@pytest.fixture(scope="module")
+def cluster_env() -> Iterator[dict[str, str]]:
+    """What a user's shell has after `make setup`: the venv first on PATH (the job's `python`), no auth token.
+    `ray start` and cluster_utils write their cluster's address to RAY_TMPDIR/ray/ray_current_cluster: here to a
+    folder of their own, so no dead cluster's pointer is left in the machine's /tmp/ray."""
+    pointers = Path(tempfile.mkdtemp(prefix="rugpt-ray-"))
+    (pointers / "ray").mkdir()
+    yield {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(pointers),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    shutil.rmtree(pointers, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def ray_start_head() -> Iterator[str]:
+def ray_start_head(env: dict[str, str]) -> Iterator[str]:
     """`ray start --head` on 127.0.0.1 with ports of its own; yields the Jobs API address. Stops only the processes
     of this cluster (those naming its temp dir), never another Ray on the machine as `ray stop` would."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rugpt-ray-"))  # short: Ray's socket paths must fit in 107 bytes
@@ -49,7 +55,7 @@ def ray_start_head() -> Iterator[str]:
                "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
                "--temp-dir", str(temp_dir), "--disable-usage-stats"]
     try:
-        started = subprocess.run(command, env=cluster_env(), capture_output=True, text=True, timeout=120)
+        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         yield f"http://127.0.0.1:{dashboard}"
     finally:
@@ -70,18 +76,18 @@ def stop_processes_under(temp_dir: Path) -> None:
             process.kill()
 
 
-def submit(address: str, *entrypoint: str) -> subprocess.CompletedProcess:
+def submit(address: str, env: dict[str, str], *entrypoint: str) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir . -- python ...` from the repository root, waiting for the job to end."""
     return subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python",
-                           *entrypoint], cwd=REPO, env=cluster_env(), capture_output=True, text=True, timeout=600)
+                           *entrypoint], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_ray_job_submit_trains_then_evaluates(tmp_path, data_dir, tokenizer):
+def test_ray_job_submit_trains_then_evaluates(tmp_path, data_dir, tokenizer, cluster_env):
     train_file = data_dir / "corpus" / "train" / "gogol_nos.txt"
     valid_file = data_dir / "corpus" / "valid" / "chekhov_dama_s_sobachkoy.txt"
     storage = tmp_path / "runs"
-    with ray_start_head() as address:
-        trained = submit(address, "jobs/train.py", "--config", "jobs/configs/tiny-cpu.yaml", "name=job",
+    with ray_start_head(cluster_env) as address:
+        trained = submit(address, cluster_env, "jobs/train.py", "--config", "jobs/configs/tiny-cpu.yaml", "name=job",
                          f"storage_path={storage}", f"train_data={train_file}", f"valid_data={valid_file}",
                          "max_steps=10", "log_interval=5", "eval_interval=10", "save_interval=10", "eval_iters=2")
         assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
@@ -89,11 +95,15 @@ def test_ray_job_submit_trains_then_evaluates(tmp_path, data_dir, tokenizer):
         cli_line = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|SUCC|WARNING|ERROR) cli\.py")  # `ray job submit`'s own
         job_lines = [line for line in trained.stdout.splitlines() if line.strip() and not cli_line.match(line)]
         assert job_lines[-1] == str(storage / "job"), job_lines[-5:]  # the job's last line: its run folder
+        progress = [line for line in job_lines if re.match(r"step \d+/10 \| loss ", line)]
+        assert [line.split(" | ")[0] for line in progress] == ["step 5/10", "step 10/10"], job_lines
+        assert "ETA" in progress[0] and "valid_loss" in progress[1]  # one clean line per log interval
+        assert not [line for line in job_lines if "TrainingReport(" in line or "Reporting training result" in line]
         state = json.loads((storage / "job" / "step_0000010" / "train_state.json").read_text())
         assert state["step"] == 10 and state["metrics"]["valid_loss"] > 0
 
-        evaluated = submit(address, "jobs/evaluate.py", "--model", str(storage / "job"), "--data", str(valid_file),
-                           "--seq-len", "128")
+        evaluated = submit(address, cluster_env, "jobs/evaluate.py", "--model", str(storage / "job"),
+                           "--data", str(valid_file), "--seq-len", "128")
         assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     reported = float(re.search(r"perplexity ([\d.]+)", evaluated.stdout).group(1))
     model = load_model(storage / "job" / "step_0000010" / "model")
@@ -101,11 +111,11 @@ def test_ray_job_submit_trains_then_evaluates(tmp_path, data_dir, tokenizer):
     assert reported == pytest.approx(perplexity(model, tokens, 128, 4).ppl, rel=1e-3)  # the job's checkpoint
 
 
-def test_losing_a_node_training_resumes_and_serving_recovers(tmp_path):
+def test_losing_a_node_training_resumes_and_serving_recovers(tmp_path, cluster_env):
     """Both scenarios in one child process with its own 3-node cluster (see cluster_scenarios.py)."""
     out = tmp_path / "result.json"
     run = subprocess.run([sys.executable, str(REPO / "tests" / "cluster_scenarios.py"), str(tmp_path), str(out)],
-                         cwd=REPO, env=cluster_env(), capture_output=True, text=True, timeout=900)
+                         cwd=REPO, env=cluster_env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and out.is_file(), run.stdout[-4000:] + run.stderr[-4000:]
     result = json.loads(out.read_text())
     # every log_interval (5) logged once up to the end: no gap, no restart from 0, no step twice
