@@ -34,7 +34,16 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-__all__ = ["BlockIndex", "block_sparse_attention", "build_block_index", "compile_for_cuda"]
+__all__ = [
+    "HAS_TRITON",
+    "BlockIndex",
+    "block_sparse_attention",
+    "build_block_index",
+    "compile_for_cuda",
+    "supports_block",
+]
+
+HAS_TRITON = triton is not None
 
 _LOG2E = 1.4426950408889634
 
@@ -46,7 +55,7 @@ _LOG2E = 1.4426950408889634
 # Our one device function, `_gather_scores`, is @jit too; `_kernels` hands the interpreter an interpreted copy.
 def _device_function(fn):
     """`triton.jit` where Triton is installed (the module stays importable without it)."""
-    return fn if triton is None else triton.jit(fn)
+    return triton.jit(fn) if HAS_TRITON else fn
 
 
 # fmt: off
@@ -225,7 +234,7 @@ _KERNELS: dict[bool, tuple] = {}
 
 def _kernels(interpret: bool) -> tuple:
     """(fwd, dq, dkdv) compiled for the GPU, or wrapped for Triton's interpreter (CPU tensors)."""
-    if triton is None:
+    if not HAS_TRITON:
         raise RuntimeError("block_sparse_attention needs Triton (pip install triton)")
     if interpret not in _KERNELS:
         if interpret:
@@ -452,6 +461,11 @@ def compile_for_cuda(
     return out
 
 
+def supports_block(block: int) -> bool:
+    """Whether the kernels take layout blocks of `block` tokens (a power of two >= 16: the smallest tl.dot tile)."""
+    return block >= 16 and not block & (block - 1)
+
+
 def block_sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -477,7 +491,7 @@ def block_sparse_attention(
         raise ValueError(f"q, k, v must share a float16/bfloat16/float32 dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError("q, k, v must be on one device")
-    if block < 16 or block & (block - 1):
+    if not supports_block(block):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
     if layout.shape[0] != q.shape[1]:
         raise ValueError(f"layout has {layout.shape[0]} heads, q has {q.shape[1]}")
