@@ -51,11 +51,11 @@ def assert_same(got: tuple, want: tuple) -> None:
 
 
 @pytest.mark.parametrize("sparse_mode", ["alternating", "all"])
-@pytest.mark.parametrize("seq_len", [96, 77])  # 77: not a multiple of the 16-token block nor of the kernel's tiles
+@pytest.mark.parametrize("seq_len", [80, 71])  # 71: not a multiple of the 16-token block nor of the 32-token tile
 def test_triton_kernel_model_equals_reference(sparse_mode, seq_len):
     """Logits and every parameter's gradient of a sparse model through the kernel equal the reference path."""
     model = toy(sparse_mode)
-    ids = torch.randint(0, VOCAB, (2, seq_len), generator=torch.Generator().manual_seed(seq_len))
+    ids = torch.randint(0, VOCAB, (1, seq_len), generator=torch.Generator().manual_seed(seq_len))
     want = logits_and_grads(model, ids, "reference")
     sparse_kernel._INDEX_CACHE.clear()
     got = logits_and_grads(model, ids, "triton")
