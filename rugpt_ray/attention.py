@@ -1,11 +1,13 @@
-"""Attention masks and kernels for dense and block-sparse layers.
+"""Attention masks and kernels for dense and block-sparse layers, and which one each layer uses.
 
 A sparse layer lets query position i see key position j when `layout[h, i // block, j // block]` is set and
 j <= i (the seed passed its causal mask to DeepSpeed's sparse softmax). Every path here computes exactly that:
-- reference: SDPA with a boolean mask expanded from the layout (CPU training uses it: FlexAttention has no
-  CPU backward);
-- fast: FlexAttention with a block mask built from the same rule (GPU; forward-only on CPU);
+- reference: SDPA with a boolean mask (the layout expanded for sparse layers, the causal mask for dense ones):
+  the oracle, and what sparse layers use on CPU;
+- kernel: the Triton block-sparse kernel (`rugpt_ray.sparse_kernel`, forward and backward; CUDA's default);
+- flex: FlexAttention with a block mask built from the same rule (forward-only on CPU);
 - decode: the same rule evaluated at the cached keys' true positions, so a KV cache equals a full recompute.
+Dense layers of an unpadded pass use SDPA's causal kernel (no mask tensor; flash or memory-efficient on CUDA).
 Positions are true token positions (left padding does not shift them), so the layout stays aligned.
 """
 
@@ -14,6 +16,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from rugpt_ray.sparse_kernel import HAS_TRITON, supports_block
+
+ATTN_IMPLS = ("auto", "reference", "sdpa", "triton", "flex")
+"""`attn_impl` values, for unpadded passes without a KV cache (padded or cached ones always take boolean masks):
+reference = SDPA + boolean mask in every layer; sdpa = causal SDPA in dense layers, SDPA + layout mask in sparse
+ones; triton / flex = causal SDPA in dense layers, the Triton kernel / FlexAttention in sparse ones;
+auto = triton on CUDA (when Triton is there and takes the layout's block), sdpa elsewhere."""
+
+_CAUSAL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
+def resolve_attn_impl(impl: str, device: torch.device, block: int | None) -> str:
+    """The concrete implementation `impl` (one of ATTN_IMPLS) means on `device`, sparse blocks of `block` tokens."""
+    if impl != "auto":
+        return impl
+    kernel_ok = HAS_TRITON and (block is None or supports_block(block))
+    return "triton" if device.type == "cuda" and kernel_ok else "sdpa"
 
 
 def layout_token_mask(layout: Tensor, q_pos: Tensor, k_pos: Tensor, block: int) -> Tensor:
@@ -68,7 +89,14 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:
-    """SDPA with a boolean mask, or the causal kernel when no mask is needed."""
-    if mask is None:
+    """SDPA with a boolean mask, or the causal kernel when no mask is needed.
+
+    On CUDA the causal call may only use flash or memory-efficient attention: a silent fall-back to the math
+    backend would materialise the (S, S) scores that the mask-free call exists to avoid.
+    """
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    with sdpa_kernel(_CAUSAL_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)

@@ -15,12 +15,19 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-from rugpt_ray.attention import flex_attention, flex_block_mask, layout_token_mask, padded_causal_mask, sdpa
+from rugpt_ray.attention import (
+    ATTN_IMPLS,
+    flex_attention,
+    flex_block_mask,
+    layout_token_mask,
+    padded_causal_mask,
+    resolve_attn_impl,
+    sdpa,
+)
 from rugpt_ray.config import ModelConfig
 from rugpt_ray.errors import UserError
+from rugpt_ray.sparse_kernel import HAS_TRITON, block_sparse_attention
 from rugpt_ray.sparsity import make_layout
-
-ATTENTION_IMPLS = ("auto", "reference", "flex")
 
 
 @dataclass
@@ -57,11 +64,13 @@ class KVCache:
 
 @dataclass
 class AttentionMasks:
-    """Masks for one forward pass, built once and shared by all layers of a kind."""
+    """How each kind of layer attends in one forward pass: built once and shared by all layers of a kind."""
 
-    dense: Tensor | None  # None: plain causal kernel
-    sparse: Tensor | None = None
-    flex: object | None = None  # a FlexAttention BlockMask for sparse layers
+    dense: Tensor | None  # boolean mask for SDPA; None: SDPA's causal kernel
+    sparse: Tensor | None = None  # boolean mask for SDPA
+    flex: object | None = None  # a FlexAttention BlockMask
+    layout: Tensor | None = None  # the master layout, for the Triton kernel (it slices and indexes it itself)
+    block: int = 0  # the layout's block size, with `layout`
 
 
 class SelfAttention(nn.Module):
@@ -83,10 +92,14 @@ class SelfAttention(nn.Module):
             cache.v[layer][:, :, cache.length:end] = v
             k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
         dropout_p = self.attn_pdrop if self.training else 0.0
-        if self.sparse and masks.flex is not None:
+        if not self.sparse:
+            y = sdpa(q, k, v, masks.dense, dropout_p)
+        elif masks.layout is not None:
+            y = block_sparse_attention(q, k, v, masks.layout, masks.block)
+        elif masks.flex is not None:
             y = flex_attention(q, k, v, masks.flex)
         else:
-            y = sdpa(q, k, v, masks.sparse if self.sparse else masks.dense, dropout_p)
+            y = sdpa(q, k, v, masks.sparse, dropout_p)
         y = y.transpose(1, 2).reshape(b, s, h)
         return self.resid_dropout(self.c_proj(y))
 
@@ -116,13 +129,18 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """ruGPT3 Small/Medium/Large/XL and ruGPT2Large; `sparse_layout` is the master layout at n_positions."""
+    """ruGPT3 Small/Medium/Large/XL and ruGPT2Large; `sparse_layout` is the master layout at n_positions.
+
+    `attn_impl` (constructor keyword, and a runtime attribute like `activation_checkpointing`) picks the attention
+    of unpadded passes without a KV cache, one of `rugpt_ray.attention.ATTN_IMPLS`: "auto" (default) runs sparse
+    layers through the Triton kernel on CUDA and SDPA + layout mask elsewhere, dense layers through SDPA's causal
+    kernel; "reference", "sdpa", "triton" and "flex" force one. Padded or cached passes always use boolean masks.
+    """
 
     def __init__(self, cfg: ModelConfig, attn_impl: str = "auto"):
         super().__init__()
-        if attn_impl not in ATTENTION_IMPLS:
-            raise UserError(f"attention implementation {attn_impl!r} is not one of {ATTENTION_IMPLS}")
-        self.config, self.attn_impl = cfg, attn_impl
+        self.config = cfg
+        self.attn_impl = attn_impl
         self.activation_checkpointing = False  # recompute each block in backward (training only)
         self.transformer = nn.ModuleDict(
             dict(
@@ -156,23 +174,43 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @property
+    def attn_impl(self) -> str:
+        return self._attn_impl
+
+    @attn_impl.setter
+    def attn_impl(self, value: str) -> None:
+        if value not in ATTN_IMPLS:
+            raise UserError(f"attention implementation {value!r} is not one of {ATTN_IMPLS}")
+        if value == "triton" and not HAS_TRITON:
+            raise UserError("attn_impl 'triton' needs Triton (pip install triton)")
+        self._attn_impl = value
+
     def _apply(self, fn, recurse=True):
         self._mask_cache.clear()  # masks live on the old device
         return super()._apply(fn, recurse)
 
-    def _use_flex(self, device: torch.device) -> bool:
-        return self.attn_impl == "flex" or (self.attn_impl == "auto" and device.type == "cuda" and not self.training)
+    def attention_impl(self, device: torch.device) -> str:
+        """What `attn_impl` resolves to for an unpadded pass on `device` (never "auto")."""
+        block = self.config.sparse_attention["block"] if self.sparse_layout is not None else None
+        return resolve_attn_impl(self.attn_impl, device, block)
 
     def _unpadded_masks(self, seq_len: int, device: torch.device) -> AttentionMasks:
-        key = (seq_len, device, self._use_flex(device))
+        impl = self.attention_impl(device)
+        key = (seq_len, device, impl)
         if key not in self._mask_cache:
+            pos = torch.arange(seq_len, device=device).unsqueeze(0)
             masks = AttentionMasks(dense=None)
+            if impl == "reference":
+                every = torch.ones_like(pos, dtype=torch.bool)
+                masks.dense = padded_causal_mask(pos, pos, every, every)
             if self.sparse_layout is not None:
                 block = self.config.sparse_attention["block"]
-                if self._use_flex(device):
+                if impl == "triton":
+                    masks.layout, masks.block = self.sparse_layout, block
+                elif impl == "flex":
                     masks.flex = flex_block_mask(self.sparse_layout, seq_len, block)
                 else:
-                    pos = torch.arange(seq_len, device=device).unsqueeze(0)
                     masks.sparse = layout_token_mask(self.sparse_layout, pos, pos, block)
             self._mask_cache = {key: masks}  # one length at a time: XL masks are 64 MB at 2048
         return self._mask_cache[key]

@@ -20,6 +20,7 @@ CPU tensors run the same kernels in Triton's interpreter (slow: correctness chec
 from __future__ import annotations
 
 import math
+import types
 import weakref
 from dataclasses import dataclass
 
@@ -33,7 +34,16 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-__all__ = ["BlockIndex", "block_sparse_attention", "build_block_index", "compile_for_cuda"]
+__all__ = [
+    "HAS_TRITON",
+    "BlockIndex",
+    "block_sparse_attention",
+    "build_block_index",
+    "compile_for_cuda",
+    "supports_block",
+]
+
+HAS_TRITON = triton is not None
 
 _LOG2E = 1.4426950408889634
 
@@ -42,7 +52,37 @@ _LOG2E = 1.4426950408889634
 # interpreter on CPU tensors, so no TRITON_INTERPRET has to be set before this module is imported. They call only
 # Triton builtins (tl.full, tl.reduce with the standard combine functions, not tl.zeros/tl.max/tl.sum): those
 # library helpers are @jit functions that the interpreter can only run when TRITON_INTERPRET=1 was set at import.
+# Our one device function, `_gather_scores`, is @jit too; `_kernels` hands the interpreter an interpreted copy.
+def _device_function(fn):
+    """`triton.jit` where Triton is installed (the module stays importable without it)."""
+    return triton.jit(fn) if HAS_TRITON else fn
+
+
 # fmt: off
+@_device_function
+def _gather_scores(
+    q, K, V, idx_base, bits_base, it, cnt, offs_m, offs_d, d_valid, qb_local, sks, skd, svs, svd, S, qk_scale,
+    BLOCK: tl.constexpr, KB: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+):
+    # Step `it` of a query tile's key-block list (shared by the forward and dQ kernels): gather the next KB listed
+    # layout blocks of K and V (K, V: this (batch, head)'s base pointers) and the tile's scaled scores, -inf where
+    # the row's query block lacks the layout bit, where causality forbids, and past the list or the sequence.
+    offs_j = tl.arange(0, KB * BLOCK)
+    slot = it * KB + offs_j // BLOCK
+    s_valid = slot < cnt
+    kb = tl.load(idx_base + slot, mask=s_valid, other=0)
+    bits = tl.load(bits_base + slot, mask=s_valid, other=0)
+    offs_k = kb * BLOCK + offs_j % BLOCK
+    k_valid = s_valid & (offs_k < S)
+    kv_mask = k_valid[:, None] & d_valid[None, :]
+    k = tl.load(K + offs_k[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0).to(DOT)
+    v = tl.load(V + offs_k[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0).to(DOT)
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    allowed = ((bits[None, :] >> qb_local[:, None]) & 1) != 0
+    mask = allowed & (offs_k[None, :] <= offs_m[:, None]) & k_valid[None, :]
+    return k, v, tl.where(mask, qk, float("-inf"))
+
+
 def _fwd_kernel(
     Q, K, V, Out, LSE, KV_IDX, KV_BITS, KV_CNT,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
@@ -55,7 +95,6 @@ def _fwd_kernel(
     b = bh // H
     h = bh % H
     offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_j = tl.arange(0, KB * BLOCK)  # KB listed key blocks per step, gathered
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < S
     d_valid = offs_d < D
@@ -71,22 +110,11 @@ def _fwd_kernel(
     cnt = tl.load(KV_CNT + h * NT + t)
     idx_base = KV_IDX + (h * NT + t) * MAXCNT
     bits_base = KV_BITS + (h * NT + t) * MAXCNT
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
     for it in range(0, (cnt + KB - 1) // KB):
-        slot = it * KB + offs_j // BLOCK
-        s_valid = slot < cnt
-        kb = tl.load(idx_base + slot, mask=s_valid, other=0)
-        bits = tl.load(bits_base + slot, mask=s_valid, other=0)
-        offs_k = kb * BLOCK + offs_j % BLOCK
-        k_valid = s_valid & (offs_k < S)
-        kv_mask = k_valid[:, None] & d_valid[None, :]
-        k_ptrs = K + b * skb + h * skh + offs_k[:, None] * sks + offs_d[None, :] * skd
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(DOT)
-        v_ptrs = V + b * svb + h * svh + offs_k[:, None] * svs + offs_d[None, :] * svd
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(DOT)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        allowed = ((bits[None, :] >> qb_local[:, None]) & 1) != 0
-        mask = allowed & (offs_k[None, :] <= offs_m[:, None]) & k_valid[None, :]
-        qk = tl.where(mask, qk, float("-inf"))
+        k, v, qk = _gather_scores(q, k_base, v_base, idx_base, bits_base, it, cnt, offs_m, offs_d, d_valid, qb_local,
+                                  sks, skd, svs, svd, S, qk_scale, BLOCK, KB, PREC, DOT)
         m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(qk - m_safe[:, None])
@@ -118,7 +146,6 @@ def _bwd_dq_kernel(
     b = bh // H
     h = bh % H
     offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_j = tl.arange(0, KB * BLOCK)  # KB listed key blocks per step, gathered
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < S
     d_valid = offs_d < D
@@ -134,22 +161,12 @@ def _bwd_dq_kernel(
     cnt = tl.load(KV_CNT + h * NT + t)
     idx_base = KV_IDX + (h * NT + t) * MAXCNT
     bits_base = KV_BITS + (h * NT + t) * MAXCNT
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
     for it in range(0, (cnt + KB - 1) // KB):
-        slot = it * KB + offs_j // BLOCK
-        s_valid = slot < cnt
-        kb = tl.load(idx_base + slot, mask=s_valid, other=0)
-        bits = tl.load(bits_base + slot, mask=s_valid, other=0)
-        offs_k = kb * BLOCK + offs_j % BLOCK
-        k_valid = s_valid & (offs_k < S)
-        kv_mask = k_valid[:, None] & d_valid[None, :]
-        k_ptrs = K + b * skb + h * skh + offs_k[:, None] * sks + offs_d[None, :] * skd
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(DOT)
-        v_ptrs = V + b * svb + h * svh + offs_k[:, None] * svs + offs_d[None, :] * svd
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(DOT)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        allowed = ((bits[None, :] >> qb_local[:, None]) & 1) != 0
-        mask = allowed & (offs_k[None, :] <= offs_m[:, None]) & k_valid[None, :]
-        p = tl.exp2(tl.where(mask, qk, float("-inf")) - lse[:, None])
+        k, v, qk = _gather_scores(q, k_base, v_base, idx_base, bits_base, it, cnt, offs_m, offs_d, d_valid, qb_local,
+                                  sks, skd, svs, svd, S, qk_scale, BLOCK, KB, PREC, DOT)
+        p = tl.exp2(qk - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(DOT), k, input_precision=PREC)
@@ -217,13 +234,18 @@ _KERNELS: dict[bool, tuple] = {}
 
 def _kernels(interpret: bool) -> tuple:
     """(fwd, dq, dkdv) compiled for the GPU, or wrapped for Triton's interpreter (CPU tensors)."""
-    if triton is None:
+    if not HAS_TRITON:
         raise RuntimeError("block_sparse_attention needs Triton (pip install triton)")
     if interpret not in _KERNELS:
         if interpret:
             from triton.runtime.interpreter import InterpretedFunction
 
-            wrap = InterpretedFunction
+            # The interpreter resolves a kernel's device functions by name in the kernel's globals: give the
+            # interpreted kernels a copy of this module's globals where `_gather_scores` is interpreted too.
+            scope = dict(globals(), _gather_scores=InterpretedFunction(_gather_scores.fn))
+
+            def wrap(fn):
+                return InterpretedFunction(types.FunctionType(fn.__code__, scope, fn.__name__))
         else:
             wrap = triton.jit
         _KERNELS[interpret] = tuple(wrap(fn) for fn in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel))
@@ -439,6 +461,11 @@ def compile_for_cuda(
     return out
 
 
+def supports_block(block: int) -> bool:
+    """Whether the kernels take layout blocks of `block` tokens (a power of two >= 16: the smallest tl.dot tile)."""
+    return block >= 16 and not block & (block - 1)
+
+
 def block_sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -464,7 +491,7 @@ def block_sparse_attention(
         raise ValueError(f"q, k, v must share a float16/bfloat16/float32 dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError("q, k, v must be on one device")
-    if block < 16 or block & (block - 1):
+    if not supports_block(block):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
     if layout.shape[0] != q.shape[1]:
         raise ValueError(f"layout has {layout.shape[0]} heads, q has {q.shape[1]}")

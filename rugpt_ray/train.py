@@ -90,7 +90,7 @@ def _build_model(cfg: TrainConfig, model_values: dict[str, Any] | None):
     return GPT(ModelConfig.from_dict(model_values)).train()
 
 
-def _flops_per_token(model_cfg: ModelConfig, params: int, seq_len: int) -> float:
+def flops_per_token(model_cfg: ModelConfig, params: int, seq_len: int) -> float:
     return 6 * params + 12 * model_cfg.n_layer * model_cfg.n_embd * seq_len
 
 
@@ -111,11 +111,20 @@ def _all_reduce_mean(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def _masked_targets(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+def masked_targets(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Labels for tokens[:, :-1]; padding rows (all pad) predict nothing."""
     targets = tokens[:, 1:].clone()
     targets[targets == pad_id] = -100
     return targets
+
+
+def micro_step(engine, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """One micro-batch's forward, backward and (at the accumulation boundary) optimizer step: what every worker
+    runs, and what benchmarks/gpu_suite.py times."""
+    _, loss = engine(tokens[:, :-1], targets=masked_targets(tokens, pad_id))
+    engine.backward(loss)
+    engine.step()
+    return loss
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -137,7 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps, pad_id, run_dir = config["steps"], config["pad_id"], config["run_dir"]
     model = _build_model(cfg, config["model"])
     model.activation_checkpointing = cfg.activation_checkpointing
-    optimizer = _optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, steps) / cfg.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=config["deepspeed"], dist_init_required=False)
@@ -157,16 +166,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     valid_batches = _valid_batches(cfg)
     batches = _train_batches(train_shard, cfg, state)
     model_cfg = engine.module.config
-    flops = _flops_per_token(model_cfg, engine.module.num_params(), cfg.seq_len)
+    flops = flops_per_token(model_cfg, engine.module.num_params(), cfg.seq_len)
     peak = _peak_flops()
     window_loss, window_tokens, started = [], 0, time.perf_counter()
     while state.step < steps:
         engine.train()
         for _ in range(cfg.grad_accum):
             tokens = next(batches).to(device)
-            _, loss = engine(tokens[:, :-1], targets=_masked_targets(tokens, pad_id))
-            engine.backward(loss)
-            engine.step()
+            loss = micro_step(engine, tokens, pad_id)
             window_loss.append(loss.item())
             window_tokens += tokens[:, :-1].numel()
         state.step += 1
@@ -195,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.write(metrics)
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.offload_optimizer:
@@ -247,7 +254,7 @@ def _evaluate(engine, batches: list[torch.Tensor], pad_id: int) -> dict[str, flo
     for tokens in batches:
         tokens = tokens.to(engine.device)
         logits, _ = engine(tokens[:, :-1])
-        targets = _masked_targets(tokens, pad_id)
+        targets = masked_targets(tokens, pad_id)
         total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                                  reduction="sum").item()
         count += int((targets != -100).sum())
