@@ -17,9 +17,11 @@ PROBE_TIMEOUT_S = 3.0
 """How long a local `ray start` head may take to accept a connection before it counts as gone."""
 
 
-def start_ray(*, log_to_driver: bool = True, private: bool = False) -> None:
+def start_ray(*, log_to_driver: bool = True, private: bool = False, dashboard: bool = True) -> None:
     """Connect to RAY_ADDRESS's cluster if it is set, else to a live local `ray start` head, else start a Ray of
     our own on 127.0.0.1 (not on every interface). `private`: always our own (the `serve` quick case).
+    `dashboard`: a Ray of our own serves the State API, which Ray Train's placement-group cleaner polls (without
+    it, it logs a failure every few seconds); data preparation and serving need none.
     Does nothing when this process is connected already."""
     import ray
 
@@ -32,7 +34,7 @@ def start_ray(*, log_to_driver: bool = True, private: bool = False) -> None:
     if head:
         ray.init(address=head, log_to_driver=log_to_driver)
     else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=None if dashboard else False,
                  log_to_driver=log_to_driver)
 
 

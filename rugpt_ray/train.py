@@ -11,6 +11,7 @@ optimizer, schedule, RNG and data position restored.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -129,7 +130,6 @@ def micro_step(engine, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs in each Ray Train worker."""
-    import logging
     import warnings
 
     import deepspeed
@@ -367,6 +367,8 @@ def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None) -> TrainR
     run_dir = run_folder(cfg)
 
     start_ray()
+    if cfg.log_level != "debug":  # Ray Data's INFO lines ("Dataset ... execution finished") on the driver
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     prepared = prepare_training_data(cfg, run_dir, cfg.tokenizer or default_tokenizer())
     ingest = train_ingest(prepared, cfg.num_workers, seed=cfg.seed)
     if "valid" in ingest.datasets:

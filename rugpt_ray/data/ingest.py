@@ -119,7 +119,7 @@ def train_ingest(prepared: PreparedData, num_workers: int, *, seed: int | None =
 
     if num_workers < 1:
         raise UserError(f"num_workers must be >= 1, got {num_workers}")
-    start_ray(log_to_driver=False)
+    start_ray(log_to_driver=False, dashboard=False)
     cpus = ray.cluster_resources().get("CPU", 0.0)
     per_worker = math.floor(min(1.0, (cpus - 1) / num_workers) * 100) / 100
     if per_worker <= 0:

@@ -324,7 +324,7 @@ def prepare_data(cfg: DataConfig, *, progress: bool = True) -> dict:
     if existing is not None:
         return {**existing, "out": cfg.out, "reused": True}
 
-    start_ray(log_to_driver=False)
+    start_ray(log_to_driver=False, dashboard=False)
     fs, root = filesystem(cfg.out)
     root = root.rstrip("/")
     tmp = f"{root}.tmp-{uuid.uuid4().hex[:8]}"

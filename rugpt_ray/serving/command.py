@@ -44,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"--api-key-env {cfg.api_key_env}: that environment variable is not set")
     app = build_app(cfg)  # resolves and checks the model paths before Ray starts
     stop = threading.Event()
-    start_ray(private=True, log_to_driver=False)
+    start_ray(private=True, log_to_driver=False, dashboard=False)
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
             signal.signal(sig, lambda *_: stop.set())
