@@ -389,7 +389,7 @@ class Decoder:
                 self._rows[s].length = len(p)
         if not logits:
             return []
-        return self._sample(running + pending, torch.cat(logits))
+        return self._sample(running + pending, logits[0] if len(logits) == 1 else torch.cat(logits))
 
     def _sample(self, slots: list[int], logits: Tensor) -> list[tuple[object, TokenEvent]]:
         rows = [self._rows[s] for s in slots]
