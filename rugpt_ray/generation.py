@@ -7,17 +7,19 @@ leaving copies nothing of the other rows. `stream` runs one decoder over one bat
 (serving/engine.py) keeps one per model and only queues, admits, times out and cancels requests around it.
 
 Sampling follows HF's order (repetition penalty → temperature → top-k → top-p), after OpenAI's logit_bias
-and before its presence/frequency penalties, so greedy output equals HF `generate` for dense models. A
-sampled token is drawn by inverse CDF with one uniform number per row and step from the row's generator: the
-kept probabilities in token-id order are accumulated and the first id whose running sum exceeds
-`u x total` is taken. That draw does not depend on which other rows share the batch, and it is the same
-whether the kept set was found among the top candidates or by the full sort. Ids the tokenizer cannot decode
-(the seed's padding rows 50257–50263) are never produced.
+and before its presence/frequency penalties, so greedy output equals HF `generate` for dense models. Rows
+are batched with per-row settings, and every random number comes from the row's own generator, so a row's
+tokens do not depend on which rows share its batch. A uniform draw u maps to a token by inverse CDF in
+token-id order: the first id whose running sum of kept probability exceeds u x the kept total. A top-k row
+accumulates only its k candidates. A top-p row without top-k never sorts the vocabulary: it draws from the
+whole tempered distribution and keeps the token when the tokens likelier than it hold less than top_p,
+else draws again (rejection: exactly the top-p distribution, at most 1 / top_p draws on average). Ids the
+tokenizer cannot decode (the seed's padding rows 50257–50263) are never produced.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -26,9 +28,6 @@ from torch import Tensor
 from rugpt_ray.errors import UserError
 from rugpt_ray.model import GPT, KVCache
 from rugpt_ray.tokenizer import RuGPTTokenizer
-
-CANDIDATES = 64
-"""Top-p first looks among this many most likely tokens; only a row whose mass they do not reach is sorted."""
 
 
 class RequestError(UserError):
@@ -164,73 +163,80 @@ def _padded(histories: list[Tensor]) -> Tensor:
     return torch.stack([torch.cat([h, h[:1].expand(width - len(h))]) for h in histories])
 
 
-def choose_tokens(scores: Tensor, cfgs: list[GenerationConfig], draws: Tensor) -> Tensor:
-    """The next token of each row of (B, V) adjusted logits: argmax for greedy rows, else one inverse-CDF draw.
+def choose_tokens(scores: Tensor, cfgs: list[GenerationConfig], draw: Callable[[list[int]], Tensor]) -> Tensor:
+    """The next token of each row of (B, V) adjusted logits: argmax for greedy rows, else sampled.
 
-    `draws` (B,) are uniform numbers in [0, 1) (float64; greedy rows ignore theirs). Temperature, top-k and
-    top-p are per row; see the module docstring for what a draw means.
+    `draw(rows)` returns a fresh uniform number in [0, 1) (float64) for each listed row, from that row's own
+    generator. Temperature, top-k and top-p are per row; the module docstring says how a draw maps to a token.
     """
     tokens = torch.empty(len(cfgs), dtype=torch.long, device=scores.device)
     greedy = [r for r, cfg in enumerate(cfgs) if cfg.is_greedy]
     if greedy:
         tokens[greedy] = scores[greedy].argmax(-1)
-    plain = [r for r, cfg in enumerate(cfgs) if not cfg.is_greedy and cfg.top_k == 0 and cfg.top_p == 1.0]
-    if plain:
-        probs = _tempered(scores, cfgs, plain).softmax(-1)
-        tokens[plain] = _inverse_cdf(probs, draws[plain])
-    filtered = [r for r, cfg in enumerate(cfgs) if not cfg.is_greedy and (cfg.top_k or cfg.top_p < 1.0)]
-    if filtered:
-        logits = _tempered(scores, cfgs, filtered)
-        top_k = torch.tensor([cfgs[r].top_k for r in filtered], device=scores.device)
-        top_p = torch.tensor([cfgs[r].top_p for r in filtered], device=scores.device, dtype=logits.dtype)
-        width = min(logits.shape[1], max(CANDIDATES, int(top_k.max())))
-        ids, kept, complete = _kept(logits, top_k, top_p, width)
-        chosen = _draw_in_id_order(ids, kept, draws[filtered], logits.shape[1])
-        if not bool(complete.all()):  # top-p mass beyond the candidates: those rows take the full sort
-            again = (~complete).nonzero().squeeze(1)
-            ids, kept, _ = _kept(logits[again], top_k[again], top_p[again], logits.shape[1])
-            chosen[again] = _draw_in_id_order(ids, kept, draws[filtered][again], logits.shape[1])
-        tokens[filtered] = chosen
+    ranked = [r for r, cfg in enumerate(cfgs) if not cfg.is_greedy and cfg.top_k]
+    if ranked:
+        tokens[ranked] = _top_k_tokens(_tempered(scores, cfgs, ranked), [cfgs[r] for r in ranked], draw(ranked))
+    full = [r for r, cfg in enumerate(cfgs) if not cfg.is_greedy and not cfg.top_k]
+    if full:
+        probs = _tempered(scores, cfgs, full).softmax(-1)
+        chosen = _inverse_cdf(probs, draw(full))
+        top_p = torch.tensor([cfgs[r].top_p for r in full], dtype=torch.float64, device=scores.device)
+        pending = torch.arange(len(full), device=scores.device)[top_p < 1]
+        while len(pending):  # top-p by rejection: a token is kept when the tokens likelier than it hold < top_p
+            p = probs[pending]
+            likelier = (p * (p > p.gather(1, chosen[pending].unsqueeze(1)))).sum(-1)
+            pending = pending[likelier >= top_p[pending]]
+            if len(pending):
+                chosen[pending] = _inverse_cdf(probs[pending], draw([full[i] for i in pending.tolist()]))
+        tokens[full] = chosen
     return tokens
 
 
 def _tempered(scores: Tensor, cfgs: list[GenerationConfig], rows: list[int]) -> Tensor:
+    scores = scores if len(rows) == len(scores) else scores[rows]
+    if all(cfgs[r].temperature == 1 for r in rows):
+        return scores
     temperature = torch.tensor([cfgs[r].temperature for r in rows], device=scores.device, dtype=scores.dtype)
-    return scores[rows] / temperature.unsqueeze(1)
+    return scores / temperature.unsqueeze(1)
 
 
-def _kept(logits: Tensor, top_k: Tensor, top_p: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Among each row's `width` most likely tokens: their ids, their probabilities where top-k and top-p keep
-    them (0 elsewhere), and whether that decision is final (False: top-p needs tokens past `width`)."""
+def _top_k_tokens(logits: Tensor, cfgs: list[GenerationConfig], draws: Tensor) -> Tensor:
+    """Top-k (then top-p among those k) rows: one inverse-CDF draw over the kept candidates in token-id order."""
+    width = min(logits.shape[1], max(cfg.top_k for cfg in cfgs))
     values, ids = logits.topk(width, sorted=True)
-    k = torch.where(top_k > 0, top_k, width).unsqueeze(1)
-    in_k = torch.arange(width, device=logits.device) < k
-    values = values.masked_fill(~in_k, float("-inf"))
-    # top-k rows renormalize among their k (HF: top-p then sees the top-k distribution); others over all ids
-    norm = values.logsumexp(-1)
-    if bool((top_k == 0).any()):
-        norm = torch.where(top_k > 0, norm, logits.logsumexp(-1))
-    probs = (values - norm.unsqueeze(1)).exp()
+    k = torch.tensor([cfg.top_k for cfg in cfgs], device=logits.device).unsqueeze(1)
+    top_p = torch.tensor([cfg.top_p for cfg in cfgs], device=logits.device, dtype=logits.dtype).unsqueeze(1)
+    probs = values.masked_fill(torch.arange(width, device=logits.device) >= k, float("-inf")).softmax(-1)
     mass = probs.cumsum(-1)
-    keep = in_k & ((mass - probs < top_p.unsqueeze(1)) | (top_p.unsqueeze(1) >= 1))  # the token crossing stays
-    complete = (top_k > 0) | (top_p >= 1) | (mass[:, -1] >= top_p) | (width == logits.shape[1])
-    return ids, probs * keep, complete
-
-
-def _draw_in_id_order(ids: Tensor, kept: Tensor, draws: Tensor, vocab: int) -> Tensor:
-    """The inverse-CDF draw over kept probabilities given for candidate `ids`, as if over the whole vocabulary."""
-    if ids.shape[1] == vocab:  # every id: scatter back rather than sort a second time
-        return _inverse_cdf(torch.zeros_like(kept).scatter_(1, ids, kept), draws)
-    order = ids.argsort(-1)
-    ids = ids.gather(1, order)
-    return ids.gather(1, _inverse_cdf(kept.gather(1, order), draws).unsqueeze(1)).squeeze(1)
+    kept = probs * ((mass - probs < top_p) | (top_p >= 1))  # the token that crosses top_p stays
+    order = ids.argsort(-1)  # the same draw as over the whole vocabulary with the other ids at 0
+    return ids.gather(1, order).gather(1, _inverse_cdf(kept.gather(1, order), draws).unsqueeze(1)).squeeze(1)
 
 
 def _inverse_cdf(probs: Tensor, draws: Tensor) -> Tensor:
-    """Per row, the first column whose running sum of `probs` exceeds draw x total."""
+    """Per row, the first column whose running sum of `probs` exceeds draw x total.
+
+    Wide rows go in blocks of 256 columns: float64 block sums find the block, then only that block is
+    accumulated, so no sequential scan runs over the whole vocabulary.
+    """
+    rows, width = probs.shape
+    block = 256
+    if width > 4 * block:
+        full = width // block * block
+        blocks = probs[:, :full].reshape(rows, -1, block)
+        sums = torch.cat([blocks.sum(-1), probs[:, full:].sum(-1, keepdim=True)], 1).cumsum(-1, dtype=torch.float64)
+        goal = draws.to(sums) * sums[:, -1]
+        index = torch.searchsorted(sums, goal.unsqueeze(1), right=True).clamp(max=sums.shape[1] - 1)
+        before = torch.where(index > 0, sums.gather(1, (index - 1).clamp(min=0)), 0.0).squeeze(1)
+        start = index.squeeze(1) * block
+        columns = start.unsqueeze(1) + torch.arange(block, device=probs.device)
+        inner = probs.gather(1, columns.clamp(max=width - 1)).masked_fill(columns >= width, 0)
+        inner = inner.cumsum(-1, dtype=torch.float64)
+        at = torch.searchsorted(inner, (goal - before).unsqueeze(1), right=True).squeeze(1).clamp(max=block - 1)
+        return (start + at).clamp(max=width - 1)
     cdf = probs.cumsum(-1, dtype=torch.float64)
     index = torch.searchsorted(cdf, (draws.to(cdf) * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
-    return index.clamp(max=probs.shape[1] - 1)
+    return index.clamp(max=width - 1)
 
 
 # ----------------------------------------------------------------------------------------------- decoding
@@ -400,10 +406,12 @@ class Decoder:
         logprobs = logits[asked].log_softmax(-1) if asked else None
         adjust_logits(logits, cfgs, [self.history[s, :row.length] for s, row in zip(slots, rows, strict=True)],
                       [len(row.prompt) for row in rows])
-        draws = torch.tensor([0.0 if row.generator is None else torch.rand(1, generator=row.generator,
-                                                                           dtype=torch.float64).item()
-                              for row in rows], dtype=torch.float64, device=self.device)
-        tokens = choose_tokens(logits, cfgs, draws)
+
+        def draw(indices: list[int]) -> Tensor:
+            return torch.tensor([torch.rand(1, generator=rows[i].generator, dtype=torch.float64).item()
+                                 for i in indices], dtype=torch.float64, device=self.device)
+
+        tokens = choose_tokens(logits, cfgs, draw)
         token_list = tokens.tolist()
         extra: dict[int, tuple[float, list[tuple[int, float]]]] = {}
         if asked:
