@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +86,8 @@ def main() -> None:
         row["mean_batch_rows_last_phase"] = ((engine.stats.decoded_rows - before[0])
                                              / max(1, engine.stats.decode_steps - before[1]))
         results["modes"][mode] = row
+    while any(thread.name == "rugpt-engine" for thread in threading.enumerate()):
+        time.sleep(0.01)  # the engine's worker leaves once idle: let it, before the interpreter goes
     with open("/proc/loadavg") as f:
         results["load_average_before_after"] = [load_before, float(f.read().split()[0])]
 

@@ -29,6 +29,9 @@ from rugpt_ray.errors import UserError
 from rugpt_ray.model import GPT, KVCache
 from rugpt_ray.tokenizer import RuGPTTokenizer
 
+BLOCK = 256
+"""Inverse-CDF draws over a wide row first pick one of its blocks of this many columns by their sums."""
+
 
 class RequestError(UserError):
     """A request that could never run (the serving app answers 400); `param` names the offending field."""
@@ -214,29 +217,32 @@ def _top_k_tokens(logits: Tensor, cfgs: list[GenerationConfig], draws: Tensor) -
 
 
 def _inverse_cdf(probs: Tensor, draws: Tensor) -> Tensor:
-    """Per row, the first column whose running sum of `probs` exceeds draw x total.
+    """Per row, the first column whose running sum of `probs` exceeds draw x total (never a zero column).
 
-    Wide rows go in blocks of 256 columns: float64 block sums find the block, then only that block is
-    accumulated, so no sequential scan runs over the whole vocabulary.
+    Wide rows go in blocks of `BLOCK` columns: block sums find the block, then only that block is accumulated,
+    so no sequential scan runs over the whole vocabulary.
     """
     rows, width = probs.shape
-    block = 256
-    if width > 4 * block:
-        full = width // block * block
-        blocks = probs[:, :full].reshape(rows, -1, block)
-        sums = torch.cat([blocks.sum(-1), probs[:, full:].sum(-1, keepdim=True)], 1).cumsum(-1, dtype=torch.float64)
-        goal = draws.to(sums) * sums[:, -1]
-        index = torch.searchsorted(sums, goal.unsqueeze(1), right=True).clamp(max=sums.shape[1] - 1)
-        before = torch.where(index > 0, sums.gather(1, (index - 1).clamp(min=0)), 0.0).squeeze(1)
-        start = index.squeeze(1) * block
-        columns = start.unsqueeze(1) + torch.arange(block, device=probs.device)
-        inner = probs.gather(1, columns.clamp(max=width - 1)).masked_fill(columns >= width, 0)
-        inner = inner.cumsum(-1, dtype=torch.float64)
-        at = torch.searchsorted(inner, (goal - before).unsqueeze(1), right=True).squeeze(1).clamp(max=block - 1)
-        return (start + at).clamp(max=width - 1)
-    cdf = probs.cumsum(-1, dtype=torch.float64)
-    index = torch.searchsorted(cdf, (draws.to(cdf) * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
-    return index.clamp(max=width - 1)
+    if width <= 4 * BLOCK:
+        cdf = probs.cumsum(-1, dtype=torch.float64)
+        return _search(cdf, draws.to(cdf).unsqueeze(1) * cdf[:, -1:]).squeeze(1)
+    full = width // BLOCK * BLOCK
+    sums = probs[:, :full].reshape(rows, -1, BLOCK).sum(-1)
+    if full < width:
+        sums = torch.cat([sums, probs[:, full:].sum(-1, keepdim=True)], 1)
+    sums = sums.cumsum(-1, dtype=torch.float64)
+    goal = draws.to(sums).unsqueeze(1) * sums[:, -1:]
+    block = _search(sums, goal)
+    before = torch.where(block > 0, sums.gather(1, (block - 1).clamp(min=0)), 0.0)
+    columns = block * BLOCK + torch.arange(BLOCK, device=probs.device)
+    inner = probs.gather(1, columns.clamp(max=width - 1)).masked_fill(columns >= width, 0)
+    return (block * BLOCK + _search(inner.cumsum(-1, dtype=torch.float64), goal - before)).squeeze(1)
+
+
+def _search(cdf: Tensor, goal: Tensor) -> Tensor:
+    """(rows, 1) first index with cdf > goal, at most where cdf reaches its total (rounding can push past)."""
+    last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True)
+    return torch.minimum(torch.searchsorted(cdf, goal, right=True), last)
 
 
 # ----------------------------------------------------------------------------------------------- decoding
