@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import threading
@@ -73,7 +74,7 @@ def main() -> None:
         load_before = float(f.read().split()[0])
     results = {"threads": 1, "clients": args.clients, "max_tokens": args.max_tokens, "modes": {}}
     for mode, base in MODES.items():
-        cfg = GenerationConfig(**{**base.__dict__, "max_new_tokens": args.max_tokens})
+        cfg = dataclasses.replace(base, max_new_tokens=args.max_tokens)
         asyncio.run(load(engine, prompts, cfg, 2, 1.0))  # warm-up
         runs = {1: [0, 0, 0.0], args.clients: [0, 0, 0.0]}
         for _ in range(args.rounds):
