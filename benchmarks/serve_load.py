@@ -1,7 +1,7 @@
 """Load test of the Serve app on 127.0.0.1: one client at a time vs N concurrent clients, plus Serve's TTFT cost.
 
 Starts a local Ray + Serve bound to 127.0.0.1 with a freshly initialised `tiny` model (the demo's), then for
-each sampling mode (temperature 1 = OpenAI's default, and greedy):
+each sampling mode (sampled: temperature 1 = OpenAI's default with top_p 0.9; and greedy):
 - alternates `--rounds` times between 1 client and `--clients` concurrent clients, each client a closed loop
   of streamed `/v1/completions` requests for `--duration` seconds per phase; prints requests/s, tokens/s,
   latency p50/p99, time to first token (first SSE chunk with text) p50/p99, and the concurrent /
@@ -186,13 +186,14 @@ def main() -> None:
     results = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "clients": args.clients,
                "duration_s": args.duration, "rounds": args.rounds, "max_tokens": args.max_tokens,
                "stream_interval_s": args.stream_interval, "modes": {}}
-    for mode, temperature in (("temperature 1", 1.0), ("greedy", 0.0)):
-        body = {"model": "tiny", "max_tokens": args.max_tokens, "temperature": temperature, "stream": False}
+    for mode, sampling in (("temperature 1, top_p 0.9", {"temperature": 1.0, "top_p": 0.9}),
+                           ("greedy", {"temperature": 0.0})):
+        body = {"model": "tiny", "max_tokens": args.max_tokens, **sampling, "stream": False}
         if not args.no_stream:
             body.update(stream=True, stream_options={"include_usage": True})
         results["modes"][mode] = asyncio.run(throughput(url, args.clients, args.duration, args.rounds, body))
         if not args.no_stream:
-            cfg = GenerationConfig(max_new_tokens=args.max_tokens, temperature=temperature)
+            cfg = GenerationConfig(max_new_tokens=args.max_tokens, **sampling)
             results["modes"][mode].update(asyncio.run(ttft_pairs(url, engine, tokenizer, cfg, body,
                                                                  args.ttft_repeats)))
     with open("/proc/loadavg") as f:
@@ -204,12 +205,12 @@ def main() -> None:
           f"{args.max_tokens} new tokens per request, "
           f"{'plain' if args.no_stream else f'streamed (interval {args.stream_interval:g} s)'} /v1/completions, "
           f"{args.rounds} x {args.duration:g} s per phase")
-    print(f"{'mode':<14} {'clients':>7} {'req/s':>7} {'tok/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'TTFT p50':>9}"
+    print(f"{'mode':<24} {'clients':>7} {'req/s':>7} {'tok/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'TTFT p50':>9}"
           f"{'TTFT p99':>9}")
     for mode, r in results["modes"].items():
         for row in (r["one_at_a_time"], r["concurrent"]):
             ttft = "".join(f"{row[k]:>9.1f}" if k in row else f"{'-':>9}" for k in ("ttft_p50_ms", "ttft_p99_ms"))
-            print(f"{mode:<14} {row['clients']:>7} {row['requests_per_s']:>7.1f} {row['tokens_per_s']:>7.0f} "
+            print(f"{mode:<24} {row['clients']:>7} {row['requests_per_s']:>7.1f} {row['tokens_per_s']:>7.0f} "
                   f"{row['latency_p50_ms']:>7.0f} {row['latency_p99_ms']:>7.0f}{ttft}")
     for mode, r in results["modes"].items():
         line = f"{mode}: {args.clients} clients / one at a time = {r['ratio']:.2f}x requests/s"

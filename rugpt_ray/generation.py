@@ -1,14 +1,25 @@
-"""Text generation with a KV cache: greedy or sampled, batched prompts of any lengths, streamed token by token.
+"""Text generation: one decoder over a slot KV cache for `stream`/`generate` and the serving engine.
 
-Sampling follows HF's order (repetition penalty → temperature → top-k → top-p), so greedy output equals HF
-`generate` for dense models. Streaming and non-streaming share one loop: `generate` is `stream` collected,
-so streamed text always equals the returned text. Ids the tokenizer cannot decode (the seed's padding rows
-50257–50263) are never produced.
+A `Decoder` holds up to `slots` sequences ("rows"); rows join (`add`) and leave (finished, or `release`)
+between steps, each with its own sampling settings, stop strings, seeded generator and token history. Its
+KV cache is preallocated (slots x context): a row writes only its own slot at its own length, so joining or
+leaving copies nothing of the other rows. `stream` runs one decoder over one batch of prompts; the engine
+(serving/engine.py) keeps one per model and only queues, admits, times out and cancels requests around it.
+
+Sampling follows HF's order (repetition penalty → temperature → top-k → top-p), after OpenAI's logit_bias
+and before its presence/frequency penalties, so greedy output equals HF `generate` for dense models. Rows
+are batched with per-row settings, and every random number comes from the row's own generator, so a row's
+tokens do not depend on which rows share its batch. A uniform draw u maps to a token by inverse CDF in
+token-id order: the first id whose running sum of kept probability exceeds u x the kept total. A top-k row
+accumulates only its k candidates. A top-p row without top-k never sorts the vocabulary: it draws from the
+whole tempered distribution and keeps the token when the tokens likelier than it hold less than top_p,
+else draws again (rejection: exactly the top-p distribution, at most 1 / top_p draws on average). Ids the
+tokenizer cannot decode (the seed's padding rows 50257–50263) are never produced.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +28,17 @@ from torch import Tensor
 from rugpt_ray.errors import UserError
 from rugpt_ray.model import GPT, KVCache
 from rugpt_ray.tokenizer import RuGPTTokenizer
+
+BLOCK = 256
+"""Inverse-CDF draws over a wide row first pick one of its blocks of this many columns by their sums."""
+
+
+class RequestError(UserError):
+    """A request that could never run (the serving app answers 400); `param` names the offending field."""
+
+    def __init__(self, param: str | None, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -35,6 +57,14 @@ class GenerationConfig:
     """Sample among the smallest set of tokens whose probability reaches top_p; 1 = all."""
     repetition_penalty: float = 1.0
     """HF's CTRL-style penalty on tokens already in the prompt or output; 1 = none."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted once from the logit of every token already in the output."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time it is already in the output."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """OpenAI's: token id -> value added to its logit before everything else."""
+    logprobs: int | None = None
+    """Report each chosen token's log-probability (raw model log-softmax) and this many top alternatives."""
     num_return_sequences: int = 1
     """Continuations per prompt."""
     stop: list[str] = field(default_factory=list)
@@ -49,6 +79,11 @@ class GenerationConfig:
             ("top_k", self.top_k >= 0, "must be >= 0"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("logit_bias", all(isinstance(k, int) and k >= 0 and -100 <= v <= 100 for k, v in self.logit_bias.items()),
+             "must map token ids >= 0 to values in [-100, 100]"),
+            ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be None or >= 0"),
             ("num_return_sequences", self.num_return_sequences >= 1, "must be >= 1"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
         ]
@@ -63,12 +98,18 @@ class GenerationConfig:
 
 @dataclass
 class TokenEvent:
-    """One step of one sequence: `text` is the new printable text (may be empty while it is held back)."""
+    """One step of one sequence: `text` is the new printable text (may be empty while it is held back).
+
+    With `GenerationConfig.logprobs` set, `logprob` is the chosen token's raw log-probability and
+    `top_logprobs` the most likely (id, log-probability) pairs at this step, most likely first.
+    """
 
     index: int
     token_id: int
     text: str
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass
@@ -85,29 +126,126 @@ class Completion:
         return len(self.token_ids)
 
 
-def next_token_logits(logits: Tensor, history: Tensor, history_valid: Tensor, cfg: GenerationConfig,
-                      vocab_limit: int) -> Tensor:
-    """Apply the repetition penalty and the sampling filters to (B, V) float logits."""
-    logits = logits.float()
-    logits[:, vocab_limit:] = float("-inf")
-    if cfg.repetition_penalty != 1.0:
-        seen = torch.zeros_like(logits, dtype=torch.bool)
-        seen.scatter_(1, history, history_valid)
-        penalized = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
-        logits = torch.where(seen, penalized, logits)
-    if cfg.is_greedy:
-        return logits
-    logits = logits / cfg.temperature
-    if cfg.top_k > 0:
-        kth = torch.topk(logits, min(cfg.top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= cfg.top_p  # keep the token that crosses top_p
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+def adjust_logits(logits: Tensor, cfgs: list[GenerationConfig], histories: list[Tensor],
+                  prompt_lengths: list[int]) -> Tensor:
+    """Logit bias, repetition penalty, presence/frequency penalties on (B, V) float logits, in place.
+
+    `histories[r]` holds row r's prompt then output tokens; only rows that ask for a setting pay for it.
+    """
+    device = logits.device
+    biased = [(r, token, value) for r, cfg in enumerate(cfgs) for token, value in cfg.logit_bias.items()]
+    if biased:
+        rows, tokens, values = zip(*biased, strict=True)
+        logits.index_put_((torch.tensor(rows, device=device), torch.tensor(tokens, device=device)),
+                          torch.tensor(values, device=device, dtype=logits.dtype), accumulate=True)
+    rows = [r for r, cfg in enumerate(cfgs) if cfg.repetition_penalty != 1.0]
+    if rows:  # gather the seen tokens' logits, penalize, scatter back (a row's first token pads its history)
+        seen = _padded([histories[r] for r in rows])
+        index = torch.tensor(rows, device=device)
+        penalty = torch.tensor([cfgs[r].repetition_penalty for r in rows], device=device).unsqueeze(1)
+        values = logits[index].gather(1, seen)
+        logits[index] = logits[index].scatter(1, seen, torch.where(values > 0, values / penalty, values * penalty))
+    rows = [r for r, cfg in enumerate(cfgs) if cfg.presence_penalty or cfg.frequency_penalty]
+    if rows:
+        outputs = [histories[r][prompt_lengths[r]:] for r in rows]
+        counts = torch.zeros(len(rows), logits.shape[1], device=device)
+        for i, out in enumerate(outputs):
+            counts[i].index_add_(0, out, torch.ones(len(out), device=device))
+        index = torch.tensor(rows, device=device)
+        presence = torch.tensor([cfgs[r].presence_penalty for r in rows], device=device).unsqueeze(1)
+        frequency = torch.tensor([cfgs[r].frequency_penalty for r in rows], device=device).unsqueeze(1)
+        logits[index] -= counts * frequency + (counts > 0) * presence
     return logits
+
+
+def _padded(histories: list[Tensor]) -> Tensor:
+    width = max(len(h) for h in histories)
+    return torch.stack([torch.cat([h, h[:1].expand(width - len(h))]) for h in histories])
+
+
+def choose_tokens(scores: Tensor, cfgs: list[GenerationConfig], draw: Callable[[list[int]], Tensor]) -> Tensor:
+    """The next token of each row of (B, V) adjusted logits: argmax for greedy rows, else sampled.
+
+    `draw(rows)` returns a fresh uniform number in [0, 1) (float64) for each listed row, from that row's own
+    generator. Temperature, top-k and top-p are per row; the module docstring says how a draw maps to a token.
+    """
+    tokens = torch.empty(len(cfgs), dtype=torch.long, device=scores.device)
+    greedy = [r for r, cfg in enumerate(cfgs) if cfg.is_greedy]
+    if greedy:
+        tokens[greedy] = scores[greedy].argmax(-1)
+    ranked = [r for r, cfg in enumerate(cfgs) if not cfg.is_greedy and cfg.top_k]
+    if ranked:
+        tokens[ranked] = _top_k_tokens(_tempered(scores, cfgs, ranked), [cfgs[r] for r in ranked], draw(ranked))
+    full = [r for r, cfg in enumerate(cfgs) if not cfg.is_greedy and not cfg.top_k]
+    if full:
+        probs = _tempered(scores, cfgs, full).softmax(-1)
+        chosen = _inverse_cdf(probs, draw(full))
+        top_p = torch.tensor([cfgs[r].top_p for r in full], dtype=torch.float64, device=scores.device)
+        pending = torch.arange(len(full), device=scores.device)[top_p < 1]
+        while len(pending):  # top-p by rejection: a token is kept when the tokens likelier than it hold < top_p
+            p = probs[pending]
+            likelier = (p * (p > p.gather(1, chosen[pending].unsqueeze(1)))).sum(-1)
+            pending = pending[likelier >= top_p[pending]]
+            if len(pending):
+                chosen[pending] = _inverse_cdf(probs[pending], draw([full[i] for i in pending.tolist()]))
+        tokens[full] = chosen
+    return tokens
+
+
+def _tempered(scores: Tensor, cfgs: list[GenerationConfig], rows: list[int]) -> Tensor:
+    scores = scores if len(rows) == len(scores) else scores[rows]
+    if all(cfgs[r].temperature == 1 for r in rows):
+        return scores
+    temperature = torch.tensor([cfgs[r].temperature for r in rows], device=scores.device, dtype=scores.dtype)
+    return scores / temperature.unsqueeze(1)
+
+
+def _top_k_tokens(logits: Tensor, cfgs: list[GenerationConfig], draws: Tensor) -> Tensor:
+    """Top-k (then top-p among those k) rows: one inverse-CDF draw over the kept candidates in token-id order."""
+    width = min(logits.shape[1], max(cfg.top_k for cfg in cfgs))
+    values, ids = logits.topk(width, sorted=True)
+    k = torch.tensor([cfg.top_k for cfg in cfgs], device=logits.device).unsqueeze(1)
+    top_p = torch.tensor([cfg.top_p for cfg in cfgs], device=logits.device, dtype=logits.dtype).unsqueeze(1)
+    probs = values.masked_fill(torch.arange(width, device=logits.device) >= k, float("-inf")).softmax(-1)
+    mass = probs.cumsum(-1)
+    kept = probs * ((mass - probs < top_p) | (top_p >= 1))  # the token that crosses top_p stays
+    order = ids.argsort(-1)  # the same draw as over the whole vocabulary with the other ids at 0
+    return ids.gather(1, order).gather(1, _inverse_cdf(kept.gather(1, order), draws).unsqueeze(1)).squeeze(1)
+
+
+def _inverse_cdf(probs: Tensor, draws: Tensor) -> Tensor:
+    """Per row, the first column whose running sum of `probs` exceeds draw x total (never a zero column).
+
+    Wide rows go in blocks of `BLOCK` columns: block sums find the block, then only that block is accumulated,
+    so no sequential scan runs over the whole vocabulary.
+    """
+    rows, width = probs.shape
+    if width <= 4 * BLOCK:
+        cdf = probs.cumsum(-1, dtype=torch.float64)
+        return _search(cdf, draws.to(cdf).unsqueeze(1) * cdf[:, -1:]).squeeze(1)
+    full = width // BLOCK * BLOCK
+    sums = probs[:, :full].reshape(rows, -1, BLOCK).sum(-1)
+    if full < width:
+        sums = torch.cat([sums, probs[:, full:].sum(-1, keepdim=True)], 1)
+    sums = sums.cumsum(-1, dtype=torch.float64)
+    goal = draws.to(sums).unsqueeze(1) * sums[:, -1:]
+    block = _search(sums, goal)
+    before = torch.where(block > 0, sums.gather(1, (block - 1).clamp(min=0)), 0.0)
+    columns = block * BLOCK + torch.arange(BLOCK, device=probs.device)
+    inner = probs.gather(1, columns.clamp(max=width - 1)).masked_fill(columns >= width, 0)
+    return (block * BLOCK + _search(inner.cumsum(-1, dtype=torch.float64), goal - before)).squeeze(1)
+
+
+def _search(cdf: Tensor, goal: Tensor) -> Tensor:
+    """(rows, 1) first index with cdf > goal, at most where cdf reaches its total (rounding can push past)."""
+    last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True)
+    return torch.minimum(torch.searchsorted(cdf, goal, right=True), last)
+
+
+# ----------------------------------------------------------------------------------------------- decoding
 
 
 class SequenceState:
@@ -141,6 +279,173 @@ class SequenceState:
         return TokenEvent(self.index, token, delta, self.finish_reason)
 
 
+@dataclass
+class _Row:
+    """One sequence in a decoder slot: `length` tokens of `history` are in the cache, `next_token` is not yet."""
+
+    owner: object
+    cfg: GenerationConfig
+    seq: SequenceState
+    prompt: list[int]
+    generator: torch.Generator | None
+    length: int = 0
+    next_token: int | None = None  # None until prefilled
+
+
+class Decoder:
+    """Up to `slots` sequences decoded together over one preallocated slot KV cache; see the module docstring.
+
+    `step` prefills the rows added since the last step and decodes one token for the others. With
+    `static_shapes`, every step decodes all slots over the whole capacity (fixed shapes, for CUDA graphs);
+    otherwise it decodes slots up to the highest live one and attends up to the longest live row.
+    """
+
+    def __init__(self, model: GPT, tokenizer: RuGPTTokenizer, slots: int, capacity: int | None = None,
+                 static_shapes: bool = False):
+        self.model, self.tokenizer, self.static_shapes = model.eval(), tokenizer, static_shapes
+        self.capacity = min(capacity or model.config.n_positions, model.config.n_positions)
+        self.device = next(model.parameters()).device
+        self.cache = KVCache.allocate(model.config, slots, self.capacity, self.device, model.lm_head.weight.dtype)
+        self.history = torch.zeros(slots, self.capacity, dtype=torch.long, device=self.device)
+        self._rows: list[_Row | None] = [None] * slots
+
+    @property
+    def free_slots(self) -> int:
+        return self._rows.count(None)
+
+    @property
+    def decoding_rows(self) -> int:
+        """Rows the next step decodes (already prefilled)."""
+        return sum(row is not None and row.next_token is not None for row in self._rows)
+
+    def __bool__(self) -> bool:
+        return any(row is not None for row in self._rows)
+
+    def check(self, prompts: list[list[int]], cfg: GenerationConfig) -> None:
+        """Refuse what could never run here, naming the field: too many rows, too long, unknown ids."""
+        cfg.validate()
+        if not prompts or not all(prompts):
+            raise RequestError("prompt", "every prompt needs at least one token")
+        slots = len(self._rows)
+        if len(prompts) > slots:
+            raise RequestError("prompt", f"{len(prompts)} prompts exceed the batch size limit ({slots})")
+        rows = len(prompts) * cfg.num_return_sequences
+        if rows > slots:
+            raise RequestError("num_return_sequences", f"{len(prompts)} prompts x {cfg.num_return_sequences} "
+                               f"sequences = {rows} rows exceed the batch size limit ({slots})")
+        longest = max(map(len, prompts))
+        if longest + cfg.max_new_tokens > self.capacity:
+            raise RequestError("max_new_tokens", f"prompt ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens}) "
+                               f"exceeds the model's {self.capacity} positions")
+        if any(token >= len(self.tokenizer) for token in cfg.logit_bias):
+            raise RequestError("logit_bias", f"names ids past the vocabulary ({len(self.tokenizer)})")
+
+    def add(self, prompts: list[list[int]], cfg: GenerationConfig, owner: object = None) -> list[int]:
+        """Take a free slot for each prompt x num_return_sequences (sequence index = position in that list).
+
+        Returns the slots; the rows are prefilled at the next step.
+        """
+        self.check(prompts, cfg)
+        rows = [ids for ids in prompts for _ in range(cfg.num_return_sequences)]
+        if len(rows) > self.free_slots:
+            raise UserError(f"generation: {len(rows)} sequences but only {self.free_slots} free decoder slots")
+        slots = [slot for slot, row in enumerate(self._rows) if row is None][:len(rows)]
+        for index, (slot, ids) in enumerate(zip(slots, rows, strict=True)):
+            generator = None
+            if not cfg.is_greedy:
+                generator = torch.Generator()
+                if cfg.seed is None:
+                    generator.seed()
+                else:  # each sequence of a seeded request has its own stream of draws
+                    generator.manual_seed(hash((cfg.seed, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            self._rows[slot] = _Row(owner, cfg, SequenceState(index, cfg), ids, generator)
+            self.history[slot, :len(ids)] = torch.tensor(ids)
+        return slots
+
+    def release(self, slots: list[int]) -> None:
+        """Give slots back (a cancelled request); their rows produce nothing more."""
+        for slot in slots:
+            self._rows[slot] = None
+
+    def clear(self) -> None:
+        self._rows = [None] * len(self._rows)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[object, TokenEvent]]:
+        """Decode one token of every prefilled row and prefill the new ones: (owner, event) for each row.
+
+        A row whose event finishes it has given its slot back already.
+        """
+        running = [s for s, row in enumerate(self._rows) if row is not None and row.next_token is not None]
+        pending = [s for s, row in enumerate(self._rows) if row is not None and row.next_token is None]
+        logits = []
+        if running:
+            n = len(self._rows) if self.static_shapes else running[-1] + 1
+            live = [row if row is not None and row.next_token is not None else None for row in self._rows[:n]]
+            tokens = torch.tensor([0 if row is None else row.next_token for row in live], device=self.device)
+            lengths = [0 if row is None else row.length for row in live]
+            kv_len = self.capacity if self.static_shapes else max(lengths) + 1
+            index = torch.tensor(running, device=self.device)
+            rows = None if self.static_shapes or len(running) == n else index
+            out = self.model.decode(tokens, torch.tensor(lengths, device=self.device), self.cache, kv_len, rows)
+            logits.append(out[index] if self.static_shapes else out)
+            for s in running:
+                self._rows[s].length += 1
+        if pending:
+            prompts = [self._rows[s].prompt for s in pending]
+            width = max(map(len, prompts))
+            ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
+            lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+            logits.append(self.model.prefill(ids, lengths, self.cache, torch.tensor(pending, device=self.device)))
+            for s, p in zip(pending, prompts, strict=True):
+                self._rows[s].length = len(p)
+        if not logits:
+            return []
+        return self._sample(running + pending, logits[0] if len(logits) == 1 else torch.cat(logits))
+
+    def _sample(self, slots: list[int], logits: Tensor) -> list[tuple[object, TokenEvent]]:
+        rows = [self._rows[s] for s in slots]
+        cfgs = [row.cfg for row in rows]
+        logits = logits.float()
+        logits[:, len(self.tokenizer):] = float("-inf")
+        asked = [i for i, cfg in enumerate(cfgs) if cfg.logprobs is not None]
+        logprobs = logits[asked].log_softmax(-1) if asked else None
+        adjust_logits(logits, cfgs, [self.history[s, :row.length] for s, row in zip(slots, rows, strict=True)],
+                      [len(row.prompt) for row in rows])
+
+        def draw(indices: list[int]) -> Tensor:
+            return torch.tensor([torch.rand(1, generator=rows[i].generator, dtype=torch.float64).item()
+                                 for i in indices], dtype=torch.float64, device=self.device)
+
+        tokens = choose_tokens(logits, cfgs, draw)
+        token_list = tokens.tolist()
+        extra: dict[int, tuple[float, list[tuple[int, float]]]] = {}
+        if asked:
+            chosen = logprobs.gather(1, tokens[asked].unsqueeze(1)).squeeze(1).tolist()
+            width = max(cfgs[i].logprobs for i in asked)
+            top = logprobs.topk(width) if width else None
+            for j, i in enumerate(asked):
+                pairs = [] if top is None else list(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True))
+                extra[i] = chosen[j], pairs[:cfgs[i].logprobs]
+        out, going, going_tokens = [], [], []
+        for i, (slot, row, token) in enumerate(zip(slots, rows, token_list, strict=True)):
+            event = row.seq.push(token, self.tokenizer)
+            if i in extra:
+                event.logprob, event.top_logprobs = extra[i]
+            out.append((row.owner, event))
+            if event.finish_reason is None:
+                row.next_token = token
+                going.append(slot)
+                going_tokens.append(token)
+            else:
+                self._rows[slot] = None
+        if going:
+            index = torch.tensor(going, device=self.device)
+            lengths = torch.tensor([self._rows[s].length for s in going], device=self.device)
+            self.history[index, lengths] = torch.tensor(going_tokens, device=self.device)
+        return out
+
+
 def encode_prompts(tokenizer: RuGPTTokenizer, prompts: str | list[str]) -> list[list[int]]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -152,7 +457,6 @@ def encode_prompts(tokenizer: RuGPTTokenizer, prompts: str | list[str]) -> list[
     return encoded
 
 
-@torch.inference_mode()
 def stream(model: GPT, tokenizer: RuGPTTokenizer, prompts: str | list[str] | list[list[int]],
            cfg: GenerationConfig | None = None) -> Iterator[TokenEvent]:
     """Yield one TokenEvent per generated token of every sequence, in step order; finished sequences leave."""
@@ -162,52 +466,12 @@ def stream(model: GPT, tokenizer: RuGPTTokenizer, prompts: str | list[str] | lis
         encoded = prompts
     else:
         encoded = encode_prompts(tokenizer, prompts)
-    encoded = [ids for ids in encoded for _ in range(cfg.num_return_sequences)]
     longest = max(len(ids) for ids in encoded)
-    limit = model.config.n_positions
-    if longest + cfg.max_new_tokens > limit:
-        raise UserError(f"generation: prompt ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens}) "
-                        f"exceeds the model's {limit} positions")
-    model.eval()
-    device = next(model.parameters()).device
-    batch = len(encoded)
-    ids = torch.full((batch, longest), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros(batch, longest, dtype=torch.bool)
-    for row, seq in enumerate(encoded):
-        ids[row, longest - len(seq):] = torch.tensor(seq)
-        mask[row, longest - len(seq):] = True
-    ids, mask = ids.to(device), mask.to(device)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-    cache = KVCache.allocate(model.config, batch, longest + cfg.max_new_tokens, device, model.lm_head.weight.dtype)
-    history = torch.cat([ids, torch.zeros(batch, cfg.max_new_tokens, dtype=torch.long, device=device)], 1)
-    history_valid = torch.cat([mask, torch.zeros(batch, cfg.max_new_tokens, dtype=torch.bool, device=device)], 1)
-    seqs = [SequenceState(i, cfg) for i in range(batch)]
-    active = list(range(batch))
-
-    logits, _ = model(ids, attention_mask=mask, cache=cache, last_only=True)
-    for step in range(cfg.max_new_tokens):
-        scores = next_token_logits(logits[:, -1], history, history_valid, cfg, len(tokenizer))
-        if cfg.is_greedy:
-            tokens = scores.argmax(-1)
-        else:
-            tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        col = longest + step
-        history[:, col], history_valid[:, col] = tokens, True
-        keep = []
-        for row, token in enumerate(tokens.tolist()):
-            seq = seqs[active[row]]
-            yield seq.push(token, tokenizer)
-            if seq.finish_reason is None:
-                keep.append(row)
-        if not keep:
-            return
-        if len(keep) < len(active):
-            index = torch.tensor(keep, device=device)
-            cache.reorder(index)
-            tokens, history, history_valid = tokens[index], history[index], history_valid[index]
-            active = [active[r] for r in keep]
-        logits, _ = model(tokens.unsqueeze(1), cache=cache)
+    decoder = Decoder(model, tokenizer, len(encoded) * cfg.num_return_sequences, longest + cfg.max_new_tokens)
+    decoder.add(encoded, cfg)
+    while decoder:
+        for _, event in decoder.step():
+            yield event
 
 
 def generate(model: GPT, tokenizer: RuGPTTokenizer, prompts: str | list[str],

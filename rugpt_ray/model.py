@@ -32,34 +32,45 @@ from rugpt_ray.sparsity import make_layout
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values per layer plus each slot's true position and whether it holds a real token."""
+    """Keys/values in fixed slots: slot r holds one sequence at columns 0..its length, so column = position.
 
-    k: list[Tensor]
+    Preallocated once (zeros: unused slots stay finite); a sequence takes a free slot and gives it back, and
+    nothing moves when others join or leave. `GPT.prefill` and `GPT.decode` set what the current forward
+    writes; each attention layer calls `update`.
+    """
+
+    k: list[Tensor]  # per layer (slots, heads, capacity, head_dim)
     v: list[Tensor]
-    positions: Tensor
-    valid: Tensor
-    length: int = 0
+    slots_written: Tensor | None = None  # prefill: the slots the prompts go to, from column 0
+    lengths: Tensor | None = None  # decode: rows 0..n-1 write at these columns and attend up to them
+    kv_len: int = 0  # decode: the columns attention covers
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> KVCache:
-        shape = (batch, cfg.n_head, max_len, cfg.head_dim)
-        return cls(
-            k=[torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
-            v=[torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
-            positions=torch.zeros(batch, max_len, dtype=torch.long, device=device),
-            valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
-        )
+    def allocate(cls, cfg: ModelConfig, slots: int, capacity: int, device, dtype) -> KVCache:
+        shape = (slots, cfg.n_head, capacity, cfg.head_dim)
+        return cls(k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
+                   v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)])
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[0]
 
     @property
     def capacity(self) -> int:
-        return self.positions.shape[1]
+        return self.k[0].shape[2]
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep only the batch rows in `index` (finished sequences leave the batch)."""
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
-        self.positions = self.positions.index_select(0, index)
-        self.valid = self.valid.index_select(0, index)
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this forward's keys/values into their slots; return the keys/values attention covers."""
+        kc, vc = self.k[layer], self.v[layer]
+        if self.lengths is None:  # prefill: prompts attend to themselves only
+            kc[self.slots_written, :, :k.shape[2]] = k
+            vc[self.slots_written, :, :v.shape[2]] = v
+            return k, v
+        n = self.lengths.shape[0]
+        rows = torch.arange(n, device=k.device)
+        kc[rows, :, self.lengths] = k[:, :, 0]
+        vc[rows, :, self.lengths] = v[:, :, 0]
+        return kc[:n, :, :self.kv_len], vc[:n, :, :self.kv_len]
 
 
 @dataclass
@@ -87,10 +98,7 @@ class SelfAttention(nn.Module):
         b, s, h = x.shape
         q, k, v = self.c_attn(x).view(b, s, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         if cache is not None:
-            end = cache.length + s
-            cache.k[layer][:, :, cache.length:end] = k
-            cache.v[layer][:, :, cache.length:end] = v
-            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+            k, v = cache.update(layer, k, v)
         dropout_p = self.attn_pdrop if self.training else 0.0
         if not self.sparse:
             y = sdpa(q, k, v, masks.dense, dropout_p)
@@ -223,6 +231,24 @@ class GPT(nn.Module):
             sparse = dense & layout_token_mask(self.sparse_layout, q_pos, k_pos, block)
         return AttentionMasks(dense=dense, sparse=sparse)
 
+    def _decode_masks(self, lengths: Tensor, kv_len: int) -> AttentionMasks:
+        """Masks for one decode step from each row's length alone: its query sits at column `length`."""
+        q_pos = lengths.unsqueeze(1)
+        k_pos = torch.arange(kv_len, device=lengths.device).expand(len(lengths), kv_len)
+        masks = AttentionMasks(dense=(k_pos <= q_pos)[:, None, None, :])
+        if self.sparse_layout is not None:
+            masks.sparse = layout_token_mask(self.sparse_layout, q_pos, k_pos, self.config.sparse_attention["block"])
+        return masks
+
+    def _hidden(self, input_ids: Tensor, positions: Tensor, masks: AttentionMasks, cache: KVCache | None) -> Tensor:
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(positions))
+        for i, block in enumerate(self.transformer.h):
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, masks, cache, i, use_reentrant=False)
+            else:
+                x = block(x, masks, cache, i)
+        return self.transformer.ln_f(x)
+
     def forward(
         self,
         input_ids: Tensor,
@@ -230,52 +256,27 @@ class GPT(nn.Module):
         targets: Tensor | None = None,
         attention_mask: Tensor | None = None,
         positions: Tensor | None = None,
-        cache: KVCache | None = None,
-        last_only: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, S or 1, V) and, with `targets` (already shifted; -100 = ignore), the mean token loss.
+        """Logits (B, S, V) and, with `targets` (already shifted; -100 = ignore), the mean token loss.
 
         `attention_mask` (B, S) marks real tokens (left padding); `positions` default to their running count.
-        With a `cache`, the new keys/values are appended at `cache.length` and attention covers the cache.
         """
         b, s = input_ids.shape
         device = input_ids.device
         valid = torch.ones(b, s, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-        start = cache.length if cache is not None else 0
         if positions is None:
-            if attention_mask is None and cache is None:
+            if attention_mask is None:
                 positions = torch.arange(s, device=device).expand(b, s)
             else:
-                before = cache.valid[:, :start].sum(1, keepdim=True) if cache is not None else 0
-                positions = (valid.long().cumsum(1) - 1 + before).clamp(min=0)
+                positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         if int(positions.max()) >= self.config.n_positions:
             raise UserError(f"sequence reaches position {int(positions.max())}; the model has "
                             f"{self.config.n_positions} positions")
-        if cache is None and attention_mask is None:
+        if attention_mask is None:
             masks = self._unpadded_masks(s, device)
         else:
-            if cache is not None:
-                if start + s > cache.capacity:
-                    raise UserError(f"KV cache holds {cache.capacity} tokens; {start + s} needed")
-                cache.positions[:, start:start + s] = positions
-                cache.valid[:, start:start + s] = valid
-                k_pos, k_valid = cache.positions[:, :start + s], cache.valid[:, :start + s]
-            else:
-                k_pos, k_valid = positions, valid
-            masks = self._general_masks(positions, k_pos, valid, k_valid)
-
-        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(positions))
-        for i, block in enumerate(self.transformer.h):
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, masks, cache, i, use_reentrant=False)
-            else:
-                x = block(x, masks, cache, i)
-        if cache is not None:
-            cache.length = start + s
-        x = self.transformer.ln_f(x)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.lm_head(x)
+            masks = self._general_masks(positions, positions, valid, valid)
+        logits = self.lm_head(self._hidden(input_ids, positions, masks, None))
         loss = None
         if targets is not None:
             # a token mean; a batch with nothing to predict (a padding row) gives 0, not NaN
@@ -283,6 +284,34 @@ class GPT(nn.Module):
                                     reduction="sum")
             loss = total / (targets != -100).sum().clamp(min=1)
         return logits, loss
+
+    def prefill(self, input_ids: Tensor, lengths: Tensor, cache: KVCache, slots: Tensor) -> Tensor:
+        """Logits (P, V) after each prompt's last token; its keys/values go into its slot from column 0.
+
+        Prompts are right-padded to one width, so true positions are the columns and the plain causal mask
+        keeps every real token away from the padding after it (whose keys later steps never attend to).
+        """
+        p, s = input_ids.shape
+        if s > min(cache.capacity, self.config.n_positions):
+            raise UserError(f"a {s}-token prompt does not fit the KV cache ({cache.capacity}) or the model's "
+                            f"{self.config.n_positions} positions")
+        cache.slots_written, cache.lengths = slots, None
+        positions = torch.arange(s, device=input_ids.device).expand(p, s)
+        hidden = self._hidden(input_ids, positions, self._unpadded_masks(s, input_ids.device), cache)
+        return self.lm_head(hidden[torch.arange(p, device=hidden.device), lengths - 1])
+
+    def decode(self, tokens: Tensor, lengths: Tensor, cache: KVCache, kv_len: int,
+               rows: Tensor | None = None) -> Tensor:
+        """One token for each of slots 0..n-1 (n = len(tokens)), fed at column `lengths[r]` of its slot.
+
+        Each row attends to columns 0..its length, masked from `lengths` alone; tensor shapes depend only on n
+        and `kv_len` (at kv_len = capacity they are fixed, as a CUDA graph needs). A slot with nothing to decode
+        takes part with length 0: it writes and sees only its column 0. Returns logits (len(rows), V) for
+        `rows` (all n by default). The caller keeps every length below the cache's capacity.
+        """
+        cache.slots_written, cache.lengths, cache.kv_len = None, lengths, kv_len
+        hidden = self._hidden(tokens.unsqueeze(1), lengths.unsqueeze(1), self._decode_masks(lengths, kv_len), cache)
+        return self.lm_head(hidden[:, 0] if rows is None else hidden[rows, 0])
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

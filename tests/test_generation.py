@@ -9,7 +9,7 @@ from transformers import GPT2LMHeadModel
 from rugpt_ray.checkpoints import export_hf
 from rugpt_ray.config import ModelConfig, preset
 from rugpt_ray.errors import UserError
-from rugpt_ray.generation import GenerationConfig, generate, stream
+from rugpt_ray.generation import GenerationConfig, adjust_logits, choose_tokens, generate, stream
 
 DENSE = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=50257)
 PROMPTS = ["Мороз и солнце; день чудесный!", "Все счастливые семьи похожи друг на друга, каждая"]
@@ -135,7 +135,9 @@ def test_eos_ends_a_sequence(dense_pair, tokenizer):
 
 
 @pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -1.0), ("top_p", 0.0),
-                                         ("top_p", 1.5), ("num_return_sequences", 0), ("top_k", -1)])
+                                         ("top_p", 1.5), ("num_return_sequences", 0), ("top_k", -1),
+                                         ("presence_penalty", 2.5), ("frequency_penalty", -3.0),
+                                         ("logit_bias", {5: 101.0}), ("logprobs", -1)])
 def test_bad_generation_config_names_the_field(dense_pair, tokenizer, field, value):
     model, _ = dense_pair
     with pytest.raises(UserError, match=field):
@@ -148,3 +150,126 @@ def test_prompt_errors(dense_pair, tokenizer):
         generate(model, tokenizer, ["a", ""])
     with pytest.raises(UserError, match="exceeds the model's 256 positions"):
         generate(model, tokenizer, "слово " * 200, GenerationConfig(max_new_tokens=100))
+
+
+# ------------------------------------------------------------------------- sampling against the reference math
+
+def reference_token(logits, cfg, draws):
+    """The textbook filters over the whole vocabulary (a full sort for top-p), then the documented draw: inverse
+    CDF in id order over the kept tokens (top-k rows), or over all tokens until a kept one comes (top-p only)."""
+    x = logits / cfg.temperature
+    if cfg.top_k:
+        x = x.masked_fill(x < x.topk(cfg.top_k).values[-1], float("-inf"))
+    kept = x.clone()
+    if cfg.top_p < 1:
+        ordered, order = x.sort(descending=True)
+        p = ordered.softmax(-1)
+        drop = torch.zeros_like(p, dtype=torch.bool).scatter(0, order, p.cumsum(-1) - p >= cfg.top_p)
+        kept = x.masked_fill(drop, float("-inf"))
+    cdf = (kept if cfg.top_k else x).softmax(-1).cumsum(-1, dtype=torch.float64)
+    while True:
+        u = next(draws)
+        token = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=torch.float64), right=True))
+        if kept[token] > float("-inf"):
+            return token
+
+
+class Draws:
+    """One generator per row, as the decoder has: `draw(rows)` takes the next number of each listed row."""
+
+    def __init__(self, rows, seed):
+        self.generators = [torch.Generator().manual_seed(seed + r) for r in range(rows)]
+
+    def __call__(self, rows):
+        return torch.tensor([float(torch.rand(1, generator=self.generators[r], dtype=torch.float64)) for r in rows],
+                            dtype=torch.float64)
+
+    def row(self, r):
+        while True:
+            yield float(torch.rand(1, generator=self.generators[r], dtype=torch.float64))
+
+
+SAMPLERS = {
+    "temperature": GenerationConfig(temperature=0.7),
+    "top_k": GenerationConfig(top_k=20),
+    "top_p": GenerationConfig(top_p=0.8),
+    "top_k+top_p": GenerationConfig(top_k=100, top_p=0.6, temperature=1.3),
+    "top_p, flat": GenerationConfig(top_p=0.3, temperature=3.0),  # the kept set is most of the vocabulary
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_sampling_equals_the_reference_for_the_same_draws(name):
+    cfg = SAMPLERS[name]
+    logits = torch.randn(6, 3000, generator=torch.Generator().manual_seed(0)) * torch.tensor([[0.5], [1], [2], [3],
+                                                                                                 [4], [6]])
+    ours, theirs = Draws(6, seed=1), Draws(6, seed=1)
+    got = torch.stack([choose_tokens(logits, [cfg] * 6, ours) for _ in range(120)])
+    streams = [theirs.row(r) for r in range(6)]
+    want = torch.tensor([[reference_token(logits[r], cfg, streams[r]) for r in range(6)] for _ in range(120)])
+    assert torch.equal(got, want)
+    assert len(set(got[:, 2].tolist())) > 5  # the draws explore the distribution
+
+
+def test_mixed_rows_sample_as_each_alone_and_greedy_rows_take_the_argmax():
+    cfgs = [*SAMPLERS.values(), GenerationConfig(greedy=True), GenerationConfig(temperature=0)]
+    logits = torch.randn(len(cfgs), 3000, generator=torch.Generator().manual_seed(1)) * 3
+    together, alone = Draws(len(cfgs), seed=2), [Draws(len(cfgs), seed=2) for _ in cfgs]
+    for _ in range(50):
+        batched = choose_tokens(logits, cfgs, together)
+        single = [int(choose_tokens(logits[r:r + 1], cfgs[r:r + 1], lambda rows, r=r: alone[r]([r])))
+                  for r in range(len(cfgs))]
+        assert batched.tolist() == single
+        assert batched[-2:].tolist() == logits[-2:].argmax(-1).tolist()
+
+
+def test_penalties_and_logit_bias_equal_the_reference():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 500, generator=gen) * 2
+    histories = [torch.randint(0, 500, (n,), generator=gen) for n in (30, 12, 50, 7)]
+    prompt_lengths = [10, 12, 20, 3]
+    cfgs = [GenerationConfig(repetition_penalty=1.3, presence_penalty=0.5),
+            GenerationConfig(frequency_penalty=0.7, logit_bias={3: 5.0, 7: -100.0}),
+            GenerationConfig(repetition_penalty=0.8, frequency_penalty=-0.4, presence_penalty=1.5, logit_bias={9: 2}),
+            GenerationConfig()]
+    ours = adjust_logits(logits.clone(), cfgs, histories, prompt_lengths)
+    for r, cfg in enumerate(cfgs):
+        want = logits[r].clone()
+        for token, value in cfg.logit_bias.items():
+            want[token] += value
+        for token in set(histories[r].tolist()):
+            v = want[token]
+            want[token] = v / cfg.repetition_penalty if v > 0 else v * cfg.repetition_penalty
+        for token in set(histories[r][prompt_lengths[r]:].tolist()):
+            count = histories[r][prompt_lengths[r]:].tolist().count(token)
+            want[token] -= cfg.frequency_penalty * count + cfg.presence_penalty
+        assert torch.allclose(ours[r], want, atol=1e-5), r
+    assert torch.equal(ours[3], logits[3])
+
+
+def test_penalties_change_generation_and_logit_bias_forces_a_token(dense_pair, tokenizer):
+    model, _ = dense_pair
+    plain = generate(model, tokenizer, PROMPTS[0], GenerationConfig(max_new_tokens=30, greedy=True))[0].token_ids
+    penalized = generate(model, tokenizer, PROMPTS[0], GenerationConfig(max_new_tokens=30, greedy=True,
+                                                                        frequency_penalty=2.0))[0].token_ids
+    assert penalized != plain
+    assert len(set(penalized)) >= len(set(plain))
+    forced = generate(model, tokenizer, PROMPTS[0], GenerationConfig(max_new_tokens=5, seed=0,
+                                                                     logit_bias={1234: 100.0}))[0]
+    assert forced.token_ids == [1234] * 5
+
+
+def test_logprobs_are_the_raw_model_log_softmax(dense_pair, tokenizer):
+    model, _ = dense_pair
+    cfg = GenerationConfig(max_new_tokens=6, temperature=0.8, top_k=5, repetition_penalty=1.4, seed=4, logprobs=3)
+    events = list(stream(model, tokenizer, PROMPTS[0], cfg))
+    ids = torch.tensor([tokenizer.encode(PROMPTS[0])])
+    with torch.no_grad():
+        for e in events:
+            raw = model(ids)[0][0, -1].float().log_softmax(-1)
+            assert e.logprob == pytest.approx(float(raw[e.token_id]), abs=1e-4)
+            top = raw.topk(3)
+            assert [t for t, _ in e.top_logprobs] == top.indices.tolist()
+            assert [v for _, v in e.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+            ids = torch.cat([ids, torch.tensor([[e.token_id]])], 1)
+    assert all(e.logprob is None for e in stream(model, tokenizer, PROMPTS[0], GenerationConfig(max_new_tokens=2)))

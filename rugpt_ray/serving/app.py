@@ -37,9 +37,9 @@ from ray.serve import Application
 
 from rugpt_ray.checkpoints import load_model
 from rugpt_ray.errors import UserError
-from rugpt_ray.generation import GenerationConfig, TokenEvent
+from rugpt_ray.generation import GenerationConfig, RequestError, TokenEvent
 from rugpt_ray.serving.config import ServeConfig
-from rugpt_ray.serving.engine import BatchEngine, RequestError, Transcript
+from rugpt_ray.serving.engine import BatchEngine, Transcript
 from rugpt_ray.tokenizer import load_tokenizer
 
 logger = logging.getLogger("ray.serve")
