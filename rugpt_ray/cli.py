@@ -83,7 +83,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p, repetition_penalty=args.repetition_penalty,
         num_return_sequences=args.num_return_sequences, stop=args.stop or [], seed=args.seed,
     )
-    cfg.validate()
     tokenizer = load_tokenizer_from_args(args)
     model = load_model_from_args(args)
     n = cfg.num_return_sequences

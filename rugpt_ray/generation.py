@@ -20,11 +20,13 @@ tokenizer cannot decode (the seed's padding rows 50257–50263) are never produc
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from rugpt_ray.config import Config, option
 from rugpt_ray.errors import UserError
 from rugpt_ray.model import GPT, KVCache
 from rugpt_ray.tokenizer import RuGPTTokenizer
@@ -42,54 +44,44 @@ class RequestError(UserError):
 
 
 @dataclass
-class GenerationConfig:
+class GenerationConfig(Config):
     """How to continue a prompt."""
 
-    max_new_tokens: int = 64
+    where: ClassVar[str] = "generation"
+
+    max_new_tokens: int = option(64, ge=1)
     """Tokens to generate at most per sequence (prompt + this must fit in the model's positions)."""
     greedy: bool = False
     """Always take the most likely token (temperature, top_k and top_p are then ignored)."""
-    temperature: float = 1.0
+    temperature: float = option(1.0, ge=0)
     """Divides the logits before sampling; 0 means greedy."""
-    top_k: int = 0
+    top_k: int = option(0, ge=0)
     """Sample among the k most likely tokens only; 0 = all."""
-    top_p: float = 1.0
+    top_p: float = option(1.0, gt=0, le=1)
     """Sample among the smallest set of tokens whose probability reaches top_p; 1 = all."""
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = option(1.0, gt=0)
     """HF's CTRL-style penalty on tokens already in the prompt or output; 1 = none."""
-    presence_penalty: float = 0.0
+    presence_penalty: float = option(0.0, ge=-2, le=2)
     """OpenAI's: subtracted once from the logit of every token already in the output."""
-    frequency_penalty: float = 0.0
+    frequency_penalty: float = option(0.0, ge=-2, le=2)
     """OpenAI's: subtracted from a token's logit once per time it is already in the output."""
-    logit_bias: dict[int, float] = field(default_factory=dict)
+    logit_bias: dict[int, float] = option(factory=dict)
     """OpenAI's: token id -> value added to its logit before everything else."""
-    logprobs: int | None = None
+    logprobs: int | None = option(None, ge=0)
     """Report each chosen token's log-probability (raw model log-softmax) and this many top alternatives."""
-    num_return_sequences: int = 1
+    num_return_sequences: int = option(1, ge=1)
     """Continuations per prompt."""
-    stop: list[str] = field(default_factory=list)
+    stop: list[str] = option(factory=list)
     """Strings that end a sequence; the output is cut before the first one."""
     seed: int | None = None
     """Seed for sampling; the same seed gives the same text."""
 
-    def validate(self) -> None:
-        checks = [
-            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
-            ("temperature", self.temperature >= 0, "must be >= 0"),
-            ("top_k", self.top_k >= 0, "must be >= 0"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
-            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
-            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
-            ("logit_bias", all(isinstance(k, int) and k >= 0 and -100 <= v <= 100 for k, v in self.logit_bias.items()),
-             "must map token ids >= 0 to values in [-100, 100]"),
-            ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be None or >= 0"),
-            ("num_return_sequences", self.num_return_sequences >= 1, "must be >= 1"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise UserError(f"generation: {name}={getattr(self, name)!r} {rule}")
+    def check(self) -> None:
+        if not all(isinstance(k, int) and k >= 0 and -100 <= v <= 100 for k, v in self.logit_bias.items()):
+            raise UserError(f"{self.where}: logit_bias must map token ids >= 0 to values in [-100, 100], "
+                            f"got {self.logit_bias!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise UserError(f"{self.where}: stop must be non-empty strings, got {self.stop!r}")
 
     @property
     def is_greedy(self) -> bool:
@@ -323,7 +315,6 @@ class Decoder:
 
     def check(self, prompts: list[list[int]], cfg: GenerationConfig) -> None:
         """Refuse what could never run here, naming the field: too many rows, too long, unknown ids."""
-        cfg.validate()
         if not prompts or not all(prompts):
             raise RequestError("prompt", "every prompt needs at least one token")
         slots = len(self._rows)
@@ -461,7 +452,6 @@ def stream(model: GPT, tokenizer: RuGPTTokenizer, prompts: str | list[str] | lis
            cfg: GenerationConfig | None = None) -> Iterator[TokenEvent]:
     """Yield one TokenEvent per generated token of every sequence, in step order; finished sequences leave."""
     cfg = cfg or GenerationConfig()
-    cfg.validate()
     if isinstance(prompts, list) and prompts and isinstance(prompts[0], list):
         encoded = prompts
     else:

@@ -92,7 +92,7 @@ def test_convert_seed_checkpoint_with_deepspeed_json(tmp_path, make_model):
 @pytest.mark.parametrize("args,message", [
     (["info", "/no/such/model"], "/no/such/model: no such file or folder"),
     (["info", "{tmp}/empty"], "no config.json"),
-    (["generate", "--model", "{tiny}", "--prompt", "x", "--top-p", "2"], "top_p=2.0 must be in (0, 1]"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
     (["generate", "--model", "{tiny}", "--prompt", "x", "--tokenizer", "/nope"], "tokenizer /nope: no such folder"),
     (["generate", "--model", "{tiny}", "--prompt", "x", "--max-new-tokens", "1000"], "exceeds the model's 256"),
     (["evaluate", "--model", "{tiny}", "--data", "{tmp}/missing.txt"], "missing.txt"),

@@ -20,6 +20,7 @@ from rugpt_ray.config import (
 )
 from rugpt_ray.data.prepare import DataConfig
 from rugpt_ray.errors import UserError
+from rugpt_ray.generation import GenerationConfig
 from rugpt_ray.serving.config import ServeConfig
 from rugpt_ray.tuning.plan import SweepConfig
 
@@ -53,6 +54,9 @@ SERVE = dict(models={"m": "path"}, tokenizer="tok")
     (lambda: DataConfig(**{**DATA, "seq_len": 0}), "prepare-data: seq_len must be >= 1, got 0"),
     (lambda: ServeConfig.from_dict({**SERVE, "max_batch_size": 0}), "serve config: max_batch_size must be >= 1, "
                                                                    "got 0"),
+    (lambda: GenerationConfig(top_p=1.5), "generation: top_p must be in (0, 1], got 1.5"),
+    (lambda: GenerationConfig(presence_penalty=3), "generation: presence_penalty must be in [-2, 2], got 3"),
+    (lambda: GenerationConfig.from_dict({"top_kk": 3}), "generation: unknown keys ['top_kk'] (did you mean 'top_k'?)"),
 ])
 def test_every_config_says_what_and_where_in_one_line(make, message):
     with pytest.raises(UserError) as error:

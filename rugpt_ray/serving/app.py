@@ -321,6 +321,6 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
 
     Model paths are resolved here (env vars, globs), so every replica loads the same checkpoint.
     """
-    cfg = (args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)).resolved()
+    cfg = (args if isinstance(args, ServeConfig) else ServeConfig.from_dict(args)).resolved()
     return RuGPTServer.options(max_ongoing_requests=cfg.max_ongoing_requests,
                                max_queued_requests=cfg.max_queued_requests).bind(cfg)
