@@ -372,20 +372,26 @@ def read_deepspeed_json(path: str | None, what: str) -> tuple[dict[str, Any], di
     that key); a bare `sparse_attention` block is taken as one too. ({}, None) without a path."""
     if not path:
         return {}, None
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UserError(f"{what} {path}: {e.strerror}") from e
-    except json.JSONDecodeError as e:
-        raise UserError(f"{what} {path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {path}: expected a JSON object")
+    data = read_mapping(path, what, json.loads, json.JSONDecodeError, "JSON")
     if "sparse_attention" in data:
         rest = {k: v for k, v in data.items() if k != "sparse_attention"}
         return rest, data["sparse_attention"]
     if "mode" in data:  # a bare sparse_attention block
         return {}, data
     return data, None
+
+
+def read_mapping(path: str, what: str, parse: Any, parse_error: type[Exception], kind: str) -> dict[str, Any]:
+    """A JSON or YAML file that must hold a mapping; one line naming `what` and the file when it does not."""
+    try:
+        data = parse(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{what} {path}: {e.strerror}") from e
+    except parse_error as e:
+        raise UserError(f"{what} {path}: not valid {kind} ({' '.join(str(e).split())})") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path}: expected a mapping of keys to values")
+    return data
 
 
 def deepspeed_json_values(ds: dict[str, Any]) -> dict[str, Any]:
@@ -460,14 +466,7 @@ def read_config_values(path: str | None, overrides: list[str] | None = None) -> 
 
     values: dict[str, Any] = {}
     if path:
-        try:
-            values = yaml.safe_load(open(path, encoding="utf-8")) or {}
-        except OSError as e:
-            raise UserError(f"--config {path}: {e.strerror}") from e
-        except yaml.YAMLError as e:
-            raise UserError(f"--config {path}: not valid YAML ({e})") from e
-        if not isinstance(values, dict):
-            raise UserError(f"--config {path}: expected a mapping of keys to values")
+        values = read_mapping(path, "--config", lambda text: yaml.safe_load(text) or {}, yaml.YAMLError, "YAML")
     for key, value in parse_overrides(overrides or []).items():
         if isinstance(value, dict) and isinstance(values.get(key), dict):
             values[key] = {**values[key], **value}

@@ -110,7 +110,7 @@ def test_one_reader_for_the_seeds_deepspeed_json(tmp_path):
     assert read_deepspeed_json(str(whole), "deepspeed_config") == ({"fp16": {"enabled": True}}, {"mode": "fixed"})
     assert read_deepspeed_json(str(bare), "--sparse-config") == ({}, {"mode": "fixed", "block": 16})
     assert read_deepspeed_json(None, "deepspeed_config") == ({}, None)
-    with pytest.raises(UserError, match="deepspeed_config .*bad.json: expected a JSON object"):
+    with pytest.raises(UserError, match="deepspeed_config .*bad.json: expected a mapping of keys to values"):
         read_deepspeed_json(str(bad), "deepspeed_config")
     with pytest.raises(UserError, match="none.json: No such file or directory"):
         read_deepspeed_json(str(tmp_path / "none.json"), "deepspeed_config")
