@@ -54,15 +54,18 @@ class ProgressPrinter:
         self.last_step = -1
         self.bar_shown = False
 
+    def skip_written(self) -> None:
+        """Print nothing of what the file holds now (a resumed run printed those rows then)."""
+        self.last_step = max((row["step"] for row in self._rows()), default=-1)
+
     def poll(self) -> None:
-        text = read_text(self.metrics_file) or ""
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
+        for row in self._rows():
             if row["step"] > self.last_step:
                 self.last_step = row["step"]
                 self._show(row)
+
+    def _rows(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (read_text(self.metrics_file) or "").splitlines() if line.strip()]
 
     def close(self) -> None:
         self.poll()
@@ -90,8 +93,7 @@ def follow_progress(metrics_file: str, steps: int, tokens_per_step: int, *, quie
         yield
         return
     printer = ProgressPrinter(metrics_file, steps, tokens_per_step)
-    printer.last_step = max((json.loads(line)["step"] for line in (read_text(metrics_file) or "").splitlines()
-                             if line.strip()), default=-1)  # a resumed run: its earlier rows were printed then
+    printer.skip_written()
     stop = threading.Event()
 
     def follow() -> None:
