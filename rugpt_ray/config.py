@@ -111,7 +111,7 @@ def check_value(where: str, f: dataclasses.Field, value: Any) -> None:
 
 def _is_a(value: Any, annotation: str) -> bool:
     expected = _TYPES.get(annotation.partition("[")[0])
-    if expected is None or isinstance(value, bool) and annotation in ("int", "float"):
+    if expected is None or (isinstance(value, bool) and annotation in ("int", "float")):
         return False
     return isinstance(value, expected)
 

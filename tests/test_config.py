@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -71,11 +72,7 @@ def test_small_configs_list_their_keys_when_nothing_is_close():
 
 def test_ints_pass_as_floats_and_none_where_allowed():
     cfg = TrainConfig.from_dict({"lr": 1, "max_steps": None, "max_tokens": 1000, "threads_per_worker": None})
-    assert cfg.lr == 1 and cfg.total_steps() == math_ceil(1000, cfg.tokens_per_step())
-
-
-def math_ceil(a: int, b: int) -> int:
-    return -(-a // b)
+    assert cfg.lr == 1 and cfg.total_steps() == math.ceil(1000 / cfg.tokens_per_step())
 
 
 def test_a_changed_config_is_checked_again():
