@@ -22,14 +22,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# Three pytest workers (xdist) on the 2 cores: a Ray test spends most of its time waiting for processes to start.
+# Tests that share a module's server or cache carry the same xdist_group; slow tests are scheduled first.
 test: setup
 	$(VENV)/bin/ruff check rugpt_ray tests benchmarks jobs
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 3 --dist loadgroup
 
 # The developer loop: every test that starts no Ray, DeepSpeed or server (a few minutes on 2 cores).
 test-fast: setup
 	$(VENV)/bin/ruff check rugpt_ray tests benchmarks jobs
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 demo: setup
 	$(PY) -m rugpt_ray.demo

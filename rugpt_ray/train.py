@@ -163,7 +163,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log = _MetricsLog(run_dir if rank == 0 else None, resume_step=state.step)
 
     train_shard = ray.train.get_dataset_shard("train")
-    valid_batches = _valid_batches(cfg)
+    valid_batches = _valid_batches(config["valid_blocks"], cfg.micro_batch, rank, ctx.get_world_size(), pad_id)
     batches = _train_batches(train_shard, cfg, state)
     model_cfg = engine.module.config
     flops = flops_per_token(model_cfg, engine.module.num_params(), cfg.seq_len)
@@ -230,18 +230,14 @@ def _train_batches(shard, cfg: TrainConfig, state: TrainState):
         state.batches_in_epoch = 0
 
 
-def _valid_batches(cfg: TrainConfig) -> list[torch.Tensor] | None:
-    """The worker's validation shard, read once (it is limited to eval_iters batches on the driver)."""
-    import ray.train
+def _valid_batches(blocks, micro_batch: int, rank: int, world: int, pad_id: int) -> list[torch.Tensor] | None:
+    """This rank's share of the validation blocks the driver read, in micro-batches."""
+    from rugpt_ray.data import rank_rows
 
-    try:
-        shard = ray.train.get_dataset_shard("valid")
-    except KeyError:
+    if blocks is None:
         return None
-    if shard is None:
-        return None
-    batches = [b["input_ids"] for b in shard.iter_torch_batches(batch_size=cfg.micro_batch, dtypes=torch.long)]
-    return batches[:cfg.eval_iters]
+    rows = torch.from_numpy(rank_rows(blocks, rank, world, pad_id).astype("int64"))
+    return list(rows.split(micro_batch))
 
 
 @torch.no_grad()
@@ -370,15 +366,15 @@ def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None) -> TrainR
     if cfg.log_level != "debug":  # Ray Data's INFO lines ("Dataset ... execution finished") on the driver
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     prepared = prepare_training_data(cfg, run_dir, cfg.tokenizer or default_tokenizer())
-    ingest = train_ingest(prepared, cfg.num_workers, seed=cfg.seed)
-    if "valid" in ingest.datasets:
-        ingest.datasets["valid"] = ingest.datasets["valid"].limit(cfg.eval_iters * cfg.micro_batch * cfg.num_workers)
+    ingest = train_ingest(prepared, cfg.num_workers, seed=cfg.seed, splits=["train"])
+    valid_blocks = (prepared.head("valid", cfg.eval_iters * cfg.micro_batch * cfg.num_workers)
+                    if "valid" in prepared.splits else None)
     resources = {"CPU": min(cfg.cpus_per_worker, ingest.resources_per_worker["CPU"])}
     if cfg.use_gpu:
         resources = {"CPU": cfg.cpus_per_worker}
     steps = cfg.total_steps()
     loop_config = {"train": cfg.to_dict(), "model": plan.model, "deepspeed": plan.deepspeed,
-                   "steps": steps, "pad_id": ingest.pad_id, "run_dir": run_dir}
+                   "steps": steps, "pad_id": ingest.pad_id, "run_dir": run_dir, "valid_blocks": valid_blocks}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

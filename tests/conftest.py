@@ -18,11 +18,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """`make test-fast` (-m "not slow") must start no Ray: a test that uses the shared Ray is marked slow."""
+    """`make test-fast` (-m "not slow") must start no Ray: a test that uses the shared Ray is marked slow.
+    Slow tests run first, so that under xdist (`make test`) the long ones overlap instead of ending the run alone."""
     unmarked = [item.nodeid for item in items
                 if "ray_local" in item.fixturenames and not item.get_closest_marker("slow")]
     if unmarked:
         raise pytest.UsageError(f"these tests start Ray but are not marked slow: {', '.join(unmarked)}")
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +53,30 @@ def ray_local(tmp_path_factory):
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepare_once(tmp_path_factory, worker_id, ray_local):
+    """`prepare_once(name, **DataConfig fields)`: the meta of a prepared cache made once per test run and shared by
+    every test and every xdist worker that asks for the same name (a file lock keeps the others waiting while one
+    writes it)."""
+    from filelock import FileLock
+
+    from rugpt_ray.data import DataConfig, prepare_data
+
+    root = tmp_path_factory.getbasetemp()
+    shared = root if worker_id == "master" else root.parent  # xdist: the run's folder above each worker's
+    made: dict[str, dict] = {}
+
+    def prepare(name: str, **fields) -> dict:
+        if name not in made:
+            out = shared / "prepared" / name
+            out.parent.mkdir(exist_ok=True)
+            with FileLock(f"{out}.lock"):  # a cache made by another worker is reused (same inputs and settings)
+                made[name] = prepare_data(DataConfig(out=str(out), **fields), progress=False)
+        return made[name]
+
+    return prepare
 
 
 @pytest.fixture(scope="session")

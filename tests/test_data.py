@@ -21,6 +21,7 @@ from rugpt_ray.data import (
     iter_documents,
     open_prepared,
     prepare_data,
+    rank_rows,
     resolve_inputs,
     train_ingest,
 )
@@ -41,20 +42,16 @@ def reference(corpus: Path, tokenizer) -> dict[str, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def prepared_2048(ray_local, corpus: Path, data_dir: Path, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("cache") / "c2048"
-    cfg = DataConfig(inputs=[str(corpus / "train")], valid=[str(corpus / "valid")],
-                     tokenizer=str(data_dir / "tokenizer"), seq_len=2048, out=str(out), blocks_per_shard=64)
-    return prepare_data(cfg, progress=False)
+def prepared_2048(prepare_once, corpus: Path, data_dir: Path) -> dict:
+    return prepare_once("corpus-2048", inputs=[str(corpus / "train")], valid=[str(corpus / "valid")],
+                        tokenizer=str(data_dir / "tokenizer"), seq_len=2048, blocks_per_shard=64)
 
 
 @pytest.fixture(scope="module")
-def prepared_plain(ray_local, corpus: Path, data_dir: Path, tmp_path_factory) -> dict:
+def prepared_plain(prepare_once, corpus: Path, data_dir: Path) -> dict:
     """Unshuffled, short blocks, and 64 KiB pieces so that most files are tokenized by several tasks."""
-    out = tmp_path_factory.mktemp("cache") / "plain"
-    cfg = DataConfig(inputs=[str(corpus / "train")], tokenizer=str(data_dir / "tokenizer"), seq_len=127,
-                     out=str(out), shuffle=False, piece_bytes=64 << 10)
-    return prepare_data(cfg, progress=False)
+    return prepare_once("corpus-plain-127", inputs=[str(corpus / "train")], tokenizer=str(data_dir / "tokenizer"),
+                        seq_len=127, shuffle=False, piece_bytes=64 << 10)
 
 
 def _write(path: Path, data: str | bytes) -> Path:
@@ -134,6 +131,14 @@ def test_file_pieces_give_the_ids_of_the_whole_file(tmp_path: Path, tokenizer, c
             assert sum(r.documents for r in got) == len(docs)
 
 
+def test_rank_rows_give_every_rank_as_many_rows_padding_the_last():
+    blocks = np.arange(5 * 3, dtype=np.int32).reshape(5, 3) + 10
+    shares = [rank_rows(blocks, rank, 3, pad_id=0) for rank in range(3)]
+    assert [len(s) for s in shares] == [2, 2, 2]  # under ZeRO-3 every rank must run as many forwards
+    assert (np.concatenate(shares)[:5] == blocks).all() and (shares[2][1] == 0).all()  # one all-pad row
+    assert (rank_rows(blocks, 0, 1, pad_id=0) == blocks).all()
+
+
 # ---------------------------------------------------------------- the Ray Data pipeline
 
 
@@ -168,6 +173,7 @@ def test_unshuffled_blocks_decode_back_to_the_documents(prepared_plain: dict, re
     prepared = open_prepared(prepared_plain["out"])
     blocks = prepared.dataset("train").take_batch(prepared.blocks("train"), batch_format="numpy")
     assert blocks["idx"].tolist() == list(range(prepared.blocks("train")))
+    assert (prepared.head("train", 5) == np.stack(blocks["input_ids"][:5])).all()  # validation's reader: pyarrow
     stream = np.concatenate(list(blocks["input_ids"])).tolist()
     files = [p for p in sorted(reference) if "/train/" in p]
     want = [t for p in files for t in reference[p] + [tokenizer.eos_id]]

@@ -19,7 +19,8 @@ from rugpt_ray.config import ModelConfig, preset
 from rugpt_ray.generation import GenerationConfig, generate
 from rugpt_ray.serving import ServeConfig
 
-pytestmark = pytest.mark.slow  # the tests here start Ray Serve (the serve config check rides along)
+# the tests here start Ray Serve (the serve config check rides along); one xdist worker runs them all, on one app
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serving")]
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["Мороз и солнце; день чудесный!", "Все счастливые семьи"]

@@ -14,7 +14,6 @@ from transformers import GPT2LMHeadModel
 
 from rugpt_ray.checkpoints import export_hf, load_model
 from rugpt_ray.config import TrainConfig, check_train_config, deepspeed_engine_config, load_train_config
-from rugpt_ray.data import DataConfig, prepare_data
 from rugpt_ray.errors import UserError
 from rugpt_ray.plotting import read_metrics
 from rugpt_ray.train import _MetricsLog, lr_at, train
@@ -32,11 +31,10 @@ SEED_XL_JSON = {  # the content of the seed's gpt3_xl_sparse_2048.json (= HF sbe
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, data_dir, ray_local):
-    out = tmp_path_factory.mktemp("prepared") / "seq64"
-    prepare_data(DataConfig(inputs=[str(data_dir / "corpus" / "train")], valid=[str(data_dir / "corpus" / "valid")],
-                            tokenizer=str(data_dir / "tokenizer"), seq_len=64, out=str(out)), progress=False)
-    return str(out)
+def prepared(prepare_once, data_dir) -> str:
+    corpus = data_dir / "corpus"
+    return prepare_once("corpus-seq64", inputs=[str(corpus / "train")], valid=[str(corpus / "valid")],
+                        tokenizer=str(data_dir / "tokenizer"), seq_len=64)["out"]
 
 
 def base(tmp_path, prepared, **overrides) -> TrainConfig:

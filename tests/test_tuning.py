@@ -16,7 +16,6 @@ import yaml
 
 from rugpt_ray.cli import main
 from rugpt_ray.config import load_train_config
-from rugpt_ray.data import DataConfig, prepare_data
 from rugpt_ray.errors import UserError
 from rugpt_ray.train import train
 from rugpt_ray.tuning.plan import load_sweep_config, plan_sweep
@@ -26,14 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, data_dir, ray_local):
+def prepared(prepare_once, data_dir) -> str:
     """One short text each (Gogol's "The Nose", Chekhov's "The Lady with the Dog"): trials start faster."""
-    out = tmp_path_factory.mktemp("tune-data") / "seq64"
     corpus = data_dir / "corpus"
-    prepare_data(DataConfig(inputs=[str(corpus / "train" / "gogol_nos.txt")],
-                            valid=[str(corpus / "valid" / "chekhov_dama_s_sobachkoy.txt")],
-                            tokenizer=str(data_dir / "tokenizer"), seq_len=64, out=str(out)), progress=False)
-    return str(out)
+    return prepare_once("short-seq64", inputs=[str(corpus / "train" / "gogol_nos.txt")],
+                        valid=[str(corpus / "valid" / "chekhov_dama_s_sobachkoy.txt")],
+                        tokenizer=str(data_dir / "tokenizer"), seq_len=64)["out"]
 
 
 def spec_file(tmp_path: Path, train_data: str, **overrides) -> str:

@@ -60,6 +60,24 @@ class PreparedData:
                             "pass --valid to prepare-data for a validation split")
         return self.meta["splits"][split]
 
+    def head(self, split: str, rows: int) -> np.ndarray:
+        """The first `rows` blocks of a split in cache order, as an int32 [n, block_len] array, read with pyarrow
+        alone: validation needs a few fixed blocks, and a Ray Data pipeline per worker costs seconds to start."""
+        import pyarrow.parquet as pq
+
+        from rugpt_ray.storage import filesystem
+
+        fs, root = filesystem(self.path)
+        out, left = [], rows
+        for shard in self._split(split)["shards"]:
+            if left <= 0:
+                break
+            column = pq.read_table(f"{root.rstrip('/')}/{shard}", columns=["input_ids"], filesystem=fs)["input_ids"]
+            ids = column.combine_chunks().flatten().to_numpy().reshape(-1, self.block_len)[:left]
+            out.append(ids)
+            left -= len(ids)
+        return np.concatenate(out) if out else np.zeros((0, self.block_len), np.int32)
+
     def dataset(self, split: str = "train", *, shuffle_seed: int | None = None):
         """Blocks of one split as a Ray Dataset. With a seed, rows are reshuffled at every execution (every
         epoch), and a new dataset with the same seed repeats the same sequence; without one, they come in cache
@@ -83,6 +101,15 @@ def open_prepared(path: str, *, tokenizer: RuGPTTokenizer | None = None, seq_len
     if diffs:
         raise UserError(f"{path}: prepared cache refused: {'; '.join(diffs)}; run prepare-data again")
     return PreparedData(path, meta)
+
+
+def rank_rows(blocks: np.ndarray, rank: int, world: int, pad_id: int) -> np.ndarray:
+    """Rank `rank`'s share of `blocks`: every rank gets the same number of rows (under ZeRO-3 a forward is a
+    collective), the last ones padded with all-`pad_id` rows whose labels are masked."""
+    per_rank = -(-len(blocks) // world)
+    padded = np.full((per_rank * world, blocks.shape[1]), pad_id, blocks.dtype)
+    padded[:len(blocks)] = blocks
+    return padded[rank * per_rank:(rank + 1) * per_rank]
 
 
 @dataclass
