@@ -18,6 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ray Train's controller polls its workers every 2 s, and a worker's next report waits for that poll: the tests'
 # runs take a fraction of a second per step, so they would spend most of their time waiting for it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# `make test` runs three Ray tests at once on 2 cores: a worker group can take longer than Ray Train's default 60 s
+# to start, which would count as a failure (one more restart than a test expects).
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
