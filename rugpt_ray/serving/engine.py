@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
-from rugpt_ray.generation import Completion, Decoder, GenerationConfig, TokenEvent
+from rugpt_ray.generation import Decoder, GenerationConfig, TokenEvent
 from rugpt_ray.model import GPT
 from rugpt_ray.tokenizer import RuGPTTokenizer
 
@@ -203,29 +203,3 @@ class BatchEngine:
         self.stats.active_requests = len(self._jobs)
         self.stats.active_rows = sum(len(job.live) for job in self._jobs)
         return results
-
-
-class Transcript:
-    """Collects a request's streamed events into `Completion`s: the streamed text is, by construction, the text."""
-
-    def __init__(self, prompts: list[list[int]], n: int, eos_id: int):
-        self.prompt_lengths, self.n, self.eos_id = [len(ids) for ids in prompts], n, eos_id
-        self.texts = [""] * (len(prompts) * n)
-        self.tokens: list[list[int]] = [[] for _ in self.texts]
-        self.finish: list[str | None] = [None] * len(self.texts)
-
-    def add(self, events: list[TokenEvent]) -> None:
-        for e in events:
-            self.texts[e.index] += e.text
-            if e.token_id != self.eos_id:
-                self.tokens[e.index].append(e.token_id)
-            self.finish[e.index] = e.finish_reason
-
-    def completions(self) -> list[Completion]:
-        return [Completion(i, i // self.n, self.texts[i], self.tokens[i], self.finish[i] or "length",
-                           self.prompt_lengths[i // self.n]) for i in range(len(self.texts))]
-
-    @property
-    def usage(self) -> dict[str, int]:
-        prompt, completion = sum(self.prompt_lengths), sum(len(t) for t in self.tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
