@@ -103,7 +103,7 @@ class GenerationConfig(Config):
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise RequestError("stop_token_ids", f"must be token ids >= 0, got {self.stop_token_ids!r}")
         if self.min_new_tokens > self.max_new_tokens:
-            raise RequestError("min_new_tokens", f"{self.min_new_tokens} is over max_new_tokens "
+            raise RequestError("min_new_tokens", f"{self.min_new_tokens} is over the most tokens to generate "
                                                  f"({self.max_new_tokens})")
         if self.max_new_tokens == 0 and self.prompt_logprobs is None:
             raise RequestError("max_new_tokens", "0 (score the prompt only) needs prompt_logprobs")
@@ -618,7 +618,10 @@ class Transcript:
 
     def best(self, n: int) -> list[Completion]:
         """Per prompt, the `n` of its sequences with the highest mean log-probability per sampled token (OpenAI's
-        `best_of`; ties keep the earlier sequence), numbered 0.. in that order. Needs `logprobs` set."""
+        `best_of`; ties keep the earlier sequence), numbered 0.. in that order; all of them, in order, when
+        `n` is every sequence. Ranking needs `logprobs` set."""
+        if n == self.n:
+            return self.completions()
         out = []
         for p in range(len(self.prompts)):
             rows = range(p * self.n, (p + 1) * self.n)
