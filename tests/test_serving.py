@@ -492,6 +492,103 @@ def test_client_disconnect_stops_generation_and_frees_the_slot(server):
     good_request(server)
 
 
+# ------------------------------------------------------------------ real clients (the `clients` test extra)
+
+def test_openai_client(server, direct):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{str(server.base_url).rstrip('/')}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny", "dense", "tiny2"]
+    greedy = direct("dense", PROMPTS[0], GenerationConfig(max_new_tokens=8, greedy=True))[0]
+    out = client.completions.create(model="dense", prompt=PROMPTS[0], max_tokens=8, temperature=0, logprobs=2,
+                                    echo=True, extra_body={"top_k": 5, "repetition_penalty": 1.0})
+    (choice,) = out.choices
+    assert choice.text == PROMPTS[0] + greedy and out.usage.completion_tokens <= 8
+    logprobs = choice.logprobs
+    assert logprobs.token_logprobs[0] is None and len(logprobs.tokens) == len(logprobs.top_logprobs)
+    chunks = list(client.completions.create(model="dense", prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == greedy
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="dense", prompt="x", suffix="y")
+    assert e.value.status_code == 400 and e.value.body["param"] == "suffix"
+    good_request(server)
+
+
+def test_langchain_openai_llm_invokes_streams_and_batches(server, direct):
+    from langchain_openai import OpenAI
+
+    llm = OpenAI(model="dense", base_url=f"{str(server.base_url).rstrip('/')}/v1", api_key="unused", max_tokens=10,
+                 temperature=0, max_retries=0)
+    greedy = direct("dense", PROMPTS, GenerationConfig(max_new_tokens=10, greedy=True))
+    assert llm.invoke(PROMPTS[0]) == greedy[0]
+    assert "".join(llm.stream(PROMPTS[1])) == greedy[1]
+    assert llm.batch(PROMPTS) == greedy
+
+
+LM_EVAL_TASKS = {
+    "choice": {"output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}",
+               "doc_to_target": "{{answer}}", "metric_list": [{"metric": "acc"}]},
+    "continue": {"output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{target}}",
+                 "generation_kwargs": {"until": ["\n", "."], "max_gen_toks": 12, "do_sample": False},
+                 "metric_list": [{"metric": "exact_match"}]},
+}
+LM_EVAL_DOCS = {
+    "choice": [{"question": "Мороз и солнце;", "choices": [" день чудесный!", " ночь темна.", " дождь идёт."],
+                "answer": 0},
+               {"question": "Все счастливые семьи", "choices": [" похожи друг на друга", " несчастливы"],
+                "answer": 0},
+               {"question": "Я помню чудное", "choices": [" мгновенье", " утро", " окно"], "answer": 0}],
+    "continue": [{"prompt": "Мой дядя самых честных правил,", "target": " когда"},
+                 {"prompt": "Буря мглою небо кроет,", "target": " вихри"}],
+}
+
+
+def lm_eval_tasks(folder: Path) -> list[str]:
+    """Task YAMLs over small local JSON files: no hub access."""
+    names = []
+    for kind, spec in LM_EVAL_TASKS.items():
+        data = folder / f"{kind}.jsonl"
+        data.write_text("".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in LM_EVAL_DOCS[kind]))
+        task = {"task": f"rugpt_{kind}", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+                "test_split": "test", **spec}
+        (folder / f"rugpt_{kind}.yaml").write_text(yaml.safe_dump(task, allow_unicode=True))
+        names.append(f"rugpt_{kind}")
+    return names
+
+
+def test_lm_eval_through_the_server_equals_its_hf_backend(server, local_models, data_dir, tmp_path):
+    """lm-evaluation-harness's local-completions (with our tokenizer endpoints) against its own `hf` backend
+    on the same checkpoint exported to HF: the same per-item log-likelihoods, greedy flags and generations."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from rugpt_ray.checkpoints import export_hf
+
+    tasks = lm_eval_tasks(tmp_path)
+    manager = TaskManager(include_path=str(tmp_path))
+    hf = export_hf(local_models["dense"], tmp_path / "hf", tokenizer_folder=data_dir / "tokenizer")
+    runs = {}
+    for backend, args in [
+        ("local-completions", {"model": "dense", "base_url": f"{str(server.base_url).rstrip('/')}/v1/completions",
+                               "tokenizer_backend": "remote", "max_length": 1024, "max_retries": 1}),
+        ("hf", {"pretrained": str(hf), "dtype": "float32", "device": "cpu"}),
+    ]:
+        out = lm_eval.simple_evaluate(model=backend, model_args=args, tasks=tasks, task_manager=manager,
+                                      batch_size=1, log_samples=True, bootstrap_iters=0)
+        runs[backend] = {task: sorted(out["samples"][task], key=lambda s: s["doc_id"]) for task in tasks}
+    served, reference = runs["local-completions"], runs["hf"]
+    for ours, theirs in zip(served["rugpt_choice"], reference["rugpt_choice"], strict=True):
+        assert len(ours["filtered_resps"]) == len(theirs["filtered_resps"]) > 1
+        for (ll, greedy), (want_ll, want_greedy) in zip(ours["filtered_resps"], theirs["filtered_resps"], strict=True):
+            assert ll == pytest.approx(want_ll, abs=1e-4) and greedy == want_greedy
+        assert ours["acc"] == theirs["acc"]
+    texts = [s["filtered_resps"] for s in served["rugpt_continue"]]
+    assert texts == [s["filtered_resps"] for s in reference["rugpt_continue"]]
+    assert any(t[0] for t in texts)  # something was generated
+
+
 def scrape(port: int, name: str, model: str) -> dict[str, float]:
     """One metric family's samples for one model on Ray's Prometheus endpoint, summed over the other labels:
     "_count", "_bucket2.5", "_bucketinf", "_total", "" (a gauge) -> value."""
