@@ -30,6 +30,7 @@ request timeout passed. A streamed request that fails after its first byte ends 
 # No `from __future__ import annotations` here: FastAPI reads the route annotations at runtime.
 
 import asyncio
+import codecs
 import hmac
 import json
 import logging
@@ -221,11 +222,14 @@ class Choices:
         at the token that completes it)."""
         if self.k is None:
             return None
-        decode = self.tokenizer.decode
-        return {"tokens": [decode([t.token_id]) for t in scored],
+        utf8, offsets, chars = codecs.getincrementaldecoder("utf-8")(errors="replace"), [], 0
+        for token in ids[:first + len(scored)]:
+            offsets.append(chars)
+            chars += len(utf8.decode(self.tokenizer.token_bytes(token)))
+        return {"tokens": [self.tokenizer.decode([t.token_id]) for t in scored],
                 "token_logprobs": [t.logprob for t in scored],
                 "top_logprobs": [self._top(t) for t in scored],
-                "text_offset": [len(decode(ids[:first + j]).rstrip("\ufffd")) for j in range(len(scored))]}
+                "text_offset": offsets[first:]}
 
     def _top(self, scored: TokenLogprob) -> dict[str, float] | None:
         """The k likeliest tokens and the chosen one; a text two ids share keeps the likelier one's value."""
