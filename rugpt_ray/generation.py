@@ -455,20 +455,17 @@ class Decoder:
         plain = [s for s in pending if self._rows[s].cfg.prompt_logprobs is None]
         if plain:
             logits.append(self._prefill(plain))
-        prompt_logprobs, scored_only = {}, []
-        if scored:  # every position's logits, only for the rows that report them
-            every = self._prefill(scored, every_position=True)
-            for j, s in enumerate(scored):
-                prompt_logprobs[s] = self._prompt_logprobs(every[j], self._rows[s])
-            sampling = [j for j, s in enumerate(scored) if self._rows[s].cfg.max_new_tokens]
-            scored_only = [s for s in scored if not self._rows[s].cfg.max_new_tokens]
-            logits.append(every[sampling, [len(self._rows[scored[j]].prompt) - 1 for j in sampling]])
+        prompt_logprobs = {}
+        if scored:
+            last, prompt_logprobs = self._prefill_scored(scored)
+            logits.append(last)
+        scored_only = [s for s in scored if not self._rows[s].cfg.max_new_tokens]
         slots = running + plain + [s for s in scored if s not in scored_only]
         out = self._sample(slots, torch.cat(logits)) if slots else []
         for s in scored_only:  # nothing to generate: the row ends here
             out.append((self._rows[s].owner, TokenEvent(self._rows[s].seq.index, None, "", "length")))
             self._rows[s] = None
-        for s, (_, event) in zip(slots + scored_only, out, strict=True):  # a row's first event has its prompt's
+        for s, (_, event) in zip(slots + scored_only, out, strict=True):  # new rows' events carry their prompts'
             event.prompt_logprobs = prompt_logprobs.get(s)
         return out
 
@@ -481,6 +478,14 @@ class Decoder:
         for s, p in zip(slots, prompts, strict=True):
             self._rows[s].length = len(p)
         return logits
+
+    def _prefill_scored(self, slots: list[int]) -> tuple[Tensor, dict[int, list[TokenLogprob]]]:
+        """Prefill the rows that report their prompt's log-probabilities (every position's logits, for these rows
+        only): the last position's logits of those that go on to generate, and each row's prompt log-probs."""
+        every = self._prefill(slots, every_position=True)
+        scores = {s: self._prompt_logprobs(every[j], self._rows[s]) for j, s in enumerate(slots)}
+        going = [j for j, s in enumerate(slots) if self._rows[s].cfg.max_new_tokens]
+        return every[going, [len(self._rows[slots[j]].prompt) - 1 for j in going]], scores
 
     def _prompt_logprobs(self, logits: Tensor, row: _Row) -> list[TokenLogprob]:
         """Each prompt token's raw log-probability given the tokens before it, from (S, V) prefill logits."""

@@ -430,6 +430,12 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": [[5], []]}, 422, "prompt"),
     ("/v1/completions", {"prompt": [5, "x"]}, 422, "prompt"),
     ("/v1/completions", {"prompt": "x", "top_k": -2}, 422, "top_k"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 422, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 422, "n"),
+    ("/v1/completions", {"prompt": "x", "seed": "x"}, 422, "seed"),
+    ("/v1/completions", {"prompt": "x", "user": 5}, 422, "user"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": "yes"}}, 422, "stream_options"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"continuous_usage_stats": True}}, 400, "stream_options"),
     ("/v1/completions", {"prompt": "x", "min_tokens": 20}, 400, "min_tokens"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [60000]}, 400, "stop_token_ids"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": 5}, 422, "stop_token_ids"),
@@ -685,6 +691,9 @@ def test_cli_serve_with_api_key_timeout_and_clean_shutdown(checkpoints, data_dir
         assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
         assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.post(f"{base}/generate", json={"prompt": "x"}).status_code == 401
+        assert httpx.post(f"{base}/tokenize", json={"prompt": "x"}).status_code == 401
+        assert httpx.get(f"{base}/tokenizer_info").status_code == 401
+        assert httpx.post(f"{base}/tokenize", json={"prompt": "x"}, headers=auth).json()["count"] == 1
         models = httpx.get(f"{base}/v1/models", headers=auth).json()
         assert [m["id"] for m in models["data"]] == ["tiny", "dense"]  # a bare path is named after its folder
 

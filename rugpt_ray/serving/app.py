@@ -292,10 +292,12 @@ class RuGPTServer:
             errors = e.errors()
             if errors[0]["type"] == "json_invalid":
                 raise ApiError(400, f"body: {errors[0]['msg']}", "body") from None
-            unknown = [str(err["loc"][0]) for err in errors if err["type"] == "extra_forbidden"]
-            if unknown:
-                hint = close_matches(unknown[:1], schema.model_fields)
-                raise ApiError(400, f"{unknown[0]}: not a field of this endpoint{hint}", unknown[0]) from None
+            unknown = next((err["loc"] for err in errors if err["type"] == "extra_forbidden"), None)
+            if unknown:  # a field we do not know (at the top, or inside an object such as stream_options)
+                param, inner = str(unknown[0]), ".".join(map(str, unknown[1:]))
+                what = (f"has no field {inner!r}" if inner else
+                        f"not a field of this endpoint{close_matches([param], schema.model_fields)}")
+                raise ApiError(400, f"{param}: {what}", param) from None
             if not errors[0]["loc"]:
                 raise ApiError(422, f"body: {errors[0]['msg']}", "body") from None
             param = str(errors[0]["loc"][0])
