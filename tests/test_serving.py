@@ -626,8 +626,9 @@ def test_metrics_reach_rays_prometheus_endpoint(server, ray_metrics_port, tokeni
     itl = scrape(ray_metrics_port, "rugpt_inter_token_latency_seconds", "tiny2")
     e2e = scrape(ray_metrics_port, "rugpt_request_latency_seconds", "tiny2")
     assert ttft["_count"] >= 3 and itl["_count"] >= 3 * 19 and e2e["_count"] >= 3
-    assert ttft["_bucketinf"] == ttft["_count"] and ttft["_bucket120.0"] == ttft["_count"]  # none over 2 min
-    assert itl["_bucket1.0"] >= 0.9 * itl["_count"]  # a tiny model's token takes well under a second
+    for latency in (ttft, itl, e2e):  # every value lands in a finite bucket: none is negative or over 2 min
+        assert latency["_bucketinf"] == latency["_bucket120.0"] == latency["_count"]
+    assert e2e["_count"] <= ttft["_count"]  # every finished request had a first token
     rows = scrape(ray_metrics_port, "rugpt_decode_step_rows", "tiny2")
     assert rows["_count"] >= 19 and rows["_bucket16.0"] == rows["_count"]  # never more rows than max_batch_size
     running = scrape(ray_metrics_port, "rugpt_running_requests", "tiny2")
