@@ -15,6 +15,12 @@ accumulates only its k candidates. A top-p row without top-k never sorts the voc
 whole tempered distribution and keeps the token when the tokens likelier than it hold less than top_p,
 else draws again (rejection: exactly the top-p distribution, at most 1 / top_p draws on average). Ids the
 tokenizer cannot decode (the seed's padding rows 50257–50263) are never produced.
+
+A row ends at EOS (unless `ignore_eos`), at one of its `stop_token_ids` or stop strings (neither is kept in
+the output unless `include_stop_str_in_output`), or after `max_new_tokens`; before `min_new_tokens` its ending
+tokens are masked out and its stop strings are not looked for (vLLM's rules). Log-probabilities are always the
+raw model's log-softmax over the decodable vocabulary, before every adjustment above, so scoring a text through
+the decoder (`prompt_logprobs`, with `max_new_tokens=0` to score only) equals scoring the checkpoint directly.
 """
 
 from __future__ import annotations
@@ -36,11 +42,12 @@ BLOCK = 256
 
 
 class RequestError(UserError):
-    """A request that could never run (the serving app answers 400); `param` names the offending field."""
+    """A request that could never run (the serving app answers 400); `param` names the offending field and
+    `detail` says what is wrong with it."""
 
-    def __init__(self, param: str | None, message: str):
-        super().__init__(message)
-        self.param = param
+    def __init__(self, param: str | None, detail: str):
+        super().__init__(f"{param}: {detail}" if param else detail)
+        self.param, self.detail = param, detail
 
 
 @dataclass
@@ -49,8 +56,11 @@ class GenerationConfig(Config):
 
     where: ClassVar[str] = "generation"
 
-    max_new_tokens: int = option(64, ge=1)
-    """Tokens to generate at most per sequence (prompt + this must fit in the model's positions)."""
+    max_new_tokens: int = option(64, ge=0)
+    """Tokens to generate at most per sequence (prompt + this must fit in the model's positions); 0 scores the
+    prompt only (needs `prompt_logprobs`)."""
+    min_new_tokens: int = option(0, ge=0)
+    """Tokens to generate before EOS, `stop_token_ids` or stop strings may end a sequence."""
     greedy: bool = False
     """Always take the most likely token (temperature, top_k and top_p are then ignored)."""
     temperature: float = option(1.0, ge=0)
@@ -69,19 +79,34 @@ class GenerationConfig(Config):
     """OpenAI's: token id -> value added to its logit before everything else."""
     logprobs: int | None = option(None, ge=0)
     """Report each chosen token's log-probability (raw model log-softmax) and this many top alternatives."""
+    prompt_logprobs: int | None = option(None, ge=0)
+    """Report the same for every prompt token after the first (what the model predicted there)."""
     num_return_sequences: int = option(1, ge=1)
     """Continuations per prompt."""
     stop: list[str] = option(factory=list)
     """Strings that end a sequence; the output is cut before the first one."""
+    stop_token_ids: list[int] = option(factory=list)
+    """Token ids that end a sequence, besides EOS."""
+    include_stop_str_in_output: bool = False
+    """Keep the stop string or stop token that ended a sequence in its output."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (it is then an ordinary token)."""
     seed: int | None = None
     """Seed for sampling; the same seed gives the same text."""
 
     def check(self) -> None:
         if not all(isinstance(k, int) and k >= 0 and -100 <= v <= 100 for k, v in self.logit_bias.items()):
-            raise UserError(f"{self.where}: logit_bias must map token ids >= 0 to values in [-100, 100], "
-                            f"got {self.logit_bias!r}")
+            raise RequestError("logit_bias", f"must map token ids >= 0 to values in [-100, 100], "
+                                             f"got {self.logit_bias!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise UserError(f"{self.where}: stop must be non-empty strings, got {self.stop!r}")
+            raise RequestError("stop", f"must be non-empty strings, got {self.stop!r}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise RequestError("stop_token_ids", f"must be token ids >= 0, got {self.stop_token_ids!r}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise RequestError("min_new_tokens", f"{self.min_new_tokens} is over the most tokens to generate "
+                                                 f"({self.max_new_tokens})")
+        if self.max_new_tokens == 0 and self.prompt_logprobs is None:
+            raise RequestError("max_new_tokens", "0 (score the prompt only) needs prompt_logprobs")
 
     @property
     def is_greedy(self) -> bool:
@@ -89,19 +114,33 @@ class GenerationConfig(Config):
 
 
 @dataclass
+class TokenLogprob:
+    """A token's raw log-probability and the `top` most likely (id, log-probability) pairs where it stands,
+    most likely first; both None for a prompt's first token (nothing predicts it)."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]] | None
+
+
+@dataclass
 class TokenEvent:
     """One step of one sequence: `text` is the new printable text (may be empty while it is held back).
 
-    With `GenerationConfig.logprobs` set, `logprob` is the chosen token's raw log-probability and
-    `top_logprobs` the most likely (id, log-probability) pairs at this step, most likely first.
+    `token_id` is the token this step added to the output, None when it added none (a sequence ends at EOS or
+    a stop token that is not kept, or a `max_new_tokens=0` row was scored). With `GenerationConfig.logprobs`
+    set, `logprob` is the sampled token's raw log-probability and `top_logprobs` the most likely (id,
+    log-probability) pairs at this step, most likely first. A row's first event carries `prompt_logprobs`
+    (one per prompt token) when `GenerationConfig.prompt_logprobs` is set.
     """
 
     index: int
-    token_id: int
+    token_id: int | None
     text: str
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str | None = None  # "stop" (EOS, a stop token or a stop string) or "length"
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -112,6 +151,9 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    """One per token of `token_ids` (with `GenerationConfig.logprobs`)."""
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -150,6 +192,16 @@ def adjust_logits(logits: Tensor, cfgs: list[GenerationConfig], histories: list[
         presence = torch.tensor([cfgs[r].presence_penalty for r in rows], device=device).unsqueeze(1)
         frequency = torch.tensor([cfgs[r].frequency_penalty for r in rows], device=device).unsqueeze(1)
         logits[index] -= counts * frequency + (counts > 0) * presence
+    return logits
+
+
+def suppress_endings(logits: Tensor, cfgs: list[GenerationConfig], output_lengths: list[int], eos_id: int) -> Tensor:
+    """Rows still short of `min_new_tokens` cannot pick a token that would end them (EOS, stop_token_ids)."""
+    masked = [(r, token) for r, cfg in enumerate(cfgs) if output_lengths[r] < cfg.min_new_tokens
+              for token in [*cfg.stop_token_ids, *([] if cfg.ignore_eos else [eos_id])]]
+    if masked:
+        rows, tokens = zip(*masked, strict=True)
+        logits[list(rows), list(tokens)] = float("-inf")
     return logits
 
 
@@ -252,15 +304,20 @@ class SequenceState:
         self.holdback = max((len(s) for s in cfg.stop), default=1) - 1
 
     def push(self, token: int, tokenizer: RuGPTTokenizer) -> TokenEvent:
-        if token == tokenizer.eos_id:
+        cfg, kept = self.cfg, token
+        ends = token in cfg.stop_token_ids or (token == tokenizer.eos_id and not cfg.ignore_eos)
+        if ends:
             self.finish_reason = "stop"
-        else:
+            if not (cfg.include_stop_str_in_output and token in cfg.stop_token_ids):
+                kept = None
+        if kept is not None:
             self.tokens.append(token)
             self.text = tokenizer.decode(self.tokens)
-            cut = min((i for i in (self.text.find(s) for s in self.cfg.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.text, self.finish_reason = self.text[:cut], "stop"
-            elif len(self.tokens) >= self.cfg.max_new_tokens:
+            stop = self._first_stop() if len(self.tokens) >= cfg.min_new_tokens and not ends else None
+            if stop is not None:
+                cut, s = stop
+                self.text, self.finish_reason = self.text[:cut + len(s) * cfg.include_stop_str_in_output], "stop"
+            elif not ends and len(self.tokens) >= cfg.max_new_tokens:
                 self.finish_reason = "length"
         end = len(self.text)
         if self.finish_reason is None:
@@ -268,7 +325,12 @@ class SequenceState:
             while end > self.emitted and self.text[end - 1] == "\ufffd":  # an incomplete UTF-8 character
                 end -= 1
         delta, self.emitted = self.text[self.emitted:end], end
-        return TokenEvent(self.index, token, delta, self.finish_reason)
+        return TokenEvent(self.index, kept, delta, self.finish_reason)
+
+    def _first_stop(self) -> tuple[int, str] | None:
+        """Where the earliest stop string starts in the text, and which one."""
+        found = [(i, s) for s in self.cfg.stop if (i := self.text.find(s)) >= 0]
+        return min(found, default=None)
 
 
 @dataclass
@@ -328,8 +390,15 @@ class Decoder:
         if longest + cfg.max_new_tokens > self.capacity:
             raise RequestError("max_new_tokens", f"prompt ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens}) "
                                f"exceeds the model's {self.capacity} positions")
-        if any(token >= len(self.tokenizer) for token in cfg.logit_bias):
-            raise RequestError("logit_bias", f"names ids past the vocabulary ({len(self.tokenizer)})")
+        vocab = len(self.tokenizer)
+        for i, ids in enumerate(prompts):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestError("prompt", f"token id {bad} (prompt {i}) is not in the vocabulary (0..{vocab - 1})")
+        if any(token >= vocab for token in cfg.logit_bias):
+            raise RequestError("logit_bias", f"names ids past the vocabulary ({vocab})")
+        if any(token >= vocab for token in cfg.stop_token_ids):
+            raise RequestError("stop_token_ids", f"names ids past the vocabulary ({vocab})")
 
     def add(self, prompts: list[list[int]], cfg: GenerationConfig, owner: object = None) -> list[int]:
         """Take a free slot for each prompt x num_return_sequences (sequence index = position in that list).
@@ -382,17 +451,59 @@ class Decoder:
             logits.append(out[index] if self.static_shapes else out)
             for s in running:
                 self._rows[s].length += 1
-        if pending:
-            prompts = [self._rows[s].prompt for s in pending]
-            width = max(map(len, prompts))
-            ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
-            lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-            logits.append(self.model.prefill(ids, lengths, self.cache, torch.tensor(pending, device=self.device)))
-            for s, p in zip(pending, prompts, strict=True):
-                self._rows[s].length = len(p)
-        if not logits:
-            return []
-        return self._sample(running + pending, logits[0] if len(logits) == 1 else torch.cat(logits))
+        scored = [s for s in pending if self._rows[s].cfg.prompt_logprobs is not None]
+        plain = [s for s in pending if self._rows[s].cfg.prompt_logprobs is None]
+        if plain:
+            logits.append(self._prefill(plain))
+        prompt_logprobs = {}
+        if scored:
+            last, prompt_logprobs = self._prefill_scored(scored)
+            logits.append(last)
+        scored_only = [s for s in scored if not self._rows[s].cfg.max_new_tokens]
+        slots = running + plain + [s for s in scored if s not in scored_only]
+        out = self._sample(slots, torch.cat(logits)) if slots else []
+        for s in scored_only:  # nothing to generate: the row ends here
+            out.append((self._rows[s].owner, TokenEvent(self._rows[s].seq.index, None, "", "length")))
+            self._rows[s] = None
+        for s, (_, event) in zip(slots + scored_only, out, strict=True):  # new rows' events carry their prompts'
+            event.prompt_logprobs = prompt_logprobs.get(s)
+        return out
+
+    def _prefill(self, slots: list[int], every_position: bool = False) -> Tensor:
+        prompts = [self._rows[s].prompt for s in slots]
+        width = max(map(len, prompts))
+        ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        logits = self.model.prefill(ids, lengths, self.cache, torch.tensor(slots, device=self.device), every_position)
+        for s, p in zip(slots, prompts, strict=True):
+            self._rows[s].length = len(p)
+        return logits
+
+    def _prefill_scored(self, slots: list[int]) -> tuple[Tensor, dict[int, list[TokenLogprob]]]:
+        """Prefill the rows that report their prompt's log-probabilities (every position's logits, for these rows
+        only): the last position's logits of those that go on to generate, and each row's prompt log-probs."""
+        every = self._prefill(slots, every_position=True)
+        scores = {s: self._prompt_logprobs(every[j], self._rows[s]) for j, s in enumerate(slots)}
+        going = [j for j, s in enumerate(slots) if self._rows[s].cfg.max_new_tokens]
+        return every[going, [len(self._rows[slots[j]].prompt) - 1 for j in going]], scores
+
+    def _prompt_logprobs(self, logits: Tensor, row: _Row) -> list[TokenLogprob]:
+        """Each prompt token's raw log-probability given the tokens before it, from (S, V) prefill logits."""
+        prompt, k = row.prompt, row.cfg.prompt_logprobs
+        logprobs = self._log_softmax(logits[:len(prompt) - 1])
+        chosen = logprobs.gather(1, torch.tensor(prompt[1:], device=self.device).unsqueeze(1)).squeeze(1).tolist()
+        top = logprobs.topk(k) if k else None
+        out = [TokenLogprob(prompt[0], None, None)]
+        for i, (token, value) in enumerate(zip(prompt[1:], chosen, strict=True)):
+            pairs = [] if top is None else list(zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True))
+            out.append(TokenLogprob(token, value, pairs))
+        return out
+
+    def _log_softmax(self, logits: Tensor) -> Tensor:
+        """The raw model's log-probabilities over the ids the tokenizer can decode."""
+        logits = logits.float()
+        logits[..., len(self.tokenizer):] = float("-inf")
+        return logits.log_softmax(-1)
 
     def _sample(self, slots: list[int], logits: Tensor) -> list[tuple[object, TokenEvent]]:
         rows = [self._rows[s] for s in slots]
@@ -403,6 +514,7 @@ class Decoder:
         logprobs = logits[asked].log_softmax(-1) if asked else None
         adjust_logits(logits, cfgs, [self.history[s, :row.length] for s, row in zip(slots, rows, strict=True)],
                       [len(row.prompt) for row in rows])
+        suppress_endings(logits, cfgs, [len(row.seq.tokens) for row in rows], self.tokenizer.eos_id)
 
         def draw(indices: list[int]) -> Tensor:
             return torch.tensor([torch.rand(1, generator=rows[i].generator, dtype=torch.float64).item()
@@ -469,13 +581,61 @@ def generate(model: GPT, tokenizer: RuGPTTokenizer, prompts: str | list[str],
     """Completions for every prompt (× num_return_sequences), ordered by prompt."""
     cfg = cfg or GenerationConfig()
     encoded = encode_prompts(tokenizer, prompts)
-    seqs: dict[int, list[TokenEvent]] = {}
+    transcript = Transcript(encoded, cfg.num_return_sequences)
     for event in stream(model, tokenizer, encoded, cfg):
-        seqs.setdefault(event.index, []).append(event)
-    n = cfg.num_return_sequences
-    out = []
-    for index, events in sorted(seqs.items()):
-        tokens = [e.token_id for e in events if e.token_id != tokenizer.eos_id]
-        text = "".join(e.text for e in events)
-        out.append(Completion(index, index // n, text, tokens, events[-1].finish_reason, len(encoded[index // n])))
-    return out
+        transcript.add([event])
+    return transcript.completions()
+
+
+class Transcript:
+    """Collects a request's events into `Completion`s: the streamed text is, by construction, the text."""
+
+    def __init__(self, prompts: list[list[int]], n: int):
+        self.prompts, self.n = prompts, n
+        rows = range(len(prompts) * n)
+        self.texts = ["" for _ in rows]
+        self.tokens: list[list[int]] = [[] for _ in rows]
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in rows]
+        self.prompt_logprobs: list[list[TokenLogprob] | None] = [None for _ in rows]
+        self.sampled: list[list[float]] = [[] for _ in rows]  # every sampled token's logprob, endings too
+        self.finish: list[str | None] = [None for _ in rows]
+
+    def add(self, events: list[TokenEvent]) -> None:
+        for e in events:
+            self.texts[e.index] += e.text
+            self.finish[e.index] = e.finish_reason
+            if e.prompt_logprobs is not None:
+                self.prompt_logprobs[e.index] = e.prompt_logprobs
+            if e.logprob is not None:
+                self.sampled[e.index].append(e.logprob)
+            if e.token_id is not None:
+                self.tokens[e.index].append(e.token_id)
+                if e.logprob is not None:
+                    self.logprobs[e.index].append(TokenLogprob(e.token_id, e.logprob, e.top_logprobs))
+
+    def completion(self, row: int, index: int | None = None) -> Completion:
+        return Completion(row if index is None else index, row // self.n, self.texts[row], self.tokens[row],
+                          self.finish[row] or "length", len(self.prompts[row // self.n]), self.logprobs[row],
+                          self.prompt_logprobs[row])
+
+    def completions(self) -> list[Completion]:
+        return [self.completion(row) for row in range(len(self.texts))]
+
+    def best(self, n: int) -> list[Completion]:
+        """Per prompt, the `n` of its sequences with the highest mean log-probability per sampled token (OpenAI's
+        `best_of`; ties keep the earlier sequence), numbered 0.. in that order; all of them, in order, when
+        `n` is every sequence. Ranking needs `logprobs` set."""
+        if n == self.n:
+            return self.completions()
+        out = []
+        for p in range(len(self.prompts)):
+            rows = range(p * self.n, (p + 1) * self.n)
+            ranked = sorted(rows, key=lambda r: -sum(self.sampled[r]) / max(len(self.sampled[r]), 1))
+            out += [self.completion(row, p * n + j) for j, row in enumerate(ranked[:n])]
+        return out
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """Tokens of the prompts (once each) and of every generated sequence (best_of's discarded ones too)."""
+        prompt, completion = sum(map(len, self.prompts)), sum(map(len, self.tokens))
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -285,8 +285,10 @@ class GPT(nn.Module):
             loss = total / (targets != -100).sum().clamp(min=1)
         return logits, loss
 
-    def prefill(self, input_ids: Tensor, lengths: Tensor, cache: KVCache, slots: Tensor) -> Tensor:
-        """Logits (P, V) after each prompt's last token; its keys/values go into its slot from column 0.
+    def prefill(self, input_ids: Tensor, lengths: Tensor, cache: KVCache, slots: Tensor,
+                every_position: bool = False) -> Tensor:
+        """Logits (P, V) after each prompt's last token, or (P, S, V) after every token with `every_position`
+        (to score the prompt); its keys/values go into its slot from column 0.
 
         Prompts are right-padded to one width, so true positions are the columns and the plain causal mask
         keeps every real token away from the padding after it (whose keys later steps never attend to).
@@ -298,6 +300,8 @@ class GPT(nn.Module):
         cache.slots_written, cache.lengths = slots, None
         positions = torch.arange(s, device=input_ids.device).expand(p, s)
         hidden = self._hidden(input_ids, positions, self._unpadded_masks(s, input_ids.device), cache)
+        if every_position:
+            return self.lm_head(hidden)
         return self.lm_head(hidden[torch.arange(p, device=hidden.device), lengths - 1])
 
     def decode(self, tokens: Tensor, lengths: Tensor, cache: KVCache, kv_len: int,

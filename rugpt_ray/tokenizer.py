@@ -59,6 +59,18 @@ class RuGPTTokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._vocab.get(token)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (a token can hold part of a UTF-8 character)."""
+        return self._token_bytes[token]
+
+    @cached_property
+    def _token_bytes(self) -> list[bytes]:
+        byte_of = _byte_level_alphabet()
+        out = [b""] * self.vocab_size
+        for text, token in self._vocab.items():
+            out[token] = bytes(byte_of[c] for c in text)
+        return out
+
     @cached_property
     def fingerprint(self) -> str:
         """sha256 over the files that define the token ids; caches built with another tokenizer are refused."""
@@ -66,6 +78,14 @@ class RuGPTTokenizer:
         for name in TOKENIZER_FILES:
             h.update((self.folder / name).read_bytes())
         return h.hexdigest()[:16]
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (char -> byte): the printable bytes stand for themselves, the other 68 for
+    chr(256), chr(257), ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
 
 
 def resolve_tokenizer_folder(path_or_hub_id: str | os.PathLike) -> Path:

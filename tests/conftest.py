@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,17 @@ def tokenizer(data_dir: Path) -> RuGPTTokenizer:
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
-    """One real local Ray (2 CPUs, loopback only) shared by every test that needs it."""
+def ray_metrics_port() -> int:
+    """The port of the shared Ray's Prometheus endpoint (`http://127.0.0.1:PORT/metrics`)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory, ray_metrics_port):
+    """One real local Ray (2 CPUs, loopback only) shared by every test that needs it; metrics are exported on
+    `ray_metrics_port` every second (Ray's default is 10 s)."""
     import ray
 
     ray.init(
@@ -56,6 +66,8 @@ def ray_local(tmp_path_factory):
         _temp_dir=str(tmp_path_factory.mktemp("ray")),
         include_dashboard=False,
         log_to_driver=False,
+        _metrics_export_port=ray_metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
     )
     yield ray
     ray.shutdown()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from rugpt_ray.config import preset
-from rugpt_ray.generation import Decoder, GenerationConfig, RequestError, generate
-from rugpt_ray.serving.engine import BatchEngine, Transcript
+from rugpt_ray.generation import Decoder, GenerationConfig, RequestError, Transcript, generate
+from rugpt_ray.serving.engine import BatchEngine
 
 PROMPTS = ["Мороз и солнце; день чудесный!", "Все счастливые семьи похожи друг на друга", "Я",
            "Белеет парус одинокой в тумане моря голубом"]
@@ -89,7 +89,7 @@ def test_requests_that_could_never_run_are_refused_naming_the_field(sparse_model
 async def collect(engine, tokenizer, i, delay=0.0, timeout_s=None):
     await asyncio.sleep(delay)
     ids = [tokenizer.encode(PROMPTS[i])]
-    transcript = Transcript(ids, CFGS[i].num_return_sequences, tokenizer.eos_id)
+    transcript = Transcript(ids, CFGS[i].num_return_sequences)
     async for events in engine.generate(ids, CFGS[i], timeout_s):
         transcript.add(events)
     return [c.token_ids for c in transcript.completions()]

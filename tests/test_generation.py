@@ -134,6 +134,52 @@ def test_eos_ends_a_sequence(dense_pair, tokenizer):
     assert plain.finish_reason == "length"
 
 
+def test_stop_tokens_min_tokens_and_ignore_eos(dense_pair, tokenizer):
+    model, _ = dense_pair
+    plain = generate(model, tokenizer, PROMPTS[0], GenerationConfig(max_new_tokens=10, greedy=True))[0]
+    third = plain.token_ids[2]
+    first_at = plain.token_ids.index(third)
+    stopped = generate(model, tokenizer, PROMPTS[0], GenerationConfig(max_new_tokens=10, greedy=True,
+                                                                      stop_token_ids=[third]))[0]
+    assert (stopped.finish_reason, stopped.token_ids) == ("stop", plain.token_ids[:first_at])
+    kept = generate(model, tokenizer, PROMPTS[0], GenerationConfig(max_new_tokens=10, greedy=True, stop_token_ids=[
+        third], include_stop_str_in_output=True))[0]
+    assert kept.token_ids == plain.token_ids[:first_at + 1] and kept.text == tokenizer.decode(kept.token_ids)
+    at_least = generate(model, tokenizer, PROMPTS[0], GenerationConfig(max_new_tokens=10, greedy=True,
+                                                                       stop_token_ids=[third], min_new_tokens=8))[0]
+    assert len(at_least.token_ids) >= 8 and third not in at_least.token_ids[:8]  # masked until 8 tokens
+    eos_at_third = copy.copy(tokenizer)
+    eos_at_third.eos_id = third
+    ignored = generate(model, eos_at_third, PROMPTS[0], GenerationConfig(max_new_tokens=10, greedy=True,
+                                                                         ignore_eos=True))[0]
+    assert ignored.token_ids == plain.token_ids
+    stop = plain.text[len(plain.text) // 2:][:2]
+    with_stop = generate(model, tokenizer, PROMPTS[0], GenerationConfig(max_new_tokens=10, greedy=True, stop=[stop],
+                                                                        include_stop_str_in_output=True))[0]
+    assert with_stop.text == plain.text[:plain.text.index(stop) + len(stop)]
+
+
+def test_prompt_logprobs_are_the_checkpoints_log_softmax_and_max_new_tokens_0_only_scores(dense_pair, tokenizer):
+    model, _ = dense_pair
+    ids = tokenizer.encode(PROMPTS[1])
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0][0].float().log_softmax(-1)
+    events = list(stream(model, tokenizer, [ids, ids[:5]], GenerationConfig(max_new_tokens=0, prompt_logprobs=2)))
+    assert [(e.index, e.token_id, e.text, e.finish_reason) for e in events] == [(0, None, "", "length"),
+                                                                                (1, None, "", "length")]
+    scored = events[0].prompt_logprobs
+    assert [t.token_id for t in scored] == ids and scored[0].logprob is None and scored[0].top is None
+    assert [t.logprob for t in scored[1:]] == pytest.approx(want[torch.arange(len(ids) - 1), ids[1:]].tolist(),
+                                                            abs=1e-4)
+    assert [t.top[0][0] for t in scored[1:]] == want[:-1].argmax(-1).tolist()
+    assert [t.logprob for t in events[1].prompt_logprobs[1:]] == pytest.approx([t.logprob for t in scored[1:5]],
+                                                                               abs=1e-5)
+    sampled = list(stream(model, tokenizer, [ids], GenerationConfig(max_new_tokens=3, greedy=True,
+                                                                    prompt_logprobs=0)))
+    assert [t.top for t in sampled[0].prompt_logprobs[1:]] == [[]] * (len(ids) - 1)
+    assert all(e.prompt_logprobs is None for e in sampled[1:]) and len(sampled) == 3
+
+
 @pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -1.0), ("top_p", 0.0),
                                          ("top_p", 1.5), ("num_return_sequences", 0), ("top_k", -1),
                                          ("presence_penalty", 2.5), ("frequency_penalty", -3.0),

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 
 from rugpt_ray.checkpoints import load_model, save_native
 from rugpt_ray.config import ModelConfig, preset
+from rugpt_ray.evaluation import perplexity
 from rugpt_ray.generation import GenerationConfig, generate
 from rugpt_ray.serving import ServeConfig
 
@@ -97,10 +99,20 @@ def server(ray_local, checkpoints, data_dir):
 
 
 @pytest.fixture(scope="module")
-def direct(checkpoints, tokenizer):
+def local_models(checkpoints):
     """The same checkpoints in this process: what the server should answer."""
-    models = {name: load_model(path) for name, path in checkpoints.items()}
-    return lambda name, prompts, cfg: [c.text for c in generate(models[name], tokenizer, prompts, cfg)]
+    return {name: load_model(path) for name, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def direct(local_models, tokenizer):
+    return lambda name, prompts, cfg: [c.text for c in generate(local_models[name], tokenizer, prompts, cfg)]
+
+
+def log_softmax(model, ids: list[int]) -> torch.Tensor:
+    """The checkpoint's own (len(ids), V) next-token log-probabilities over a text, in fp32."""
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0][0].float().log_softmax(-1)
 
 
 def stats(client: httpx.Client, model: str) -> dict:
@@ -182,6 +194,163 @@ def test_openai_completions_shape(server, direct):
     assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
 
 
+SCORED = "Мороз и солнце; день чудесный! Ещё ты дремлешь, друг прелестный"
+
+
+def test_echo_logprobs_score_a_text_as_the_checkpoint_does(server, local_models, tokenizer):
+    ids = tokenizer.encode(SCORED)
+    want = log_softmax(local_models["dense"], ids)
+    body = {"model": "dense", "echo": True, "logprobs": 3, "max_tokens": 0}
+    r = server.post("/v1/completions", json={**body, "prompt": SCORED})
+    assert r.status_code == 200, r.text
+    (choice,) = r.json()["choices"]
+    assert choice["text"] == SCORED and choice["finish_reason"] == "length"
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == SCORED and len(lp["tokens"]) == len(ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx(want[torch.arange(len(ids) - 1), ids[1:]].tolist(), abs=1e-4)
+    assert lp["text_offset"] == [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
+    for i, top in enumerate(lp["top_logprobs"][1:]):  # the 3 likeliest, plus the actual token when it is not one
+        best = want[i].topk(3)
+        assert len(top) in (3, 4) and max(top.values()) == pytest.approx(best.values[0].item(), abs=1e-4)
+        assert top[tokenizer.decode([ids[i + 1]])] == lp["token_logprobs"][i + 1]
+    loss = perplexity(local_models["dense"], ids, seq_len=len(ids) - 1).loss  # `rugpt-ray evaluate`'s number
+    assert -sum(lp["token_logprobs"][1:]) / (len(ids) - 1) == pytest.approx(loss, abs=1e-4)
+    assert r.json()["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+
+    as_ids = server.post("/v1/completions", json={**body, "prompt": ids}).json()["choices"]
+    assert as_ids == [choice]  # a token-id prompt is the same prompt
+    batch = server.post("/v1/completions", json={**body, "prompt": [ids[:5], ids]}).json()["choices"]
+    assert batch[1] == {**choice, "index": 1}
+    assert batch[0]["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][:5], abs=1e-5)
+
+
+def test_loglikelihood_request_as_lm_eval_sends_it(server, local_models, tokenizer):
+    """lm-eval's local-completions: token ids, echo, logprobs 1, max_tokens 1, temperature 0; it sums
+    token_logprobs[ctxlen:-1] and calls a continuation greedy when each equals max(top_logprobs[i])."""
+    context, continuation = tokenizer.encode("Мороз и солнце;"), tokenizer.encode(" день чудесный!")
+    ids = context + continuation
+    want = log_softmax(local_models["dense"], ids)
+    r = server.post("/v1/completions", json={"model": "dense", "prompt": [ids, context], "echo": True,
+                                             "logprobs": 1, "max_tokens": 1, "temperature": 0, "seed": 1234})
+    assert r.status_code == 200, r.text
+    first, second = r.json()["choices"]
+    lp = first["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1  # the prompt, then the one generated token
+    ctxlen = len(context)
+    got = sum(lp["token_logprobs"][ctxlen:-1])
+    assert got == pytest.approx(sum(want[i - 1, ids[i]].item() for i in range(ctxlen, len(ids))), abs=1e-4)
+    greedy = all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][ctxlen:-1],
+                                                           lp["top_logprobs"][ctxlen:-1], strict=True))
+    assert greedy == all(want[i - 1].argmax().item() == ids[i] for i in range(ctxlen, len(ids)))
+    # the generated token is the greedy one: its logprob is the top one, and it is the checkpoint's argmax
+    generated = second["logprobs"]
+    assert generated["token_logprobs"][-1] == max(generated["top_logprobs"][-1].values())
+    assert generated["tokens"][-1] == tokenizer.decode([log_softmax(local_models["dense"], context)[-1].argmax()])
+
+
+def reference_greedy(model, tokenizer, ids: list[int], steps: int, presence: float, frequency: float,
+                     bias: dict[int, float]) -> tuple[list[int], list[float]]:
+    """Greedy decoding with OpenAI's formulas written out: logit + bias - frequency * count - presence * (count > 0);
+    also the raw log-probability of each chosen token."""
+    out, raw = [], []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + out]))[0][0, -1].float()
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
+        adjusted = logits - frequency * counts - presence * (counts > 0).float()
+        for token, value in bias.items():
+            adjusted[token] += value
+        token = adjusted.argmax().item()
+        if token == tokenizer.eos_id:
+            break
+        out.append(token)
+        raw.append(logits.log_softmax(-1)[token].item())
+    return out, raw
+
+
+def test_penalties_and_logit_bias_follow_the_formulas_and_logprobs_stay_raw(server, local_models, tokenizer):
+    ids = tokenizer.encode(PROMPTS[1])
+    model = local_models["dense"]
+    plain, _ = reference_greedy(model, tokenizer, ids, 1, 0, 0, {})
+    bias = {plain[0]: -100.0, 1234: 3.0}
+    want, raw = reference_greedy(model, tokenizer, ids, 24, 0.5, 1.5, bias)
+    r = server.post("/v1/completions", json={"model": "dense", "prompt": PROMPTS[1], "max_tokens": 24,
+                                             "temperature": 0, "presence_penalty": 0.5, "frequency_penalty": 1.5,
+                                             "logit_bias": {str(k): v for k, v in bias.items()}, "logprobs": 2})
+    assert r.status_code == 200, r.text
+    (choice,) = r.json()["choices"]
+    assert choice["text"] == tokenizer.decode(want) and want[0] != plain[0]
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(raw, abs=1e-4)  # before penalties and bias
+    unpenalized = server.post("/v1/completions", json={"model": "dense", "prompt": PROMPTS[1], "max_tokens": 24,
+                                                       "temperature": 0}).json()["choices"][0]["text"]
+    assert unpenalized != choice["text"]
+
+
+def test_openai_defaults_nulls_best_of_and_stop_tokens(server, local_models, tokenizer):
+    langchain = {"model": "dense", "prompt": [PROMPTS[0]], "temperature": 0.7, "top_p": 1, "frequency_penalty": 0,
+                 "presence_penalty": 0, "n": 1, "seed": None, "logprobs": None, "max_tokens": 12, "best_of": None,
+                 "logit_bias": None, "echo": None, "stop": None, "suffix": None, "user": None, "stream": False,
+                 "stream_options": None, "top_k": None, "min_tokens": None, "stop_token_ids": None}
+    r = server.post("/v1/completions", json=langchain)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["logprobs"] is None and r.json()["usage"]["completion_tokens"] <= 12
+
+    sampled = {"model": "dense", "prompt": PROMPTS[0], "max_tokens": 8, "seed": 5, "ignore_eos": True}
+    every = server.post("/v1/completions", json={**sampled, "n": 3, "logprobs": 0}).json()
+    means = [sum(c["logprobs"]["token_logprobs"]) / 8 for c in every["choices"]]
+    best = server.post("/v1/completions", json={**sampled, "n": 1, "best_of": 3}).json()
+    assert [c["text"] for c in best["choices"]] == [every["choices"][means.index(max(means))]["text"]]
+    assert best["choices"][0]["logprobs"] is None and best["usage"] == every["usage"]  # all 3 were generated
+
+    greedy = server.post("/v1/completions", json={"model": "dense", "prompt": PROMPTS[0], "max_tokens": 6,
+                                                  "temperature": 0, "logprobs": 0}).json()["choices"][0]
+    ids = generate(local_models["dense"], tokenizer, PROMPTS[0], GenerationConfig(max_new_tokens=6, greedy=True))
+    ids = ids[0].token_ids
+    assert tokenizer.decode(ids) == greedy["text"]
+    stopped = server.post("/v1/completions", json={"model": "dense", "prompt": PROMPTS[0], "max_tokens": 6,
+                                                   "temperature": 0, "stop_token_ids": [ids[2]],
+                                                   "include_stop_str_in_output": True}).json()["choices"][0]
+    assert stopped["finish_reason"] == "stop"
+    assert stopped["text"] == tokenizer.decode(ids[:ids.index(ids[2]) + 1])
+    echoed = server.post("/generate", json={"model": "dense", "prompt": PROMPTS[0], "max_new_tokens": 6,
+                                            "temperature": 0, "echo": True, "logprobs": 0}).json()["completions"][0]
+    assert echoed["text"] == PROMPTS[0] + greedy["text"]
+    n_prompt = len(tokenizer.encode(PROMPTS[0]))
+    assert echoed["logprobs"]["token_logprobs"][n_prompt:] == pytest.approx(greedy["logprobs"]["token_logprobs"],
+                                                                            abs=1e-5)
+
+
+def test_streamed_logprobs_equal_the_whole_answer(server):
+    body = {"model": "dense", "prompt": [PROMPTS[0], PROMPTS[1]], "max_tokens": 10, "echo": True, "logprobs": 2,
+            "seed": 3, "temperature": 0.9}
+    whole = server.post("/v1/completions", json=body).json()["choices"]
+    with server.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [c for c in sse(r) if c != "[DONE]"]
+    for choice in whole:
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == choice["index"]]
+        assert len(mine) > 3
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert [v for c in mine for v in c["logprobs"][key]] == choice["logprobs"][key], key
+        assert mine[-1]["finish_reason"] == choice["finish_reason"]
+
+
+def test_tokenizer_endpoints(server, tokenizer):
+    ids = tokenizer.encode(SCORED)
+    r = server.post("/tokenize", json={"prompt": SCORED, "add_special_tokens": False})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"tokens": ids, "count": len(ids), "max_model_len": 256}  # the default model: tiny
+    assert server.post("/tokenize", json={"prompt": SCORED, "model": "dense"}).json()["max_model_len"] == 1024
+    assert server.post("/detokenize", json={"tokens": ids}).json() == {"prompt": SCORED}
+    info = server.get("/tokenizer_info").json()
+    assert (info["eos_token"], info["bos_token"], info["pad_token"]) == ("</s>", "<s>", "<pad>")
+    assert server.post("/tokenize", json={"prompt": info["eos_token"]}).json()["tokens"] == [tokenizer.eos_id]
+    assert info["model_max_length"] == 256 and info["vocab_size"] == len(tokenizer)
+    assert server.get("/tokenizer_info", params={"model": "dense"}).json()["model_max_length"] == 1024
+    assert server.get("/tokenizer_info", params={"model": "nope"}).status_code == 404
+
+
 def test_concurrent_requests_are_batched_and_seeded_text_does_not_change(server):
     bodies = [{"prompt": PROMPTS[i % 2], "max_new_tokens": 48 + 8 * i, "seed": i, "model": "dense"}
               for i in range(4)]  # 4 = max_ongoing_requests: none waits in Serve's queue
@@ -234,14 +403,53 @@ BAD_INPUTS = [
     ("/generate", {"prompt": "x", "num_return_sequences": 4}, 400, "num_return_sequences"),
     ("/generate", {"prompt": ["x"] * 9, "num_return_sequences": 2}, 400, "num_return_sequences"),
     ("/generate", {"prompt": "x", "stop": [""]}, 422, "stop"),
-    ("/generate", {"prompt": "x", "temprature": 1}, 422, "temprature"),
+    ("/generate", {"prompt": "x", "temprature": 1}, 400, "temprature"),
     ("/generate", {"prompt": "x", "model": "nope"}, 404, "model"),
     ("/generate", {"prompt": "x" * (65 * 1024)}, 413, "body"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 1001}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "n": 4}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 422, "temperature"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 5}, 422, "logprobs"),
     ("/v1/completions", {"prompt": "x", "stream": True, "top_p": 2}, 422, "top_p"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 422, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": -1}, 422, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "echo": "yes"}, 422, "echo"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 422, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 422, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": -3}, 422, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 422, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"five": 1}}, 422, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"-5": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"60000": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "best_of": 0}, 422, "best_of"),
+    ("/v1/completions", {"prompt": "x", "n": 2, "best_of": 1}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "x", "best_of": 4}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2, "stream": True}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "x", "suffix": "end"}, 400, "suffix"),
+    ("/v1/completions", {"prompt": [5, 60000, 7]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[5], [-1]]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[5], []]}, 422, "prompt"),
+    ("/v1/completions", {"prompt": [5, "x"]}, 422, "prompt"),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, 422, "top_k"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 422, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 422, "n"),
+    ("/v1/completions", {"prompt": "x", "seed": "x"}, 422, "seed"),
+    ("/v1/completions", {"prompt": "x", "user": 5}, 422, "user"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": "yes"}}, 422, "stream_options"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"continuous_usage_stats": True}}, 400, "stream_options"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": 20}, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [60000]}, 400, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": 5}, 422, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "x", "ignore_eos": 1}, 422, "ignore_eos"),
+    ("/v1/completions", {"prompt": "x", "include_stop_str_in_output": "no"}, 422, "include_stop_str_in_output"),
+    ("/v1/completions", {"prompt": "x", "max_new_tokens": 5}, 400, "max_new_tokens"),
+    ("/generate", {"prompt": "x", "max_tokens": 5}, 400, "max_tokens"),
+    ("/generate", {"prompt": "x", "min_new_tokens": 100}, 400, "min_new_tokens"),
+    ("/generate", {"prompt": "x", "best_of": 5}, 400, "best_of"),
+    ("/tokenize", {"prompt": 5}, 422, "prompt"),
+    ("/tokenize", {"prompt": "x", "messages": []}, 400, "messages"),
+    ("/detokenize", {"tokens": [1, 50257]}, 400, "tokens"),
+    ("/detokenize", {"tokens": "1 2"}, 422, "tokens"),
 ]
 
 
@@ -289,6 +497,144 @@ def test_client_disconnect_stops_generation_and_frees_the_slot(server):
     assert now["cancelled_requests"] == before["cancelled_requests"] + 1
     assert now["tokens"] - before["tokens"] < 1000
     good_request(server)
+
+
+# ------------------------------------------------------------------ real clients (the `clients` test extra)
+
+def test_openai_client(server, direct):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{str(server.base_url).rstrip('/')}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny", "dense", "tiny2"]
+    greedy = direct("dense", PROMPTS[0], GenerationConfig(max_new_tokens=8, greedy=True))[0]
+    out = client.completions.create(model="dense", prompt=PROMPTS[0], max_tokens=8, temperature=0, logprobs=2,
+                                    echo=True, extra_body={"top_k": 5, "repetition_penalty": 1.0})
+    (choice,) = out.choices
+    assert choice.text == PROMPTS[0] + greedy and out.usage.completion_tokens <= 8
+    logprobs = choice.logprobs
+    assert logprobs.token_logprobs[0] is None and len(logprobs.tokens) == len(logprobs.top_logprobs)
+    chunks = list(client.completions.create(model="dense", prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == greedy
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="dense", prompt="x", suffix="y")
+    assert e.value.status_code == 400 and e.value.body["param"] == "suffix"
+    good_request(server)
+
+
+def test_langchain_openai_llm_invokes_streams_and_batches(server, direct):
+    from langchain_openai import OpenAI
+
+    llm = OpenAI(model="dense", base_url=f"{str(server.base_url).rstrip('/')}/v1", api_key="unused", max_tokens=10,
+                 temperature=0, max_retries=0)
+    greedy = direct("dense", PROMPTS, GenerationConfig(max_new_tokens=10, greedy=True))
+    assert llm.invoke(PROMPTS[0]) == greedy[0]
+    assert "".join(llm.stream(PROMPTS[1])) == greedy[1]
+    assert llm.batch(PROMPTS) == greedy
+
+
+LM_EVAL_TASKS = {
+    "choice": {"output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}",
+               "doc_to_target": "{{answer}}", "metric_list": [{"metric": "acc"}]},
+    "continue": {"output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{target}}",
+                 "generation_kwargs": {"until": ["\n", "."], "max_gen_toks": 12, "do_sample": False},
+                 "metric_list": [{"metric": "exact_match"}]},
+}
+LM_EVAL_DOCS = {
+    "choice": [{"question": "Мороз и солнце;", "choices": [" день чудесный!", " ночь темна.", " дождь идёт."],
+                "answer": 0},
+               {"question": "Все счастливые семьи", "choices": [" похожи друг на друга", " несчастливы"],
+                "answer": 0},
+               {"question": "Я помню чудное", "choices": [" мгновенье", " утро", " окно"], "answer": 0}],
+    "continue": [{"prompt": "Мой дядя самых честных правил,", "target": " когда"},
+                 {"prompt": "Буря мглою небо кроет,", "target": " вихри"}],
+}
+
+
+def lm_eval_tasks(folder: Path) -> list[str]:
+    """Task YAMLs over small local JSON files: no hub access."""
+    names = []
+    for kind, spec in LM_EVAL_TASKS.items():
+        data = folder / f"{kind}.jsonl"
+        data.write_text("".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in LM_EVAL_DOCS[kind]))
+        task = {"task": f"rugpt_{kind}", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+                "test_split": "test", **spec}
+        (folder / f"rugpt_{kind}.yaml").write_text(yaml.safe_dump(task, allow_unicode=True))
+        names.append(f"rugpt_{kind}")
+    return names
+
+
+def test_lm_eval_through_the_server_equals_its_hf_backend(server, local_models, data_dir, tmp_path):
+    """lm-evaluation-harness's local-completions (with our tokenizer endpoints) against its own `hf` backend
+    on the same checkpoint exported to HF: the same per-item log-likelihoods, greedy flags and generations."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from rugpt_ray.checkpoints import export_hf
+
+    tasks = lm_eval_tasks(tmp_path)
+    manager = TaskManager(include_path=str(tmp_path))
+    hf = export_hf(local_models["dense"], tmp_path / "hf", tokenizer_folder=data_dir / "tokenizer")
+    runs = {}
+    for backend, args in [
+        ("local-completions", {"model": "dense", "base_url": f"{str(server.base_url).rstrip('/')}/v1/completions",
+                               "tokenizer_backend": "remote", "max_length": 1024, "max_retries": 1}),
+        ("hf", {"pretrained": str(hf), "dtype": "float32", "device": "cpu"}),
+    ]:
+        out = lm_eval.simple_evaluate(model=backend, model_args=args, tasks=tasks, task_manager=manager,
+                                      batch_size=1, log_samples=True, bootstrap_iters=0)
+        runs[backend] = {task: sorted(out["samples"][task], key=lambda s: s["doc_id"]) for task in tasks}
+    served, reference = runs["local-completions"], runs["hf"]
+    for ours, theirs in zip(served["rugpt_choice"], reference["rugpt_choice"], strict=True):
+        assert len(ours["filtered_resps"]) == len(theirs["filtered_resps"]) > 1
+        for (ll, greedy), (want_ll, want_greedy) in zip(ours["filtered_resps"], theirs["filtered_resps"], strict=True):
+            assert ll == pytest.approx(want_ll, abs=1e-4) and greedy == want_greedy
+        assert ours["acc"] == theirs["acc"]
+    texts = [s["filtered_resps"] for s in served["rugpt_continue"]]
+    assert texts == [s["filtered_resps"] for s in reference["rugpt_continue"]]
+    assert any(t[0] for t in texts)  # something was generated
+
+
+def scrape(port: int, name: str, model: str) -> dict[str, float]:
+    """One metric family's samples for one model on Ray's Prometheus endpoint, summed over the other labels:
+    "_count", "_bucket2.5", "_bucketinf", "_total", "" (a gauge) -> value."""
+    samples = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        if line.startswith(f"ray_{name}") and f'model="{model}"' in line:
+            key, value = line.rsplit(" ", 1)
+            suffix = key[len(f"ray_{name}"):].split("{")[0]
+            le = str(float(key.split('le="')[1].split('"')[0])) if 'le="' in key else ""  # "16" -> "16.0"
+            samples[suffix + le] = samples.get(suffix + le, 0.0) + float(value)
+    return samples
+
+
+def test_metrics_reach_rays_prometheus_endpoint(server, ray_metrics_port, tokenizer):
+    prompt_tokens = len(tokenizer.encode(PROMPTS[1]))
+    for seed in range(3):
+        r = server.post("/v1/completions", json={"model": "tiny2", "prompt": PROMPTS[1], "max_tokens": 20,
+                                                 "seed": seed, "ignore_eos": True})
+        assert r.json()["usage"]["completion_tokens"] == 20
+    deadline = time.monotonic() + 60  # Ray exports every second here, and the scrape sees it a little later
+    while time.monotonic() < deadline:
+        generated = scrape(ray_metrics_port, "rugpt_generation_tokens", "tiny2")
+        if generated.get("_total", 0) >= 60:
+            break
+        time.sleep(1)
+    assert generated["_total"] >= 60, generated
+    assert scrape(ray_metrics_port, "rugpt_prompt_tokens", "tiny2")["_total"] >= 3 * prompt_tokens
+    ttft = scrape(ray_metrics_port, "rugpt_time_to_first_token_seconds", "tiny2")
+    itl = scrape(ray_metrics_port, "rugpt_inter_token_latency_seconds", "tiny2")
+    e2e = scrape(ray_metrics_port, "rugpt_request_latency_seconds", "tiny2")
+    assert ttft["_count"] >= 3 and itl["_count"] >= 3 * 19 and e2e["_count"] >= 3
+    for latency in (ttft, itl, e2e):  # every value lands in a finite bucket: none is negative or over 2 min
+        assert latency["_bucketinf"] == latency["_bucket120.0"] == latency["_count"]
+    assert e2e["_count"] <= ttft["_count"]  # every finished request had a first token
+    rows = scrape(ray_metrics_port, "rugpt_decode_step_rows", "tiny2")
+    assert rows["_count"] >= 19 and rows["_bucket16.0"] == rows["_count"]  # never more rows than max_batch_size
+    running = scrape(ray_metrics_port, "rugpt_running_requests", "tiny2")
+    waiting = scrape(ray_metrics_port, "rugpt_waiting_requests", "tiny2")
+    assert running == {"": 0.0} and waiting == {"": 0.0}  # all done
 
 
 def test_serve_configs_are_valid_serve_configs():
@@ -347,6 +693,9 @@ def test_cli_serve_with_api_key_timeout_and_clean_shutdown(checkpoints, data_dir
         assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
         assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.post(f"{base}/generate", json={"prompt": "x"}).status_code == 401
+        assert httpx.post(f"{base}/tokenize", json={"prompt": "x"}).status_code == 401
+        assert httpx.get(f"{base}/tokenizer_info").status_code == 401
+        assert httpx.post(f"{base}/tokenize", json={"prompt": "x"}, headers=auth).json()["count"] == 1
         models = httpx.get(f"{base}/v1/models", headers=auth).json()
         assert [m["id"] for m in models["data"]] == ["tiny", "dense"]  # a bare path is named after its folder
 

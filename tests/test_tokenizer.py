@@ -42,6 +42,14 @@ def test_no_token_is_added_and_the_specials_are_single_ids(tokenizer, data_dir):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "Пушкин родился"
 
 
+def test_token_bytes_join_to_the_decoded_text(tokenizer, prose):
+    for text in prose:
+        ids = tokenizer.encode("<s>" + text)
+        assert b"".join(tokenizer.token_bytes(t) for t in ids).decode("utf-8") == "<s>" + text
+    split = [t for t in range(len(tokenizer)) if tokenizer.token_bytes(t) in {bytes([b]) for b in range(128, 256)}]
+    assert split and all(tokenizer.decode([t]) == "\ufffd" for t in split)  # half a character each
+
+
 def test_fingerprint_follows_the_files_that_define_the_ids(tokenizer, data_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(data_dir / "tokenizer", copy)

@@ -1,8 +1,20 @@
 """The Serve application: one FastAPI ingress deployment that owns the models and their batching engines.
 
 Endpoints: `POST /generate` (our shape), `POST /v1/completions` and `GET /v1/models` (OpenAI's shape),
-`GET /stats` (batching counters per loaded model), `GET /healthz`. Both POST endpoints stream server-sent
-events with `"stream": true`.
+`POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info` (vLLM's shapes, which lm-evaluation-harness
+uses instead of a local tokenizer), `GET /stats` (batching counters per loaded model), `GET /healthz`. Both
+generating endpoints stream server-sent events with `"stream": true`. Latency, token and batch metrics go to
+Ray's Prometheus endpoint (serving/metrics.py).
+
+The completions API takes every field of OpenAI's (a `null` is the default) and vLLM's usual extras: a prompt
+may be text, a list of texts, a list of token ids or a list of such lists. `logprobs` (0..20) are the raw
+model's log-softmax, before temperature, penalties and filters, so scoring through the server equals scoring
+the checkpoint; `top_logprobs` hold the chosen token besides the k likeliest (as OpenAI's and vLLM's do), and
+`text_offset` counts characters of the returned text. `echo` puts the prompt first in the text and in the
+logprobs (its first token's logprob is null); `max_tokens: 0` with `echo` only scores the prompt. `best_of`
+generates that many sequences per prompt and returns the `n` with the highest mean log-probability per
+sampled token; it cannot be streamed when over `n`, and usage counts every generated token. `n > 1` streams
+the sequences' chunks interleaved, each with its `index`. `suffix` is refused.
 
 Ingress and models live in one replica: a token goes engine -> SSE -> proxy with no extra actor hop, which
 keeps Serve's time-to-first-token overhead small. Models are loaded through `serve.multiplexed` (LRU, at most
@@ -10,14 +22,15 @@ keeps Serve's time-to-first-token overhead small. Models are loaded through `ser
 `serve_multiplexed_model_id` header with the same name so the proxy prefers a replica that has it loaded.
 
 Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with these codes:
-400 malformed JSON or a limit broken (message and `param` name the field), 401 missing/wrong bearer token,
-404 unknown model (the message lists the served ones), 413 body too large, 422 a field of the wrong type or
-out of range, 503 overloaded (Serve's `max_queued_requests`), 504 the request timeout passed. A streamed
-request that fails after its first byte ends with an `{"error": ...}` event instead.
+400 malformed JSON, an unknown field, an unsupported value or a limit broken (message and `param` name the
+field), 401 missing/wrong bearer token, 404 unknown model (the message lists the served ones), 413 body too
+large, 422 a field of the wrong type or out of range, 503 overloaded (Serve's `max_queued_requests`), 504 the
+request timeout passed. A streamed request that fails after its first byte ends with an `{"error": ...}` event.
 """
 # No `from __future__ import annotations` here: FastAPI reads the route annotations at runtime.
 
 import asyncio
+import codecs
 import hmac
 import json
 import logging
@@ -31,20 +44,23 @@ from typing import Annotated, Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.serve import Application
 
 from rugpt_ray.checkpoints import load_model
+from rugpt_ray.config import close_matches
 from rugpt_ray.errors import UserError
-from rugpt_ray.generation import GenerationConfig, RequestError, TokenEvent
+from rugpt_ray.generation import Completion, GenerationConfig, RequestError, TokenEvent, TokenLogprob, Transcript
 from rugpt_ray.serving.config import ServeConfig
-from rugpt_ray.serving.engine import BatchEngine, Transcript
-from rugpt_ray.tokenizer import load_tokenizer
+from rugpt_ray.serving.engine import BatchEngine
+from rugpt_ray.serving.metrics import EngineMetrics
+from rugpt_ray.tokenizer import RuGPTTokenizer, load_tokenizer
 
 logger = logging.getLogger("ray.serve")
 NonEmpty = Annotated[str, Field(min_length=1)]
-OPENAI_PARAMS = {"max_new_tokens": "max_tokens", "num_return_sequences": "n"}
+Prompt = str | list[str] | list[int] | list[list[int]]
+OPENAI_PARAMS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "num_return_sequences": "n"}
 DEFAULT_MAX_NEW_TOKENS = 64
 
 
@@ -61,53 +77,102 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-class _Prompted(BaseModel):
+class _Body(BaseModel):
+    """A request body: unknown fields are refused, types are strict, and `null` means the field's default."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str | list[str]
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, body: Any) -> Any:
+        return {k: v for k, v in body.items() if v is not None} if isinstance(body, dict) else body
+
+
+class _Prompted(_Body):
+    prompt: Prompt
     model: str | None = None
     temperature: float = Field(1.0, ge=0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=-1)  # vLLM's -1 and 0 both mean all tokens
     top_p: float = Field(1.0, gt=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[Annotated[int, Field(strict=False)], Annotated[float, Field(ge=-100, le=100)]] = Field(
+        default_factory=dict)  # JSON keys are strings: "50256" is id 50256
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1)
     stop: NonEmpty | list[NonEmpty] | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
     seed: int | None = None
     stream: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _not_empty(cls, prompt: str | list[str]) -> str | list[str]:
-        if not prompt or (isinstance(prompt, list) and not all(prompt)):
-            raise ValueError("must be a non-empty string or a non-empty list of non-empty strings")
+    def _not_empty(cls, prompt: Prompt) -> Prompt:
+        if not prompt or (isinstance(prompt, list) and any(isinstance(p, str | list) and not p for p in prompt)):
+            raise ValueError("must be a non-empty text or list of token ids, or a non-empty list of those")
         return prompt
 
-    def generation(self, max_new_tokens: int, n: int) -> GenerationConfig:
+    def generation(self, max_new_tokens: int, min_new_tokens: int, n: int) -> GenerationConfig:
+        """The decoder's settings. best_of's extra sequences are ranked by their log-probabilities, so they
+        report them; `max_tokens: 0` runs as prompt scoring."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return GenerationConfig(max_new_tokens=max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                                top_p=self.top_p, repetition_penalty=self.repetition_penalty,
-                                num_return_sequences=n, stop=stop, seed=self.seed)
+        rows = self.best_of or n
+        logprobs = 0 if self.logprobs is None and rows > n else self.logprobs
+        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        if max_new_tokens == 0 and prompt_logprobs is None:
+            prompt_logprobs = 0
+        return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
+                                repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                                frequency_penalty=self.frequency_penalty, logit_bias=dict(self.logit_bias),
+                                logprobs=logprobs, prompt_logprobs=prompt_logprobs, num_return_sequences=rows,
+                                stop=stop, stop_token_ids=list(self.stop_token_ids),
+                                include_stop_str_in_output=self.include_stop_str_in_output,
+                                ignore_eos=self.ignore_eos, seed=self.seed)
 
 
 class GenerateRequest(_Prompted):
     """`POST /generate`: one prompt or a list, sampling settings as in `GenerationConfig`."""
 
-    max_new_tokens: int | None = Field(None, ge=1)
+    max_new_tokens: int | None = Field(None, ge=0)
+    min_new_tokens: int = Field(0, ge=0)
     num_return_sequences: int = Field(1, ge=1)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
 class CompletionRequest(_Prompted):
-    """`POST /v1/completions` in OpenAI's shape (plus top_k and repetition_penalty, as vLLM accepts them)."""
+    """`POST /v1/completions` in OpenAI's shape, plus vLLM's extras (top_k, repetition_penalty, min_tokens,
+    stop_token_ids, include_stop_str_in_output, ignore_eos)."""
 
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)
+    min_tokens: int = Field(0, ge=0)
     n: int = Field(1, ge=1)
+    suffix: str | None = None  # refused with 400 when given: text is only completed left to right
     stream_options: StreamOptions | None = None
     user: str | None = None  # OpenAI's end-user id: accepted, not used
+
+
+class TokenizeRequest(_Body):
+    """`POST /tokenize` in vLLM's shape; `add_special_tokens` changes nothing (ruGPT3 adds none)."""
+
+    prompt: str
+    model: str | None = None
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    """`POST /detokenize` in vLLM's shape."""
+
+    tokens: list[int]
+    model: str | None = None
 
 
 app = FastAPI(title="rugpt-ray", description=__doc__)
@@ -120,6 +185,61 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class Choices:
+    """How one request's sequences read back: with `echo` the prompt comes first in the text and in the
+    logprobs; with `logprobs` (the k asked for, else None) each choice has OpenAI's `logprobs` object."""
+
+    def __init__(self, tokenizer: RuGPTTokenizer, prompts: list[list[int]], rows_per_prompt: int, echo: bool,
+                 logprobs: int | None):
+        self.tokenizer, self.prompts, self.rows_per_prompt = tokenizer, prompts, rows_per_prompt
+        self.echo, self.k = echo, logprobs
+        self.started: set[int] = set()  # streamed sequences whose first chunk went out
+
+    def whole(self, c: Completion) -> tuple[str, dict[str, Any] | None]:
+        """The text and logprobs of a finished sequence."""
+        prompt = self.prompts[c.prompt_index] if self.echo else []
+        scored = ((c.prompt_logprobs or []) if self.echo else []) + (c.logprobs or [])
+        return self.tokenizer.decode(prompt) + c.text, self._logprobs(prompt + c.token_ids, scored, 0)
+
+    def chunk(self, transcript: Transcript, row: int, events: list[TokenEvent]) -> tuple[str, dict[str, Any] | None]:
+        """The text and logprobs of a streamed sequence's events since its last chunk (already in `transcript`)."""
+        text = "".join(e.text for e in events)
+        new = [TokenLogprob(e.token_id, e.logprob, e.top_logprobs) for e in events
+               if e.token_id is not None and e.logprob is not None]
+        prompt = self.prompts[row // self.rows_per_prompt] if self.echo else []
+        output = transcript.tokens[row]
+        first = len(prompt) + len(output) - len(new)
+        if self.echo and row not in self.started:
+            text, new, first = self.tokenizer.decode(prompt) + text, (transcript.prompt_logprobs[row] or []) + new, 0
+        self.started.add(row)
+        return text, self._logprobs(prompt + output, new, first)
+
+    def _logprobs(self, ids: list[int], scored: list[TokenLogprob], first: int) -> dict[str, Any] | None:
+        """OpenAI's object for `scored`, the tokens at `first`.. of `ids` (the ids of the text returned so far):
+        `text_offset` is the length of that text before each token (a character split over tokens counts
+        at the token that completes it)."""
+        if self.k is None:
+            return None
+        utf8, offsets, chars = codecs.getincrementaldecoder("utf-8")(errors="replace"), [], 0
+        for token in ids[:first + len(scored)]:
+            offsets.append(chars)
+            chars += len(utf8.decode(self.tokenizer.token_bytes(token)))
+        return {"tokens": [self.tokenizer.decode([t.token_id]) for t in scored],
+                "token_logprobs": [t.logprob for t in scored],
+                "top_logprobs": [self._top(t) for t in scored],
+                "text_offset": offsets[first:]}
+
+    def _top(self, scored: TokenLogprob) -> dict[str, float] | None:
+        """The k likeliest tokens and the chosen one; a text two ids share keeps the likelier one's value."""
+        if scored.top is None:
+            return None
+        top = {}
+        for token, logprob in scored.top:
+            top.setdefault(self.tokenizer.decode([token]), logprob)
+        top.setdefault(self.tokenizer.decode([scored.token_id]), scored.logprob)
+        return top
 
 
 @serve.deployment(name="RuGPTServer")
@@ -141,7 +261,7 @@ class RuGPTServer:
         async def load(name: str) -> BatchEngine:
             model = await asyncio.to_thread(load_model, cfg.models[name], device=cfg.device,
                                             dtype=getattr(torch, cfg.dtype))
-            engine = self.engines[name] = BatchEngine(model, self.tokenizer, cfg.max_batch_size)
+            engine = self.engines[name] = BatchEngine(model, self.tokenizer, cfg.max_batch_size, EngineMetrics(name))
             return engine
 
         self.engine = serve.multiplexed(max_num_models_per_replica=cfg.max_models_per_replica)(load)
@@ -158,7 +278,7 @@ class RuGPTServer:
                            kind="authentication_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    async def _read(self, request: Request, schema: type[_Prompted]) -> _Prompted:
+    async def _read(self, request: Request, schema: type[_Body]) -> _Body:
         """Authorize, then read at most max_body_bytes and validate; errors name the field."""
         self._authorize(request)
         body = bytearray()
@@ -172,31 +292,58 @@ class RuGPTServer:
             errors = e.errors()
             if errors[0]["type"] == "json_invalid":
                 raise ApiError(400, f"body: {errors[0]['msg']}", "body") from None
+            unknown = next((err["loc"] for err in errors if err["type"] == "extra_forbidden"), None)
+            if unknown:  # a field we do not know (at the top, or inside an object such as stream_options)
+                param, inner = str(unknown[0]), ".".join(map(str, unknown[1:]))
+                what = (f"has no field {inner!r}" if inner else
+                        f"not a field of this endpoint{close_matches([param], schema.model_fields)}")
+                raise ApiError(400, f"{param}: {what}", param) from None
             if not errors[0]["loc"]:
                 raise ApiError(422, f"body: {errors[0]['msg']}", "body") from None
             param = str(errors[0]["loc"][0])
             messages = dict.fromkeys(err["msg"] for err in errors if err["loc"] and err["loc"][0] == param)
             raise ApiError(422, f"{param}: {'; '.join(messages)}", param) from None
 
-    async def _prepare(self, body: _Prompted, max_new_tokens: int, n: int,
-                       names: dict[str, str]) -> tuple[str, BatchEngine, list[list[int]], GenerationConfig]:
-        """The model's engine, the encoded prompts and the generation settings, after every limit check."""
-        name = body.model or self.cfg.default_model
+    async def _engine(self, name: str | None) -> tuple[str, BatchEngine]:
+        """The named (or default) model's engine, loaded on demand."""
+        name = name or self.cfg.default_model
         if name not in self.cfg.models:
             raise ApiError(404, f"model {name!r} is not served here; known: {', '.join(self.cfg.models)}", "model",
                            kind="not_found_error", code="model_not_found")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        cfg = body.generation(max_new_tokens, n)
         try:
-            engine = await self.engine(name)
+            return name, await self.engine(name)
         except UserError as e:  # checked paths can still vanish, or a hub id be unreachable from the replica
             raise ApiError(500, f"model {name!r} could not be loaded: {e}", "model", kind="server_error") from None
+
+    def _encode(self, prompt: Prompt) -> list[list[int]]:
+        """Token ids of each prompt: texts are encoded, ids taken as they are (the decoder checks them)."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if isinstance(prompt[0], int):
+            return [prompt]
+        return self.tokenizer.encode_batch(prompt) if isinstance(prompt[0], str) else prompt
+
+    async def _prepare(self, body: _Prompted, max_new_tokens: int, min_new_tokens: int, n: int,
+                       names: dict[str, str]) -> tuple[str, BatchEngine, list[list[int]], GenerationConfig]:
+        """The model's engine, the encoded prompts and the generation settings, after every limit check."""
+        name, engine = await self._engine(body.model)
+        rows = body.best_of or n
+        if rows > n:  # the decoder's rows are best_of's
+            names = {**names, "num_return_sequences": "best_of"}
         try:
             if max_new_tokens > self.cfg.max_new_tokens:
                 raise RequestError("max_new_tokens", f"{max_new_tokens} is over the limit of {self.cfg.max_new_tokens}")
-            if n > self.cfg.max_n:
-                raise RequestError("num_return_sequences", f"{n} is over the limit of {self.cfg.max_n}")
-            encoded = self.tokenizer.encode_batch(prompts)
+            if max_new_tokens == 0 and not body.echo:
+                raise RequestError("max_new_tokens", "0 generates nothing; it is for scoring the prompt, with echo")
+            if rows < n:
+                raise RequestError("best_of", f"{body.best_of} is below n ({n})")
+            if rows > n and body.stream:
+                raise RequestError("best_of", f"{body.best_of} sequences ranked to return {n} cannot be streamed; "
+                                              f"stream with best_of equal to n")
+            if rows > self.cfg.max_n:
+                raise RequestError("num_return_sequences", f"{rows} is over the limit of {self.cfg.max_n}")
+            cfg = body.generation(max_new_tokens, min_new_tokens, n)
+            encoded = self._encode(body.prompt)
             for i, ids in enumerate(encoded):
                 if len(ids) > self.cfg.max_prompt_tokens:
                     raise RequestError("prompt", f"prompt {i} has {len(ids)} tokens; the limit is "
@@ -204,11 +351,11 @@ class RuGPTServer:
             engine.check(encoded, cfg)
         except RequestError as e:
             param = names.get(e.param, e.param)
-            raise ApiError(400, f"{param}: {e}", param) from None
+            raise ApiError(400, f"{param}: {e.detail}", param) from None
         return name, engine, encoded, cfg
 
     async def _collect(self, engine: BatchEngine, encoded: list[list[int]], cfg: GenerationConfig) -> Transcript:
-        transcript = Transcript(encoded, cfg.num_return_sequences, self.tokenizer.eos_id)
+        transcript = Transcript(encoded, cfg.num_return_sequences)
         try:
             async for events in engine.generate(encoded, cfg, self.cfg.request_timeout_s):
                 transcript.add(events)
@@ -217,29 +364,29 @@ class RuGPTServer:
         return transcript
 
     async def _stream(self, engine: BatchEngine, encoded: list[list[int]], cfg: GenerationConfig,
-                      chunk: Callable[[TokenEvent], dict[str, Any]],
+                      chunk: Callable[[Transcript, int, list[TokenEvent]], dict[str, Any]],
                       final: Callable[[Transcript], list[str]]) -> AsyncIterator[str]:
-        """SSE text: `chunk(event)` per sequence with new text or an end, then `final(transcript)`.
+        """SSE text: `chunk(transcript, row, events)` per sequence with new text or an end, then `final(transcript)`.
 
         Tokens go out as they come; those that arrive within `stream_interval_s` of the last send (or together,
-        when the client reads slower than the model writes) are merged into one chunk per sequence.
+        when the client reads slower than the model writes) are merged into one chunk per sequence. Events
+        whose text is still held back (a possible stop string, half a character) wait for the next chunk.
         """
-        transcript = Transcript(encoded, cfg.num_return_sequences, self.tokenizer.eos_id)
+        transcript = Transcript(encoded, cfg.num_return_sequences)
         loop, pending, sent = asyncio.get_running_loop(), {}, float("-inf")
 
         def flush() -> str:
-            return "".join(_sse(chunk(e)) for e in pending.values() if e.text or e.finish_reason)
+            ready = [row for row, events in pending.items() if any(e.text or e.finish_reason for e in events)]
+            return "".join(_sse(chunk(transcript, row, pending.pop(row))) for row in ready)
 
         try:
             async for events in engine.generate(encoded, cfg, self.cfg.request_timeout_s):
                 transcript.add(events)
-                for e in events:  # one chunk per sequence: the text since its last chunk
-                    before = pending.get(e.index)
-                    pending[e.index] = e if before is None else TokenEvent(e.index, e.token_id, before.text + e.text,
-                                                                           e.finish_reason)
+                for e in events:
+                    pending.setdefault(e.index, []).append(e)
                 if loop.time() - sent >= self.cfg.stream_interval_s and (text := flush()):
                     yield text
-                    pending, sent = {}, loop.time()
+                    sent = loop.time()
             if text := flush():
                 yield text
         except TimeoutError as e:
@@ -270,50 +417,93 @@ class RuGPTServer:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
                                             "owned_by": "rugpt-ray"} for name in self.cfg.models]}
 
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        body: TokenizeRequest = await self._read(request, TokenizeRequest)
+        _, engine = await self._engine(body.model)
+        tokens = self.tokenizer.encode(body.prompt)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context}
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request) -> dict[str, str]:
+        body: DetokenizeRequest = await self._read(request, DetokenizeRequest)
+        await self._engine(body.model)
+        vocab = len(self.tokenizer)
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"tokens: token id {bad} is not in the vocabulary (0..{vocab - 1})", "tokens")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request, model: str | None = None) -> dict[str, Any]:
+        """What a client needs to tokenize as the server does (vLLM's shape); `?model=` picks the context."""
+        self._authorize(request)
+        _, engine = await self._engine(model)
+        tok = self.tokenizer
+        special = {"eos": tok.eos_id, "bos": tok.bos_id, "pad": tok.pad_id}
+        return {"tokenizer_class": "GPT2TokenizerFast", "vocab_size": len(tok), "model_max_length": engine.context,
+                "max_model_len": engine.context, "add_bos_token": False, "add_eos_token": False,
+                **{f"{kind}_token": tok.decode([token]) for kind, token in special.items()},
+                **{f"{kind}_token_id": token for kind, token in special.items()}}
+
     @app.post("/generate", response_model=None)
     async def generate(self, request: Request) -> dict[str, Any] | StreamingResponse:
         body: GenerateRequest = await self._read(request, GenerateRequest)
-        max_new = body.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, self.cfg.max_new_tokens)
-        name, engine, encoded, cfg = await self._prepare(body, max_new, body.num_return_sequences, {})
+        max_new = body.max_new_tokens
+        if max_new is None:
+            max_new = min(DEFAULT_MAX_NEW_TOKENS, self.cfg.max_new_tokens)
+        n = body.num_return_sequences
+        name, engine, encoded, cfg = await self._prepare(body, max_new, body.min_new_tokens, n, {})
+        choices = Choices(self.tokenizer, encoded, cfg.num_return_sequences, body.echo, body.logprobs)
 
         def result(transcript: Transcript) -> dict[str, Any]:
-            completions = [{"index": c.index, "prompt_index": c.prompt_index, "text": c.text,
-                            "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens}
-                           for c in transcript.completions()]
+            completions = []
+            for c in transcript.best(n):
+                text, logprobs = choices.whole(c)
+                completions.append({"index": c.index, "prompt_index": c.prompt_index, "text": text,
+                                    "logprobs": logprobs, "finish_reason": c.finish_reason,
+                                    "completion_tokens": c.completion_tokens})
             return {"model": name, "completions": completions, "usage": transcript.usage}
+
+        def chunk(transcript: Transcript, row: int, events: list[TokenEvent]) -> dict[str, Any]:
+            text, logprobs = choices.chunk(transcript, row, events)
+            return {"index": row, "text": text, "logprobs": logprobs, "finish_reason": events[-1].finish_reason}
 
         if not body.stream:
             return result(await self._collect(engine, encoded, cfg))
         return StreamingResponse(self._stream(
-            engine, encoded, cfg,
-            chunk=lambda e: {"index": e.index, "text": e.text, "finish_reason": e.finish_reason},
-            final=lambda transcript: [_sse({"done": True, **result(transcript)})],
+            engine, encoded, cfg, chunk, final=lambda transcript: [_sse({"done": True, **result(transcript)})],
         ), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/completions", response_model=None)
     async def completions(self, request: Request) -> dict[str, Any] | StreamingResponse:
         body: CompletionRequest = await self._read(request, CompletionRequest)
-        name, engine, encoded, cfg = await self._prepare(body, body.max_tokens, body.n, OPENAI_PARAMS)
+        if body.suffix:
+            raise ApiError(400, "suffix: not supported (text is only completed left to right)", "suffix")
+        name, engine, encoded, cfg = await self._prepare(body, body.max_tokens, body.min_tokens, body.n,
+                                                         OPENAI_PARAMS)
+        choices = Choices(self.tokenizer, encoded, cfg.num_return_sequences, body.echo, body.logprobs)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
 
-        def choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        def choice(index: int, text: str, logprobs: dict[str, Any] | None, finish_reason: str | None) -> dict:
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
         if not body.stream:
             transcript = await self._collect(engine, encoded, cfg)
-            return {**head, "choices": [choice(c.index, c.text, c.finish_reason) for c in transcript.completions()],
-                    "usage": transcript.usage}
+            return {**head, "choices": [choice(c.index, *choices.whole(c), c.finish_reason)
+                                        for c in transcript.best(body.n)], "usage": transcript.usage}
+
+        def chunk(transcript: Transcript, row: int, events: list[TokenEvent]) -> dict[str, Any]:
+            return {**head, "choices": [choice(row, *choices.chunk(transcript, row, events),
+                                               events[-1].finish_reason)]}
 
         def final(transcript: Transcript) -> list[str]:
             usage = [_sse({**head, "choices": [], "usage": transcript.usage})]
             return [*(usage if body.stream_options and body.stream_options.include_usage else []), "data: [DONE]\n\n"]
 
-        return StreamingResponse(self._stream(
-            engine, encoded, cfg,
-            chunk=lambda e: {**head, "choices": [choice(e.index, e.text, e.finish_reason)]},
-            final=final,
-        ), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(self._stream(engine, encoded, cfg, chunk, final), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
 
 def build_app(args: dict[str, Any] | ServeConfig) -> Application:

@@ -51,7 +51,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(f"serving {', '.join(cfg.models)} on http://{args.host}:{args.port} "
-              f"(POST /generate, /v1/completions; GET /v1/models, /healthz); Ctrl-C or SIGTERM stops", flush=True)
+              f"(POST /generate, /v1/completions, /tokenize, /detokenize; GET /v1/models, /tokenizer_info, /stats, "
+              f"/healthz); Ctrl-C or SIGTERM stops", flush=True)
         while not stop.wait(0.5):
             pass
         print("stopping", flush=True)

@@ -5,8 +5,9 @@ slots of its preallocated KV cache, are prefilled at the next step and then deco
 to the others; a finished or cancelled row gives its slot back and nothing else moves. Each row samples from
 its own seeded generator, so a seeded request gives the same tokens alone or batched, streamed or not. This
 module only serves: it queues and admits requests while slots are free, enforces deadlines, drops cancelled
-requests and keeps counters. Model work runs on one worker thread per engine that steps back to back, so
-neither waits for the other: the event loop accepts requests and streams tokens while a step computes.
+requests and keeps counters (and, given an `EngineMetrics`, Prometheus metrics). Model work runs on one
+worker thread per engine that steps back to back, so neither waits for the other: the event loop accepts
+requests and streams tokens while a step computes.
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from rugpt_ray.generation import Completion, Decoder, GenerationConfig, TokenEvent
+from rugpt_ray.generation import Decoder, GenerationConfig, TokenEvent
 from rugpt_ray.model import GPT
 from rugpt_ray.tokenizer import RuGPTTokenizer
+
+if TYPE_CHECKING:  # the metrics need Ray; the engine runs without it
+    from rugpt_ray.serving.metrics import EngineMetrics
 
 
 @dataclass
@@ -53,6 +58,9 @@ class _Job:
         self.live: set[int] = set()  # slots of the sequences still decoding
         self.cancelled = False
         self.deadline, self.timeout_s = float("inf"), None  # time.monotonic() after which the engine gives up
+        self.arrived = time.monotonic()
+        self.last_tokens_at: float | None = None  # when a step last gave this job events
+        self.generated = 0  # output tokens so far
         self.loop = loop
         self.queue: asyncio.Queue[list[TokenEvent] | BaseException | None] = asyncio.Queue()
 
@@ -80,8 +88,10 @@ class BatchEngine:
     `max_batch_size` rows decode together at most: the decoder's KV cache holds that many full-context slots.
     """
 
-    def __init__(self, model: GPT, tokenizer: RuGPTTokenizer, max_batch_size: int = 32):
+    def __init__(self, model: GPT, tokenizer: RuGPTTokenizer, max_batch_size: int = 32,
+                 metrics: EngineMetrics | None = None):
         self.model, self.tokenizer, self.max_batch_size = model.eval(), tokenizer, max_batch_size
+        self.metrics = metrics
         self.decoder = Decoder(model, tokenizer, max_batch_size)  # touched by the worker thread only
         self.stats = EngineStats()
         self._lock = threading.Lock()  # guards _waiting and _worker, shared with the event loop(s)
@@ -163,6 +173,8 @@ class BatchEngine:
                 if not self._jobs and not new:
                     self._worker = None
                     self.stats.active_requests = self.stats.active_rows = 0
+                    if self.metrics:
+                        self.metrics.requests(0, len(self._waiting))
                     return
             running = [*self._jobs, *new]
             try:
@@ -202,30 +214,24 @@ class BatchEngine:
         self.stats.finished_requests += sum(done for _, _, done in results)
         self.stats.active_requests = len(self._jobs)
         self.stats.active_rows = sum(len(job.live) for job in self._jobs)
+        if self.metrics:
+            self._observe(results, decoding_rows)
         return results
 
-
-class Transcript:
-    """Collects a request's streamed events into `Completion`s: the streamed text is, by construction, the text."""
-
-    def __init__(self, prompts: list[list[int]], n: int, eos_id: int):
-        self.prompt_lengths, self.n, self.eos_id = [len(ids) for ids in prompts], n, eos_id
-        self.texts = [""] * (len(prompts) * n)
-        self.tokens: list[list[int]] = [[] for _ in self.texts]
-        self.finish: list[str | None] = [None] * len(self.texts)
-
-    def add(self, events: list[TokenEvent]) -> None:
-        for e in events:
-            self.texts[e.index] += e.text
-            if e.token_id != self.eos_id:
-                self.tokens[e.index].append(e.token_id)
-            self.finish[e.index] = e.finish_reason
-
-    def completions(self) -> list[Completion]:
-        return [Completion(i, i // self.n, self.texts[i], self.tokens[i], self.finish[i] or "length",
-                           self.prompt_lengths[i // self.n]) for i in range(len(self.texts))]
-
-    @property
-    def usage(self) -> dict[str, int]:
-        prompt, completion = sum(self.prompt_lengths), sum(len(t) for t in self.tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def _observe(self, results: list[tuple[_Job, list[TokenEvent], bool]], decoding_rows: int) -> None:
+        """Latencies, token counts, queue sizes and batch rows of the step that just ended."""
+        now = time.monotonic()
+        for job, events, done in results:
+            if not events:
+                continue
+            if job.last_tokens_at is None:
+                self.metrics.first_token(now - job.arrived)
+            else:
+                self.metrics.inter_token(now - job.last_tokens_at)
+            job.last_tokens_at = now
+            job.generated += sum(e.token_id is not None for e in events)
+            if done:
+                self.metrics.finished(now - job.arrived, sum(map(len, job.prompts)), job.generated)
+        if decoding_rows:
+            self.metrics.decode_step(decoding_rows)
+        self.metrics.requests(len(self._jobs), len(self._waiting))
