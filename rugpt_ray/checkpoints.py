@@ -262,10 +262,11 @@ def load_model(
         raise UserError(f"unknown checkpoint format {fmt!r}; known: {', '.join(CHECKPOINT_FORMATS)}")
     base: dict[str, Any] = check_preset(preset) if preset else {}
     detected = detect_format(path)
-    if detected == "hub":
-        if fmt not in ("auto", "hf"):
+    if detected == "hub":  # an HF GPT-2 repo, or the seed's files as HF sberbank-ai/rugpt3xl holds them
+        if fmt not in ("auto", "hf", "megatron"):
             raise UserError(f"{source}: no such file or folder")
-        path, detected = _download_hub(source), "hf"
+        path = _download_hub(source)
+        detected = detect_format(path)
     if detected == "lora":
         raise UserError(f"{source}: a LoRA adapter checkpoint, not full weights; write merged weights with "
                         "`rugpt-ray export --merge` (or load it with rugpt_ray.lora.merged_model)")
@@ -333,7 +334,8 @@ def _download_hub(hub_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
+        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt",
+                                                                    "mp_rank_*_model_states.pt"]))
     except Exception as e:
         raise UserError(f"{hub_id}: no such local path, and the HF hub download failed ({type(e).__name__})") from e
 
