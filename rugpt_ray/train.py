@@ -54,13 +54,15 @@ def lr_at(step: int, cfg: TrainConfig, steps: int) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and LayerNorm parameters (the seed's rule)."""
+    """No weight decay on biases and LayerNorm parameters (the seed's rule); frozen parameters left out, and a
+    group left empty (LoRA's are all matrices) dropped, as ZeRO drops it and the schedule must see the same groups."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.dim() < 2 or ".ln_" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 # --------------------------------------------------------------------------------------------- worker
@@ -101,7 +103,15 @@ def _add_lora(model, cfg: TrainConfig, model_values: dict[str, Any] | None):
 
     base = base_reference(model, cfg.init_from, base_load_args(cfg, model_values))
     add_lora(model, cfg.lora_config())
+    model.register_state_dict_post_hook(_adapter_only)
     return base
+
+
+def _adapter_only(module, state_dict: dict[str, torch.Tensor], prefix: str, local_metadata) -> None:
+    """A LoRA run's state dict (what DeepSpeed's checkpoint holds) is the adapter alone: DeepSpeed's
+    exclude_frozen_parameters keeps the tied output layer (a second name of the frozen embedding) and buffers."""
+    for key in [k for k in state_dict if k.startswith(prefix) and "lora_" not in k]:
+        del state_dict[key]
 
 
 def flops_per_token(model_cfg: ModelConfig, params: int, seq_len: int) -> float:
