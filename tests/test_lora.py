@@ -211,3 +211,17 @@ def test_lora_run_trains_resumes_exports_and_refuses_another_base(tmp_path, prep
     save_native(make_model(preset("tiny"), seed=7), tmp_path / "other")
     with pytest.raises(Exception, match="refusing to apply it"):
         train(TrainConfig.from_dict({**values, "max_steps": 40, "init_from": str(tmp_path / "other")}))
+
+
+def test_the_lora_sweep_spec_varies_lr_and_rank(tmp_path):
+    from rugpt_ray.tuning.plan import load_sweep_config, plan_sweep, trial_values
+
+    plan = plan_sweep(load_sweep_config(str(REPO / "tune" / "lora_lr_rank.yaml"), [f"train.init_from={tmp_path}"]))
+    assert plan.space == {"lr": ("loguniform", [1e-3, 3e-2]), "lora.r": ("grid", [4, 8, 16])}
+    assert plan.num_trials == 6
+    trial = TrainConfig.from_dict(trial_values(plan.base.to_dict(), {"lr": 5e-3, "lora.r": 16}))
+    assert trial.lora == {"r": 16, "alpha": 16, "dropout": 0.05, "targets": ["c_attn", "c_proj", "c_fc"]}
+    assert trial.lr == 5e-3
+    with pytest.raises(UserError, match=r"space.lora.rank value 4: train config: lora: unknown keys \['rank'\]"):
+        plan_sweep(load_sweep_config(str(REPO / "tune" / "lora_lr_rank.yaml"),
+                                     [f"train.init_from={tmp_path}", "space.lora.rank={grid: [4]}"]))
