@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from rugpt_ray.errors import UserError
 from rugpt_ray.progress import follow_progress
 from rugpt_ray.ray_start import start_ray
 from rugpt_ray.storage import is_uri, read_text, write_file
+
+if TYPE_CHECKING:
+    from rugpt_ray.lora import BaseRef
 
 CHECKPOINT_TAG = "deepspeed"
 STATE_FILE = "train_state.json"
@@ -97,7 +100,7 @@ def _build_model(cfg: TrainConfig, model_values: dict[str, Any] | None):
     return GPT(ModelConfig.from_dict(model_values)).train()
 
 
-def _add_lora(model, cfg: TrainConfig, model_values: dict[str, Any] | None):
+def _add_lora(model, cfg: TrainConfig, model_values: dict[str, Any] | None) -> BaseRef:
     """Freeze the init_from model and add the recipe's adapters; the base's reference for the checkpoints."""
     from rugpt_ray.lora import add_lora, base_reference
 
@@ -291,7 +294,8 @@ def _evaluate(engine, batches: list[torch.Tensor], pad_id: int) -> dict[str, flo
     return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 30))}
 
 
-def _save(engine, state: TrainState, metrics: dict[str, Any], rank: int, cfg: TrainConfig, base) -> None:
+def _save(engine, state: TrainState, metrics: dict[str, Any], rank: int, cfg: TrainConfig,
+          base: BaseRef | None) -> None:
     """Every rank writes its DeepSpeed shards; rank 0 adds the native weights, or for LoRA the adapter with its
     base's reference (the frozen base is left out everywhere); Ray merges the folders into storage, in the
     background with checkpoint_upload async, and deletes the local copy."""
@@ -323,7 +327,7 @@ def _gathered(params: list[torch.nn.Parameter], engine):
     return contextlib.nullcontext()
 
 
-def _save_weights(model, folder: Path, cfg: TrainConfig, base) -> None:
+def _save_weights(model, folder: Path, cfg: TrainConfig, base: BaseRef | None) -> None:
     """The consolidated weights (so export needs no DeepSpeed), or the adapter for a LoRA run."""
     from rugpt_ray.checkpoints import save_native
 
