@@ -28,13 +28,16 @@ MODEL = {"n_layer": 4, "n_embd": 256, "n_head": 4, "sparse_mode": "none", "spars
 VARIANTS = {"no checkpoints": None, "sync upload": "sync", "async upload": "async"}
 
 
-def mean_step_time(run_dir: str) -> float:
-    """Seconds per step over every logged window but the first (warm-up); a save's time falls in the window after
-    it, and the save at the last step in none (every run has it)."""
+def step_times(run_dir: str) -> dict[str, float]:
+    """Seconds per step over every logged window but the first (warm-up): a save's time falls in the window after
+    it, and the save at the last step in none (every run has it); and the mean seconds a checkpoint held the
+    training loop up (`checkpoint_s`, what the trainer logs after each save)."""
     rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
     windows = rows[1:]
     seconds = sum(LOG_INTERVAL * MICRO_BATCH * SEQ_LEN / r["tokens_per_s"] for r in windows)
-    return seconds / (LOG_INTERVAL * len(windows))
+    held = [r["checkpoint_s"] for r in rows if "checkpoint_s" in r]
+    return {"step_s": seconds / (LOG_INTERVAL * len(windows)),
+            "checkpoint_held_s": sum(held) / len(held) if held else 0.0}
 
 
 def checkpoint_size(checkpoint: str) -> int:
@@ -59,8 +62,8 @@ def main() -> None:
                               save_interval=args.every if upload else 10**6, checkpoint_upload=upload or "sync",
                               log_level="warning")
             result = train(cfg)
-            results[label] = {"step_s": mean_step_time(result.run_dir), "checkpoint_mb":
-                              checkpoint_size(result.checkpoint) / 2**20}
+            results[label] = {**step_times(result.run_dir),
+                              "checkpoint_mb": checkpoint_size(result.checkpoint) / 2**20}
     plain = results["no checkpoints"]["step_s"]
     for row in results.values():
         row["ratio"] = row["step_s"] / plain
@@ -69,10 +72,12 @@ def main() -> None:
                "every": args.every, "results": results}
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{'4 x 256 model, batch 8 x 128, 1 worker':34} {'step s':>8} {'vs none':>8} {'ckpt MB':>8}")
+    print(f"{'4 x 256 model, batch 8 x 128, 1 worker':34} {'step s':>8} {'vs none':>8} {'held s':>8} "
+          f"{'ckpt MB':>8}")
     for label, row in results.items():
         every = f", every {args.every}" if label != "no checkpoints" else ""
-        print(f"{label + every:34} {row['step_s']:8.3f} {row['ratio']:8.2f} {row['checkpoint_mb']:8.0f}")
+        print(f"{label + every:34} {row['step_s']:8.3f} {row['ratio']:8.2f} {row['checkpoint_held_s']:8.2f} "
+              f"{row['checkpoint_mb']:8.0f}")
 
 
 if __name__ == "__main__":

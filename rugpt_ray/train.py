@@ -200,6 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     flops = flops_per_token(model_cfg, engine.module.num_params(), cfg.seq_len)
     peak = _peak_flops()
     window_loss, window_tokens, started = [], 0, time.perf_counter()
+    checkpoint_s = None  # how long the last checkpoint held training up, logged with the window it fell in
     while state.step < steps:
         engine.train()
         for _ in range(cfg.grad_accum):
@@ -222,11 +223,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics["loss_scale"] = float(engine.optimizer.cur_scale)
             if peak:
                 metrics["mfu"] = tok_s * flops / (peak * ctx.get_world_size())
+            if checkpoint_s is not None:
+                metrics["checkpoint_s"], checkpoint_s = checkpoint_s, None
             window_loss, window_tokens, started = [], 0, time.perf_counter()
         if valid_batches is not None and (state.step % cfg.eval_interval == 0 or last):
             metrics.update(_evaluate(engine, valid_batches, pad_id), step=state.step)
         if state.step % cfg.save_interval == 0 or last:
+            saving = time.perf_counter()
             _save(engine, state, metrics, rank, cfg, base)
+            checkpoint_s = time.perf_counter() - saving
         elif metrics:
             ray.train.report(metrics)
         if metrics:
