@@ -135,8 +135,12 @@ def one_rank_process_group():
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_trains_the_adapter_and_leaves_every_base_weight_bit_equal(make_model, tokenizer,
-                                                                                    one_rank_process_group):
+@pytest.mark.parametrize("zero_stage, precision, checkpointing", [(2, "fp32", False), (3, "bf16", True)])
+def test_deepspeed_trains_the_adapter_and_leaves_every_base_weight_bit_equal(make_model, tokenizer, zero_stage,
+                                                                            precision, checkpointing,
+                                                                            one_rank_process_group):
+    import contextlib
+
     import deepspeed
 
     from rugpt_ray.config import deepspeed_engine_config
@@ -145,8 +149,9 @@ def test_deepspeed_zero2_trains_the_adapter_and_leaves_every_base_weight_bit_equ
     model = make_model(preset("tiny"), seed=4).train()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     add_lora(model, LORA)
-    cfg = TrainConfig(init_from="unused", lora=LORA.to_dict(), micro_batch=4, lr=1e-2, zero_stage=2,
-                      weight_decay=0.1)
+    model.activation_checkpointing = checkpointing
+    cfg = TrainConfig(init_from="unused", lora=LORA.to_dict(), micro_batch=4, lr=1e-2, zero_stage=zero_stage,
+                      precision=precision, weight_decay=0.1)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
                                            config=deepspeed_engine_config(cfg), dist_init_required=False)
     text = (Path(os.environ["RUGPT_DATA"]) / "corpus" / "train").glob("*.txt")
@@ -154,10 +159,13 @@ def test_deepspeed_zero2_trains_the_adapter_and_leaves_every_base_weight_bit_equ
     tokens = torch.tensor(ids).view(4, 65)
     losses = [micro_step(engine, tokens, pad_id=0).item() for _ in range(15)]
     assert losses[-1] < losses[0] - 0.5  # the adapter learns (one batch, so it can fit it)
-    after = {name.replace(".base_layer.", "."): p for name, p in engine.module.named_parameters()}
-    assert all(torch.equal(after[name], weight) for name, weight in before.items())  # the base, bit for bit
-    lora_b = [p for name, p in engine.module.named_parameters() if "lora_B" in name]
-    assert all(p.abs().max() > 0 for p in lora_b)
+    gathered = (deepspeed.zero.GatheredParameters(list(engine.module.parameters())) if zero_stage == 3
+                else contextlib.nullcontext())
+    with gathered:
+        after = {name.replace(".base_layer.", "."): p.detach().clone() for name, p in engine.module.named_parameters()}
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # the engine holds the base in its precision
+    assert all(torch.equal(after[name], weight.to(dtype)) for name, weight in before.items())  # bit for bit
+    assert all(p.abs().max() > 0 for name, p in after.items() if "lora_B" in name)
 
 
 @pytest.fixture(scope="module")
