@@ -112,26 +112,26 @@ def test_an_adapter_refuses_another_base(make_model, tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------------- real DeepSpeed, Ray
 
-@pytest.fixture
-def one_rank_process_group():
-    """The one-rank gloo group a Ray Train worker would have; torn down after the test."""
+@pytest.fixture(scope="module")
+def process_group():
+    """The one-rank gloo group a Ray Train worker would have, for this module's tests (DeepSpeed keeps its groups
+    once made, so one group serves every engine)."""
     import torch.distributed as dist
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_WORLD_SIZE": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+
+
+@pytest.fixture
+def one_rank_process_group(process_group, monkeypatch):
+    """The group, and the launcher's variables DeepSpeed reads, for one test (a Ray started later must not see
+    them)."""
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
 
 
 @pytest.mark.slow
