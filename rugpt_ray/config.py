@@ -346,6 +346,7 @@ class TrainConfig(Config):
             raise UserError(f"{self.where}: precision fp16 (dynamic loss scaling) needs use_gpu=true; use bf16 or fp32")
 
     def lora_config(self) -> LoraConfig | None:
+        """The `lora` mapping as a checked LoraConfig; None for full training."""
         return LoraConfig.from_dict(self.lora, where=f"{self.where}: lora") if self.lora is not None else None
 
     def tokens_per_step(self) -> int:
