@@ -17,6 +17,8 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ from rugpt_ray.model import GPT
 NATIVE_FORMAT = "rugpt-ray"
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 SHAPE_FIELDS = ("n_layer", "n_embd", "n_positions")
+LORA_ADAPTER_FILE = "adapter/adapter.json"
+"""What marks a LoRA training checkpoint (rugpt_ray.lora writes and reads the rest)."""
 MEGATRON_NAMES = [
     (r"^word_embeddings\.", "transformer.wte."),
     (r"^position_embeddings\.", "transformer.wpe."),
@@ -54,7 +58,8 @@ _NUMPY_SAFE = [
 def detect_format(path: Path) -> str:
     """Which reader a local path needs; a path that does not exist is treated as a hub id.
 
-    `training` is a training run folder or one of its step_* checkpoints (native weights inside).
+    `training` is a training run folder or one of its step_* checkpoints (native weights inside); `lora` is one
+    of a LoRA run (an adapter and its base's reference inside: `rugpt_ray.lora` reads it).
     """
     if path.is_file():
         if path.suffix in (".pt", ".bin", ".pth"):
@@ -62,6 +67,8 @@ def detect_format(path: Path) -> str:
         raise UserError(f"{path}: unknown checkpoint file type (expected a folder, or a seed .pt file)")
     if not path.is_dir():
         return "hub"
+    if (path / LORA_ADAPTER_FILE).is_file() or any(path.glob(f"step_*/{LORA_ADAPTER_FILE}")):
+        return "lora"
     if (path / "model" / "config.json").is_file() or any(path.glob("step_*/model/config.json")):
         return "training"
     config = path / "config.json"
@@ -255,10 +262,14 @@ def load_model(
         raise UserError(f"unknown checkpoint format {fmt!r}; known: {', '.join(CHECKPOINT_FORMATS)}")
     base: dict[str, Any] = check_preset(preset) if preset else {}
     detected = detect_format(path)
-    if detected == "hub":
-        if fmt not in ("auto", "hf"):
+    if detected == "hub":  # an HF GPT-2 repo, or the seed's files as HF sberbank-ai/rugpt3xl holds them
+        if fmt not in ("auto", "hf", "megatron"):
             raise UserError(f"{source}: no such file or folder")
-        path, detected = _download_hub(source), "hf"
+        path = _download_hub(source)
+        detected = detect_format(path)
+    if detected == "lora":
+        raise UserError(f"{source}: a LoRA adapter checkpoint, not full weights; write merged weights with "
+                        "`rugpt-ray export --merge` (or load it with rugpt_ray.lora.merged_model)")
     if detected == "training":  # a run folder or step_* checkpoint: its consolidated native weights
         path, detected = latest_checkpoint(path) / "model", "native"
     if fmt != "auto" and fmt != detected:
@@ -323,42 +334,41 @@ def _download_hub(hub_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
+        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt",
+                                                                    "mp_rank_*_model_states.pt"]))
     except Exception as e:
         raise UserError(f"{hub_id}: no such local path, and the HF hub download failed ({type(e).__name__})") from e
 
 
 # --------------------------------------------------------------------------------------------- writing
 
-def _atomic_dir(out: Path):
-    """Write into a sibling temp folder, rename at the end: a reader never sees half a checkpoint."""
+@contextmanager
+def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """A sibling temp folder to write into, renamed to `out` at the end: a reader never sees half a checkpoint."""
+    out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: exists and is not empty; choose a new output folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-
-
-def _finish(tmp: Path, out: Path) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
-    return out
 
 
 def save_native(model: GPT, out: str | os.PathLike) -> Path:
     """The project's format: safetensors weights (+ the sparse layout) and a JSON config."""
-    out = Path(out)
-    tmp = _atomic_dir(out)
-    try:
+    with atomic_folder(out) as tmp:
         sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
         save_file(sd, tmp / "model.safetensors", metadata={"format": NATIVE_FORMAT})
         meta = {"format": NATIVE_FORMAT, "version": 1, "model": model.config.to_dict(),
                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _finish(tmp, out)
+    return Path(out)
 
 
 def export_hf(model: GPT, out: str | os.PathLike, *, allow_dense: bool = False,
@@ -377,9 +387,7 @@ def export_hf(model: GPT, out: str | os.PathLike, *, allow_dense: bool = False,
         embd_pdrop=cfg.embd_pdrop, attn_pdrop=cfg.attn_pdrop, resid_pdrop=cfg.resid_pdrop,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
     )
-    out = Path(out)
-    tmp = _atomic_dir(out)
-    try:
+    with atomic_folder(out) as tmp:
         sd = {}
         for key, value in model.state_dict().items():
             if key == "sparse_layout":
@@ -398,7 +406,4 @@ def export_hf(model: GPT, out: str | os.PathLike, *, allow_dense: bool = False,
             (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
             (tmp / "tokenizer_config.json").write_text(json.dumps(
                 {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, **special}, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _finish(tmp, out)
+    return Path(out)

@@ -107,7 +107,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from rugpt_ray.checkpoints import export_hf, save_native
 
     args.model = args.src
-    model = load_model_from_args(args)
+    if args.merge:
+        from rugpt_ray.lora import merged_model
+
+        model = merged_model(args.src, base=args.base)
+    else:
+        model = load_model_from_args(args)
     if args.to == "hf":
         out = export_hf(model, args.dst, allow_dense=args.allow_dense, tokenizer_folder=args.tokenizer)
     else:
@@ -270,6 +275,9 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     """What convert and export share: how to read the source, and what an HF export takes."""
     add_model_args(p, model=None)
     p.add_argument("--allow-dense", action="store_true", help="export a sparse model to HF as dense anyway")
+    p.add_argument("--merge", action="store_true", help="a LoRA run or adapter: write its base with the adapter "
+                   "folded in (the base it was trained on, checked by fingerprint)")
+    p.add_argument("--base", help="with --merge: read the base from here instead of where training loaded it")
     p.add_argument("--tokenizer", help="tokenizer folder to copy into an HF export")
     p.set_defaults(func=cmd_convert)
 

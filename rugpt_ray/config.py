@@ -31,6 +31,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOG_LEVELS = ("debug", "info", "warning")
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+"""Linear layers LoRA can adapt: attention qkv, the attention and MLP output projections (both c_proj), MLP in."""
+CHECKPOINT_UPLOADS = ("sync", "async")
 
 C = TypeVar("C", bound="Config")
 
@@ -216,6 +219,28 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 # --------------------------------------------------------------------------------------------- training
 
 @dataclass
+class LoraConfig(Config):
+    """Low-rank adapters on a frozen base (HF peft): W x + (alpha / r) B A x on each target Linear."""
+
+    where: ClassVar[str] = "lora"
+
+    r: int = option(16, ge=1)
+    """Rank of A (r x in) and B (out x r)."""
+    alpha: float = option(32.0, gt=0)
+    """Scale numerator: the update is multiplied by alpha / r."""
+    dropout: float = option(0.05, ge=0, le=1)
+    """Dropout on the adapter's input."""
+    targets: list[str] = option(factory=lambda: list(LORA_TARGETS))
+    """Layer names to adapt, among c_attn, c_proj (attention and MLP output), c_fc."""
+
+    def check(self) -> None:
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets:
+            raise UserError(f"{self.where}: targets must be a non-empty list of {', '.join(LORA_TARGETS)}, "
+                            f"got {self.targets!r}")
+
+
+@dataclass
 class TrainConfig(Config):
     """One training run. YAML recipes and `key=value` overrides on the command line use these names."""
 
@@ -301,14 +326,28 @@ class TrainConfig(Config):
     """Worker-group restarts from the last checkpoint before the run fails (-1: no limit)."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON (the seed's work as they are); its values win over the fields above."""
+    lora: dict[str, Any] | None = None
+    """LoraConfig fields (e.g. {r: 16, alpha: 32}): train adapters on the frozen init_from model; checkpoints
+    then hold the adapter and the base's fingerprint only."""
+    checkpoint_upload: str = option("async", choices=CHECKPOINT_UPLOADS)
+    """async: a checkpoint is written locally and copied to storage_path while training goes on; sync: training
+    waits for the copy."""
 
     def check(self) -> None:
+        if self.lora is not None:
+            LoraConfig.from_dict(self.lora, where=f"{self.where}: lora")
+            if not self.init_from:
+                raise UserError(f"{self.where}: lora needs init_from (the base model the adapters are trained on)")
         if self.max_steps is None and self.max_tokens is None:
             raise UserError(f"{self.where}: give max_steps or max_tokens")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise UserError(f"{self.where}: need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
         if self.precision == "fp16" and not self.use_gpu:
             raise UserError(f"{self.where}: precision fp16 (dynamic loss scaling) needs use_gpu=true; use bf16 or fp32")
+
+    def lora_config(self) -> LoraConfig | None:
+        """The `lora` mapping as a checked LoraConfig; None for full training."""
+        return LoraConfig.from_dict(self.lora, where=f"{self.where}: lora") if self.lora is not None else None
 
     def tokens_per_step(self) -> int:
         """Tokens in one optimizer step over all workers (the global batch)."""

@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from rugpt_ray.errors import UserError
 from rugpt_ray.progress import follow_progress
 from rugpt_ray.ray_start import start_ray
 from rugpt_ray.storage import is_uri, read_text, write_file
+
+if TYPE_CHECKING:
+    from rugpt_ray.lora import BaseRef
 
 CHECKPOINT_TAG = "deepspeed"
 STATE_FILE = "train_state.json"
@@ -54,13 +57,15 @@ def lr_at(step: int, cfg: TrainConfig, steps: int) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and LayerNorm parameters (the seed's rule)."""
+    """No weight decay on biases and LayerNorm parameters (the seed's rule); frozen parameters left out, and a
+    group left empty (LoRA's are all matrices) dropped, as ZeRO drops it and the schedule must see the same groups."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.dim() < 2 or ".ln_" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 # --------------------------------------------------------------------------------------------- worker
@@ -75,20 +80,41 @@ class TrainState:
     tokens: int = 0
 
 
+def base_load_args(cfg: TrainConfig, model_values: dict[str, Any] | None) -> dict[str, Any]:
+    """`load_model` keywords for init_from besides the path: what the run's preset and overrides say."""
+    return dict(preset=cfg.preset, n_head=cfg.model.get("n_head"), vocab_size=cfg.model.get("vocab_size"),
+                sparse_mode=(model_values or {}).get("sparse_mode"),
+                sparse_config=(model_values or {}).get("sparse_attention"))
+
+
 def _build_model(cfg: TrainConfig, model_values: dict[str, Any] | None):
     from rugpt_ray.checkpoints import load_model
     from rugpt_ray.model import GPT
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if cfg.init_from:
-        m = cfg.model
-        model = load_model(cfg.init_from, preset=cfg.preset, n_head=m.get("n_head"), vocab_size=m.get("vocab_size"),
-                           sparse_mode=(model_values or {}).get("sparse_mode"),
-                           sparse_config=(model_values or {}).get("sparse_attention"))
+        model = load_model(cfg.init_from, **base_load_args(cfg, model_values))
         if cfg.seq_len > model.config.n_positions:
             raise UserError(f"seq_len {cfg.seq_len} exceeds {cfg.init_from}'s n_positions {model.config.n_positions}")
         return model.train()
     return GPT(ModelConfig.from_dict(model_values)).train()
+
+
+def _add_lora(model, cfg: TrainConfig, model_values: dict[str, Any] | None) -> BaseRef:
+    """Freeze the init_from model and add the recipe's adapters; the base's reference for the checkpoints."""
+    from rugpt_ray.lora import add_lora, base_reference
+
+    base = base_reference(model, cfg.init_from, base_load_args(cfg, model_values))
+    add_lora(model, cfg.lora_config())
+    model.register_state_dict_post_hook(_adapter_only)
+    return base
+
+
+def _adapter_only(module, state_dict: dict[str, torch.Tensor], prefix: str, local_metadata) -> None:
+    """A LoRA run's state dict (what DeepSpeed's checkpoint holds) is the adapter alone: DeepSpeed's
+    exclude_frozen_parameters keeps the tied output layer (a second name of the frozen embedding) and buffers."""
+    for key in [k for k in state_dict if k.startswith(prefix) and "lora_" not in k]:
+        del state_dict[key]
 
 
 def flops_per_token(model_cfg: ModelConfig, params: int, seq_len: int) -> float:
@@ -145,6 +171,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     steps, pad_id, run_dir = config["steps"], config["pad_id"], config["run_dir"]
     model = _build_model(cfg, config["model"])
+    base = _add_lora(model, cfg, config["model"]) if cfg.lora is not None else None  # None: all weights train
     model.activation_checkpointing = cfg.activation_checkpointing
     optimizer = build_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, steps) / cfg.lr)
@@ -155,7 +182,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            _, client = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+            if base is not None:
+                from rugpt_ray.lora import check_base, load_adapter
+
+                check_base(load_adapter(folder), base.fingerprint, cfg.init_from)
+            _, client = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_module_strict=base is None)
         state = TrainState(**client["state"])
         torch.set_rng_state(client["torch_rng"])
         if rank == 0:
@@ -169,6 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     flops = flops_per_token(model_cfg, engine.module.num_params(), cfg.seq_len)
     peak = _peak_flops()
     window_loss, window_tokens, started = [], 0, time.perf_counter()
+    checkpoint_s = None  # how long the last checkpoint held training up, logged with the window it fell in
     while state.step < steps:
         engine.train()
         for _ in range(cfg.grad_accum):
@@ -191,11 +223,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics["loss_scale"] = float(engine.optimizer.cur_scale)
             if peak:
                 metrics["mfu"] = tok_s * flops / (peak * ctx.get_world_size())
+            if checkpoint_s is not None:
+                metrics["checkpoint_s"], checkpoint_s = checkpoint_s, None
             window_loss, window_tokens, started = [], 0, time.perf_counter()
         if valid_batches is not None and (state.step % cfg.eval_interval == 0 or last):
             metrics.update(_evaluate(engine, valid_batches, pad_id), step=state.step)
         if state.step % cfg.save_interval == 0 or last:
-            _save(engine, state, metrics, rank)
+            saving = time.perf_counter()
+            _save(engine, state, metrics, rank, cfg, base)
+            checkpoint_s = time.perf_counter() - saving
         elif metrics:
             ray.train.report(metrics)
         if metrics:
@@ -259,28 +295,49 @@ def _evaluate(engine, batches: list[torch.Tensor], pad_id: int) -> dict[str, flo
     return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 30))}
 
 
-def _save(engine, state: TrainState, metrics: dict[str, Any], rank: int) -> None:
-    """Every rank writes its DeepSpeed shards; rank 0 adds the native weights; Ray merges the folders."""
+def _save(engine, state: TrainState, metrics: dict[str, Any], rank: int, cfg: TrainConfig,
+          base: BaseRef | None) -> None:
+    """Every rank writes its DeepSpeed shards; rank 0 adds the native weights, or for LoRA the adapter with its
+    base's reference (the frozen base is left out everywhere); Ray merges the folders into storage, in the
+    background with checkpoint_upload async, and deletes the local copy."""
     import ray.train
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint, CheckpointUploadMode
 
+    folder = Path(tempfile.mkdtemp(prefix="rugpt-checkpoint-"))
+    client = {"state": state.__dict__.copy(), "torch_rng": torch.get_rng_state()}
+    engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state=client, exclude_frozen_parameters=bool(base))
+    with _gathered([p for p in engine.module.parameters() if p.requires_grad or base is None], engine):
+        if rank == 0:
+            _save_weights(engine.module, folder, cfg, base)
+    if rank == 0:
+        (folder / STATE_FILE).write_text(json.dumps({**state.__dict__, "metrics": metrics}, indent=2))
+    mode = CheckpointUploadMode.ASYNC if cfg.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
+    ray.train.report({**metrics, "step": state.step}, checkpoint=Checkpoint.from_directory(str(folder)),
+                     checkpoint_dir_name=f"step_{state.step:07d}", checkpoint_upload_mode=mode,
+                     delete_local_checkpoint_after_upload=True)
+
+
+def _gathered(params: list[torch.nn.Parameter], engine):
+    """ZeRO-3 partitions parameters: gather them whole for rank 0 to write; other stages hold them whole."""
+    import contextlib
+
+    import deepspeed
+
+    if engine.zero_optimization_stage() == 3:
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def _save_weights(model, folder: Path, cfg: TrainConfig, base: BaseRef | None) -> None:
+    """The consolidated weights (so export needs no DeepSpeed), or the adapter for a LoRA run."""
     from rugpt_ray.checkpoints import save_native
 
-    with tempfile.TemporaryDirectory() as tmp:
-        client = {"state": state.__dict__.copy(), "torch_rng": torch.get_rng_state()}
-        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state=client)
-        if engine.zero_optimization_stage() == 3:
-            import deepspeed
+    if base is None:
+        save_native(model, folder / "model")
+        return
+    from rugpt_ray.lora import ADAPTER_DIR, save_adapter
 
-            with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-                if rank == 0:
-                    save_native(engine.module, Path(tmp) / "model")
-        elif rank == 0:
-            save_native(engine.module, Path(tmp) / "model")
-        if rank == 0:
-            (Path(tmp) / STATE_FILE).write_text(json.dumps({**state.__dict__, "metrics": metrics}, indent=2))
-        ray.train.report({**metrics, "step": state.step}, checkpoint=Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"step_{state.step:07d}")
+    save_adapter(model, cfg.lora_config(), base, folder / ADAPTER_DIR)
 
 
 class _MetricsLog:

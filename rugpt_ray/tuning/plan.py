@@ -43,6 +43,8 @@ FIXED_KEYS = {
     **{key: "set it in resources_per_trial" for key in RESOURCE_KEYS},
 }
 """TrainConfig keys a search space may not vary, and why."""
+DICT_KEYS = ("lora", "model")
+"""TrainConfig mappings whose entries a search space may vary one by one (`lora.r`, `model.resid_pdrop`)."""
 TRIAL_DRIVER = {"CPU": 0.01}
 """Tune's share for each trial's function (it only drives the trial's TorchTrainer, whose workers hold the CPUs and
 GPUs); 0 is refused by Ray."""
@@ -185,8 +187,9 @@ def _check_space(space: Any, base: TrainConfig) -> dict[str, tuple[str, list]]:
     out = {}
     for key, entry in space.items():
         where = f"sweep spec: space.{key}"
-        if key not in known:
-            raise UserError(f"{where}: not a training config key")
+        field, dot, _ = key.partition(".")
+        if field not in known or (dot and field not in DICT_KEYS):
+            raise UserError(f"{where}: not a training config key (nor {' or '.join(DICT_KEYS)}.KEY)")
         if key in FIXED_KEYS:
             raise UserError(f"{where}: cannot be searched ({FIXED_KEYS[key]})")
         if not (isinstance(entry, dict) and len(entry) == 1 and next(iter(entry)) in KINDS):
@@ -204,11 +207,20 @@ def _check_space(space: Any, base: TrainConfig) -> dict[str, tuple[str, list]]:
                                 f"got {values!r}")
         for value in values:
             try:
-                check_train_config(TrainConfig.from_dict({**base.to_dict(), key: value}))
+                check_train_config(TrainConfig.from_dict(trial_values(base.to_dict(), {key: value})))
             except UserError as e:
                 raise UserError(f"{where} value {value!r}: {e}") from e
         out[key] = (kind, values)
     return out
+
+
+def trial_values(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's TrainConfig values: the base with its drawn values; `lora.r` sets one entry of `lora`."""
+    values = dict(base)
+    for key, value in params.items():
+        field, dot, entry = key.partition(".")
+        values[field] = {**(values.get(field) or {}), entry: value} if dot else value
+    return values
 
 
 def check_same_spec(plan: SweepPlan) -> None:

@@ -39,6 +39,7 @@ from rugpt_ray.tuning.plan import (
     check_same_spec,
     load_sweep_config,
     plan_sweep,
+    trial_values,
 )
 from rugpt_ray.tuning.results import SweepResult, best_row, describe, trial_rows, write_results
 
@@ -56,7 +57,7 @@ def _report_callback(metric: str):
 def _run_trial(params: dict[str, Any], *, base: dict[str, Any], runs: str, metric: str) -> None:
     """One trial, in Tune's trial actor: its training run is runs/TRIAL_ID (a restarted trial resumes it)."""
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = TrainConfig.from_dict({**base, **params, "name": trial_id, "storage_path": runs})
+    cfg = TrainConfig.from_dict({**trial_values(base, params), "name": trial_id, "storage_path": runs})
     trial = {"trial_id": trial_id, "params": params, "config": cfg.to_dict()}
     write_file(f"{runs}/{trial_id}/{TRIAL_FILE}", json.dumps(trial, indent=2))
     train(cfg, callbacks=[_report_callback(metric)])
