@@ -18,7 +18,7 @@ import numpy as np
 from rugpt_ray.data.cache import META_NAME, blocks_table, mismatches, read_meta
 from rugpt_ray.errors import UserError
 from rugpt_ray.ray_start import start_ray
-from rugpt_ray.storage import is_uri
+from rugpt_ray.storage import filesystem, is_uri
 
 if TYPE_CHECKING:
     from rugpt_ray.tokenizer import RuGPTTokenizer
@@ -64,8 +64,6 @@ class PreparedData:
         """The first `rows` blocks of a split in cache order, as an int32 [n, block_len] array, read with pyarrow
         alone: validation needs a few fixed blocks, and a Ray Data pipeline per worker costs seconds to start."""
         import pyarrow.parquet as pq
-
-        from rugpt_ray.storage import filesystem
 
         fs, root = filesystem(self.path)
         out, left = [], rows
