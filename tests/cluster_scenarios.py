@@ -33,6 +33,12 @@ from rugpt_ray.plotting import read_metrics
 from rugpt_ray.train import STATE_FILE, train
 
 MAX_STEPS = 20
+STARTED = time.monotonic()
+
+
+def log(what: str) -> None:
+    """A timestamped phase line on stderr: the parent test shows the tail when the scenario fails or hangs."""
+    print(f"[{time.monotonic() - STARTED:6.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 def actor_nodes(class_prefix: str) -> dict[str, str]:
@@ -72,6 +78,7 @@ def training_scenario(cluster: Cluster, scratch: Path) -> dict:
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=train(cfg)), daemon=True)
     thread.start()
+    log("training started")
 
     first = run_dir / "step_0000010" / STATE_FILE
     deadline = time.monotonic() + 600
@@ -79,9 +86,12 @@ def training_scenario(cluster: Cluster, scratch: Path) -> dict:
         time.sleep(0.2)
     assert first.is_file(), "the run never completed its step-10 checkpoint"
     before = sorted(p.name for p in run_dir.glob("step_*") if (p / STATE_FILE).is_file())
+    log(f"checkpoints {before}; removing a training worker's node")
     cluster.remove_node(worker_node_with(cluster, "RayTrainWorker"))
     add_worker_node(cluster)
+    log("fresh node added")
     thread.join(timeout=600)
+    log("training ended")
     assert "result" in outcome, "training did not finish after the node loss"
 
     return {
@@ -120,9 +130,11 @@ def serving_scenario(cluster: Cluster, scratch: Path) -> dict:
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         before = client.post("/generate", json=body)
         assert before.status_code == 200, before.text
+        log("served; removing the replica's node")
         victim = worker_node_with(cluster, "ServeReplica:main:RuGPTServer")
         cluster.remove_node(victim)
         add_worker_node(cluster)
+        log("fresh node added")
         after, deadline = None, time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
@@ -133,6 +145,7 @@ def serving_scenario(cluster: Cluster, scratch: Path) -> dict:
                 pass
             time.sleep(1)
         assert after is not None and after.status_code == 200, "no answer after the replica's node was lost"
+        log("served again")
     replica_nodes = set(actor_nodes("ServeReplica:main:RuGPTServer").values())
     serve.shutdown()
     return {"before": before.json()["completions"][0]["text"], "after": after.json()["completions"][0]["text"],
@@ -156,6 +169,7 @@ def main(scratch: Path, out: Path) -> None:
         for _ in range(2):
             add_worker_node(cluster)
         cluster.wait_for_nodes()
+        log("cluster up")
         result = {"train": training_scenario(cluster, scratch)}
         result["serve"] = serving_scenario(cluster, scratch)
         tmp = out.with_name(out.name + ".tmp")
