@@ -306,6 +306,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
                    help="checkpoint folder/file or hub id, optionally named (repeat for several; the first is "
                         "the default)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="LoRA adapter (folder, or LoRA run / checkpoint) served on the first --model, optionally "
+                        "named (repeat for several; adapters on other bases: a Serve config's `adapters:`)")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder or hub id")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)

@@ -16,6 +16,10 @@ whole tempered distribution and keeps the token when the tokens likelier than it
 else draws again (rejection: exactly the top-p distribution, at most 1 / top_p draws on average). Ids the
 tokenizer cannot decode (the seed's padding rows 50257–50263) are never produced.
 
+A row may run through a LoRA adapter of the decoder's base model (`add(..., adapter=(name, Adapter))`): the
+adapter is added to the model under its name when a row first needs it and stays until `prune_adapters`;
+rows of different adapters and of the base share every step, each LoRA layer grouping the rows by adapter.
+
 A row ends at EOS (unless `ignore_eos`), at one of its `stop_token_ids` or stop strings (neither is kept in
 the output unless `include_stop_str_in_output`), or after `max_new_tokens`; before `min_new_tokens` its ending
 tokens are masked out and its stop strings are not looked for (vLLM's rules). Log-probabilities are always the
@@ -26,6 +30,7 @@ the decoder (`prompt_logprobs`, with `max_new_tokens=0` to score only) equals sc
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,6 +39,7 @@ from torch import Tensor
 
 from rugpt_ray.config import Config, option
 from rugpt_ray.errors import UserError
+from rugpt_ray.lora import NO_ADAPTER, Adapter, adapter_per_row, apply_adapter, remove_adapter
 from rugpt_ray.model import GPT, KVCache
 from rugpt_ray.tokenizer import RuGPTTokenizer
 
@@ -344,6 +350,7 @@ class _Row:
     generator: torch.Generator | None
     length: int = 0
     next_token: int | None = None  # None until prefilled
+    adapter: str = NO_ADAPTER
 
 
 class Decoder:
@@ -362,6 +369,7 @@ class Decoder:
         self.cache = KVCache.allocate(model.config, slots, self.capacity, self.device, model.lm_head.weight.dtype)
         self.history = torch.zeros(slots, self.capacity, dtype=torch.long, device=self.device)
         self._rows: list[_Row | None] = [None] * slots
+        self.adapters: dict[str, Adapter] = {}  # the LoRA adapters added to the model, by name
 
     @property
     def free_slots(self) -> int:
@@ -400,8 +408,10 @@ class Decoder:
         if any(token >= vocab for token in cfg.stop_token_ids):
             raise RequestError("stop_token_ids", f"names ids past the vocabulary ({vocab})")
 
-    def add(self, prompts: list[list[int]], cfg: GenerationConfig, owner: object = None) -> list[int]:
-        """Take a free slot for each prompt x num_return_sequences (sequence index = position in that list).
+    def add(self, prompts: list[list[int]], cfg: GenerationConfig, owner: object = None,
+            adapter: tuple[str, Adapter] | None = None) -> list[int]:
+        """Take a free slot for each prompt x num_return_sequences (sequence index = position in that list),
+        decoded through `adapter` (its name and weights; added to the model if it is not there yet).
 
         Returns the slots; the rows are prefilled at the next step.
         """
@@ -409,6 +419,10 @@ class Decoder:
         rows = [ids for ids in prompts for _ in range(cfg.num_return_sequences)]
         if len(rows) > self.free_slots:
             raise UserError(f"generation: {len(rows)} sequences but only {self.free_slots} free decoder slots")
+        adapter_name = NO_ADAPTER
+        if adapter is not None:
+            adapter_name = adapter[0]
+            self.add_adapter(*adapter)
         slots = [slot for slot, row in enumerate(self._rows) if row is None][:len(rows)]
         for index, (slot, ids) in enumerate(zip(slots, rows, strict=True)):
             generator = None
@@ -418,7 +432,7 @@ class Decoder:
                     generator.seed()
                 else:  # each sequence of a seeded request has its own stream of draws
                     generator.manual_seed(hash((cfg.seed, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-            self._rows[slot] = _Row(owner, cfg, SequenceState(index, cfg), ids, generator)
+            self._rows[slot] = _Row(owner, cfg, SequenceState(index, cfg), ids, generator, adapter=adapter_name)
             self.history[slot, :len(ids)] = torch.tensor(ids)
         return slots
 
@@ -426,6 +440,25 @@ class Decoder:
         """Give slots back (a cancelled request); their rows produce nothing more."""
         for slot in slots:
             self._rows[slot] = None
+
+    def add_adapter(self, name: str, adapter: Adapter) -> None:
+        """Put `adapter` into the model under `name`, unless it is there already."""
+        if name not in self.adapters:
+            apply_adapter(self.model, adapter, name)
+            self.adapters[name] = adapter
+
+    def prune_adapters(self, keep: set[str]) -> None:
+        """Take out of the model the adapters that no row uses and that are not in `keep`."""
+        in_use = {row.adapter for row in self._rows if row is not None}
+        for name in set(self.adapters) - keep - in_use:
+            remove_adapter(self.model, name)
+            del self.adapters[name]
+
+    def _through_adapters(self, rows: list[_Row | None]) -> AbstractContextManager:
+        """Each row of the next forward through its own adapter (nothing to do while the model has none)."""
+        if not self.adapters:
+            return nullcontext()
+        return adapter_per_row(self.model, [NO_ADAPTER if row is None else row.adapter for row in rows])
 
     def clear(self) -> None:
         self._rows = [None] * len(self._rows)
@@ -447,7 +480,8 @@ class Decoder:
             kv_len = self.capacity if self.static_shapes else max(lengths) + 1
             index = torch.tensor(running, device=self.device)
             rows = None if self.static_shapes or len(running) == n else index
-            out = self.model.decode(tokens, torch.tensor(lengths, device=self.device), self.cache, kv_len, rows)
+            with self._through_adapters(live):
+                out = self.model.decode(tokens, torch.tensor(lengths, device=self.device), self.cache, kv_len, rows)
             logits.append(out[index] if self.static_shapes else out)
             for s in running:
                 self._rows[s].length += 1
@@ -474,7 +508,9 @@ class Decoder:
         width = max(map(len, prompts))
         ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        logits = self.model.prefill(ids, lengths, self.cache, torch.tensor(slots, device=self.device), every_position)
+        with self._through_adapters([self._rows[s] for s in slots]):
+            logits = self.model.prefill(ids, lengths, self.cache, torch.tensor(slots, device=self.device),
+                                        every_position)
         for s, p in zip(slots, prompts, strict=True):
             self._rows[s].length = len(p)
         return logits

@@ -8,7 +8,8 @@ An adapter checkpoint is a folder `adapter/` inside a training checkpoint (or on
   never applied to a base other than the one it was trained on.
 
 The API a server needs: `load_adapter` (config + weights + base reference), `base_fingerprint` once per base,
-`check_base`, then `apply_adapter` (several names on one base) or `merge_adapters`.
+`check_base`, then `apply_adapter` and `remove_adapter` (several names on one base), with `adapter_per_row` to
+run each row of a batch through its own adapter; or `merge_adapters`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ ADAPTER_FORMAT = "rugpt-ray-lora"
 ADAPTER_DIR, CONFIG_FILE = LORA_ADAPTER_FILE.split("/")
 WEIGHTS_FILE = "adapter.safetensors"
 DEFAULT_NAME = "default"
+NO_ADAPTER = "__base__"  # peft's name for "the base alone" in a mixed batch
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,9 @@ def add_lora(model: GPT, lora: LoraConfig, name: str = DEFAULT_NAME) -> GPT:
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(lora.targets), bias="none")
     training = model.training  # the new layers are built in training mode
-    return inject_adapter_in_model(peft_cfg, model, adapter_name=name).train(training)
+    with warnings.catch_warnings():  # a second named adapter on one model is what serving does on purpose
+        warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
+        return inject_adapter_in_model(peft_cfg, model, adapter_name=name).train(training)
 
 
 def adapter_state(model: GPT, name: str = DEFAULT_NAME) -> dict[str, torch.Tensor]:
@@ -129,6 +136,36 @@ def apply_adapter(model: GPT, adapter: Adapter, name: str = DEFAULT_NAME) -> GPT
     dtype = next(model.parameters()).dtype
     model.load_state_dict({expected[k]: v.to(dtype) for k, v in adapter.weights.items()}, strict=False)
     return model
+
+
+def remove_adapter(model: GPT, name: str) -> GPT:
+    """Take adapter `name` out of every layer that has it (the wrappers stay, for the other adapters)."""
+    from peft.tuners.lora import LoraLayer
+
+    with warnings.catch_warnings():  # peft's "active adapter" is not used: rows name their adapters
+        warnings.filterwarnings("ignore", "Adapter .* was active which is now deleted", UserWarning)
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and name in module.lora_A:
+                module.delete_adapter(name)
+    return model
+
+
+@contextmanager
+def adapter_per_row(model: GPT, names: list[str]) -> Iterator[None]:
+    """Within the block, row i of every batch goes through adapter `names[i]` (`NO_ADAPTER`: the base alone):
+    peft's mixed-batch forward, which groups the rows by adapter in each LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    def with_names(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": names}
+
+    hooks = [module.register_forward_pre_hook(with_names, with_kwargs=True)
+             for module in model.modules() if isinstance(module, LoraLayer)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def merge_adapters(model: GPT) -> GPT:

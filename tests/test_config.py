@@ -55,6 +55,10 @@ SERVE = dict(models={"m": "path"}, tokenizer="tok")
     (lambda: DataConfig(**{**DATA, "seq_len": 0}), "prepare-data: seq_len must be >= 1, got 0"),
     (lambda: ServeConfig.from_dict({**SERVE, "max_batch_size": 0}), "serve config: max_batch_size must be >= 1, "
                                                                    "got 0"),
+    (lambda: ServeConfig.from_dict({**SERVE, "adapters": {"m": {"path": "a"}}}), "serve config: adapter 'm': the "
+                                                                                  "name is already a model's"),
+    (lambda: ServeConfig.from_dict({**SERVE, "adapters": {"a": {"path": "a", "base": "x"}}}),
+     "serve config: adapter 'a': base 'x' is not in models (m)"),
     (lambda: GenerationConfig(top_p=1.5), "generation: top_p must be in (0, 1], got 1.5"),
     (lambda: GenerationConfig(presence_penalty=3), "generation: presence_penalty must be in [-2, 2], got 3"),
     (lambda: GenerationConfig.from_dict({"top_kk": 3}), "generation: unknown keys ['top_kk'] (did you mean 'top_k'?)"),

@@ -8,6 +8,7 @@ import torch
 
 from rugpt_ray.config import preset
 from rugpt_ray.generation import Decoder, GenerationConfig, RequestError, Transcript, generate
+from rugpt_ray.lora import apply_adapter, load_adapter
 from rugpt_ray.serving.engine import BatchEngine
 
 PROMPTS = ["Мороз и солнце; день чудесный!", "Все счастливые семьи похожи друг на друга", "Я",
@@ -131,3 +132,37 @@ def test_engine_cancellation_and_timeout_free_the_slots(sparse_model, tokenizer,
     stats = engine.stats.as_dict()
     assert stats["cancelled_requests"] == 2 and stats["finished_requests"] == 1
     assert stats["tokens"] < 200 and engine.decoder.free_slots == 4
+
+
+def test_adapters_of_one_base_share_the_decode_steps_and_each_gets_its_own_tokens(make_model, make_adapter,
+                                                                                  tokenizer, tmp_path):
+    cfg, greedy = preset("tiny"), GenerationConfig(max_new_tokens=30, greedy=True)
+    adapters = {"a1": load_adapter(make_adapter(cfg, 5, 1, tmp_path / "a1")),
+                "a2": load_adapter(make_adapter(cfg, 5, 2, tmp_path / "a2", targets=("c_fc",)))}
+    ids = [tokenizer.encode(PROMPTS[0])]
+    alone = {None: generate(make_model(cfg, 5), tokenizer, PROMPTS[0], greedy)[0].token_ids}
+    for name, adapter in adapters.items():  # what `generate` gives with that adapter alone on the base
+        alone[name] = generate(apply_adapter(make_model(cfg, 5), adapter), tokenizer, PROMPTS[0], greedy)[0].token_ids
+    assert len({tuple(t) for t in alone.values()}) == 3
+    engine = BatchEngine(make_model(cfg, 5), tokenizer, max_batch_size=4)
+    asyncio.run(engine.hold_adapter("a1", adapters["a1"]))
+    assert set(engine.decoder.adapters) == {"a1"}
+
+    async def one(name):
+        transcript = Transcript(ids, 1)
+        async for events in engine.generate(ids, greedy, adapter=None if name is None else (name, adapters[name])):
+            transcript.add(events)
+        return transcript.completions()[0].token_ids
+
+    async def together(names):
+        return await asyncio.gather(*(one(name) for name in names))
+
+    assert asyncio.run(together([None, "a1", "a2", "a1"])) == [alone[None], alone["a1"], alone["a2"], alone["a1"]]
+    stats = engine.stats.as_dict()
+    assert stats["max_batch_requests"] == 4 and stats["mean_batch_rows"] > 3  # one decode loop for all of them
+    assert asyncio.run(together([None])) == [alone[None]]
+    assert set(engine.decoder.adapters) == {"a1"} and engine.kept_adapters == ["a1"]  # a2 unused: it left
+    engine.release_adapter("a1")
+    assert asyncio.run(together(["a2"])) == [alone["a2"]]  # added again
+    assert asyncio.run(together([None])) == [alone[None]]
+    assert not engine.decoder.adapters  # neither kept nor used: both left, the base is as it was

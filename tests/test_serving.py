@@ -19,6 +19,7 @@ from rugpt_ray.checkpoints import load_model, save_native
 from rugpt_ray.config import ModelConfig, preset
 from rugpt_ray.evaluation import perplexity
 from rugpt_ray.generation import GenerationConfig, generate
+from rugpt_ray.lora import apply_adapter, load_adapter
 from rugpt_ray.serving import ServeConfig
 
 # the tests here start Ray Serve (the serve config check rides along); one xdist worker runs them all, on one app
@@ -596,12 +597,13 @@ def test_lm_eval_through_the_server_equals_its_hf_backend(server, local_models, 
     assert any(t[0] for t in texts)  # something was generated
 
 
-def scrape(port: int, name: str, model: str) -> dict[str, float]:
-    """One metric family's samples for one model on Ray's Prometheus endpoint, summed over the other labels:
-    "_count", "_bucket2.5", "_bucketinf", "_total", "" (a gauge) -> value."""
+def scrape(port: int, name: str, model: str, application: str = "main") -> dict[str, float]:
+    """One metric family's samples for one model of one Serve app on Ray's Prometheus endpoint, summed over the
+    other labels: "_count", "_bucket2.5", "_bucketinf", "_total", "" (a gauge) -> value."""
     samples = {}
     for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
-        if line.startswith(f"ray_{name}") and f'model="{model}"' in line:
+        if (line.startswith(f"ray_{name}") and f'model="{model}"' in line
+                and f'application="{application}"' in line):
             key, value = line.rsplit(" ", 1)
             suffix = key[len(f"ray_{name}"):].split("{")[0]
             le = str(float(key.split('le="')[1].split('"')[0])) if 'le="' in key else ""  # "16" -> "16.0"
@@ -635,6 +637,84 @@ def test_metrics_reach_rays_prometheus_endpoint(server, ray_metrics_port, tokeni
     running = scrape(ray_metrics_port, "rugpt_running_requests", "tiny2")
     waiting = scrape(ray_metrics_port, "rugpt_waiting_requests", "tiny2")
     assert running == {"": 0.0} and waiting == {"": 0.0}  # all done
+
+
+# ------------------------------------------------------------------ LoRA adapters, routing by the body's model
+
+@pytest.fixture(scope="module")
+def adapters(checkpoints, make_adapter, tmp_path_factory) -> dict[str, Path]:
+    """Two adapters trained (here: drawn) on the `tiny` checkpoint, one on the `tiny2` checkpoint."""
+    root, tiny = tmp_path_factory.mktemp("adapters"), preset("tiny")
+    return {"a1": make_adapter(tiny, 1, 11, root / "a1", base_source=str(checkpoints["tiny"])),
+            "a2": make_adapter(tiny, 1, 12, root / "a2", targets=("c_fc",), base_source=str(checkpoints["tiny"])),
+            "wrong": make_adapter(tiny, 3, 13, root / "wrong", base_source=str(checkpoints["tiny2"]))}
+
+
+@pytest.fixture(scope="module")
+def routed(server, checkpoints, adapters, data_dir):
+    """A second app beside `server`'s: two server replicas, two models and three adapters on `tiny` (one of them
+    made for `tiny2`), room for every name in each replica."""
+    from ray import serve
+
+    from rugpt_ray.serving.app import serve_app
+
+    cfg = ServeConfig(models={"tiny": str(checkpoints["tiny"]), "tiny2": str(checkpoints["tiny2"])},
+                      adapters={name: {"path": str(path), "base": "tiny"} for name, path in adapters.items()},
+                      tokenizer=str(data_dir / "tokenizer"), max_models_per_replica=5)
+    serve.run(serve_app(cfg, num_replicas=2, ray_actor_options={"num_cpus": 0.5}), name="routed",
+              route_prefix="/routed")
+    with httpx.Client(base_url=f"{str(server.base_url).rstrip('/')}/routed", timeout=120) as client:
+        yield client
+    serve.delete("routed")
+
+
+def test_requests_go_to_a_replica_that_has_their_model_with_no_header(routed, ray_metrics_port):
+    """First on the app: nothing but the default model is loaded yet (concurrent first requests for one model may
+    load it on both replicas, as the next test's do)."""
+    names = ["tiny2", "a1", "a2", "tiny"]
+    for rounds in range(3):
+        for name in names:
+            r = routed.post("/v1/completions", json={"model": name, "prompt": PROMPTS[1], "max_tokens": 2})
+            assert r.status_code == 200 and r.json()["model"] == name, r.text
+        if rounds == 0:
+            time.sleep(3)  # replicas tell Serve's routers what they hold through the controller
+
+    def loads() -> dict[str, float]:
+        return {name: scrape(ray_metrics_port, "rugpt_model_loads", name, "routed").get("_total", 0.0)
+                for name in names}
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(loads().values()):
+        time.sleep(1)
+    time.sleep(2)  # one more export: nothing is still on its way
+    # each name loaded once over both replicas; tiny twice: each replica starts with its default model loaded
+    assert loads() == {"tiny2": 1, "a1": 1, "a2": 1, "tiny": 2}
+
+
+def test_adapters_and_their_base_answer_side_by_side_as_generate_does(routed, checkpoints, adapters, tokenizer):
+    listed = {m["id"]: m["parent"] for m in routed.get("/v1/models").json()["data"]}
+    assert listed == {"tiny": None, "tiny2": None, "a1": "tiny", "a2": "tiny", "wrong": "tiny"}
+    cfg = GenerationConfig(max_new_tokens=16, greedy=True)
+    expected = {"tiny": generate(load_model(checkpoints["tiny"]), tokenizer, PROMPTS[0], cfg)[0].text}
+    for name in ("a1", "a2"):  # `generate` on the base with that adapter
+        model = apply_adapter(load_model(checkpoints["tiny"]), load_adapter(adapters[name]))
+        expected[name] = generate(model, tokenizer, PROMPTS[0], cfg)[0].text
+    assert len(set(expected.values())) == 3
+
+    async def together():
+        async with httpx.AsyncClient(base_url=str(routed.base_url), timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json={
+                "model": name, "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}) for name in [*expected] * 2))
+
+    answers = asyncio.run(together())
+    assert [r.json()["choices"][0]["text"] for r in answers] == [*expected.values()] * 2
+    assert [r.json()["model"] for r in answers] == [*expected] * 2
+
+    wrong = routed.post("/v1/completions", json={"model": "wrong", "prompt": "x", "max_tokens": 2})
+    message = wrong.json()["error"]["message"]
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "model", wrong.text
+    assert message.startswith("model 'wrong': ") and str(checkpoints["tiny2"]) in message, message
+    assert "model 'tiny' has other weights" in message, message
 
 
 def test_serve_configs_are_valid_serve_configs():
@@ -676,13 +756,14 @@ def test_serve_run_local_yaml(tmp_path, checkpoints, data_dir):
         stop_server(proc)
 
 
-def test_cli_serve_with_api_key_timeout_and_clean_shutdown(checkpoints, data_dir):
+def test_cli_serve_with_api_key_timeout_and_clean_shutdown(checkpoints, adapters, data_dir):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     code = "import sys; from rugpt_ray.cli import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "RUGPT_TEST_API_KEY": "s3cret"}
     proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(checkpoints["tiny"]),
-                             "--model", f"dense={checkpoints['dense']}", "--tokenizer", str(data_dir / "tokenizer"),
+                             "--model", f"dense={checkpoints['dense']}", "--adapter", str(adapters["a1"]),
+                             "--tokenizer", str(data_dir / "tokenizer"),
                              "--port", str(port), "--api-key-env", "RUGPT_TEST_API_KEY", "--request-timeout", "1",
                              "--max-new-tokens", "1000"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -697,7 +778,8 @@ def test_cli_serve_with_api_key_timeout_and_clean_shutdown(checkpoints, data_dir
         assert httpx.get(f"{base}/tokenizer_info").status_code == 401
         assert httpx.post(f"{base}/tokenize", json={"prompt": "x"}, headers=auth).json()["count"] == 1
         models = httpx.get(f"{base}/v1/models", headers=auth).json()
-        assert [m["id"] for m in models["data"]] == ["tiny", "dense"]  # a bare path is named after its folder
+        # a bare path is named after its folder; adapters run on the first model
+        assert [(m["id"], m["parent"]) for m in models["data"]] == [("tiny", None), ("dense", None), ("a1", "tiny")]
 
         slow = {"prompt": "Привет", "model": "dense", "max_tokens": 1000, "n": 3}
         r = httpx.post(f"{base}/v1/completions", json=slow, headers=auth, timeout=60)
@@ -708,6 +790,9 @@ def test_cli_serve_with_api_key_timeout_and_clean_shutdown(checkpoints, data_dir
         assert r.status_code == 200 and chunks[-1]["error"]["code"] == "request_timeout"
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "Привет", "max_tokens": 4}, headers=auth, timeout=60)
         assert r.status_code == 200 and r.json()["model"] == "tiny"
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "Привет", "max_tokens": 4, "model": "a1"},
+                       headers=auth, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "a1"
     finally:
         out = stop_server(proc)
     assert proc.returncode == 0, out[-3000:]

@@ -16,16 +16,22 @@ generates that many sequences per prompt and returns the `n` with the highest me
 sampled token; it cannot be streamed when over `n`, and usage counts every generated token. `n > 1` streams
 the sequences' chunks interleaved, each with its `index`. `suffix` is refused.
 
-Ingress and models live in one replica: a token goes engine -> SSE -> proxy with no extra actor hop, which
-keeps Serve's time-to-first-token overhead small. Models are loaded through `serve.multiplexed` (LRU, at most
-`max_models_per_replica` per replica) and picked by the body's `model` field; a client may also send the
-`serve_multiplexed_model_id` header with the same name so the proxy prefers a replica that has it loaded.
+Two deployments: `RuGPTRouter`, the HTTP ingress, reads a request's body (or `?model=` of a GET) and hands the
+request to a `RuGPTServer` replica through Serve's model multiplexing, so that a request goes to a replica that
+has its model loaded (or to the one with the fewest) by the body's `model` alone; clients send no header. The
+server replica runs the endpoints below on the forwarded request and streams the response back through the
+router. A served name is a model (its weights) or a LoRA adapter of one of them (`adapters:`); each replica keeps
+at most `max_models_per_replica` names loaded (LRU, Serve's `serve.multiplexed`). Adapters of one base share its
+weights and its batching engine: their requests decode in the same steps, each row through its own adapter, and
+loading or dropping an adapter never reloads the base. An adapter whose base fingerprint is not the served
+base's is refused with 400 naming both.
 
 Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with these codes:
 400 malformed JSON, an unknown field, an unsupported value or a limit broken (message and `param` name the
-field), 401 missing/wrong bearer token, 404 unknown model (the message lists the served ones), 413 body too
-large, 422 a field of the wrong type or out of range, 503 overloaded (Serve's `max_queued_requests`), 504 the
-request timeout passed. A streamed request that fails after its first byte ends with an `{"error": ...}` event.
+field), or an adapter made for another base, 401 missing/wrong bearer token, 404 unknown model (the message
+lists the served ones), 413 body too large, 422 a field of the wrong type or out of range, 503 overloaded (the
+server deployment's `max_queued_requests`), 504 the request timeout passed. A streamed request that fails after
+its first byte ends with an `{"error": ...}` event.
 """
 # No `from __future__ import annotations` here: FastAPI reads the route annotations at runtime.
 
@@ -43,18 +49,21 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.serve import Application
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
 
 from rugpt_ray.checkpoints import load_model
 from rugpt_ray.config import close_matches
 from rugpt_ray.errors import UserError
 from rugpt_ray.generation import Completion, GenerationConfig, RequestError, TokenEvent, TokenLogprob, Transcript
+from rugpt_ray.lora import Adapter, base_fingerprint, check_base, load_adapter
 from rugpt_ray.serving.config import ServeConfig
 from rugpt_ray.serving.engine import BatchEngine
-from rugpt_ray.serving.metrics import EngineMetrics
+from rugpt_ray.serving.metrics import EngineMetrics, model_loaded
 from rugpt_ray.tokenizer import RuGPTTokenizer, load_tokenizer
 
 logger = logging.getLogger("ray.serve")
@@ -62,6 +71,9 @@ NonEmpty = Annotated[str, Field(min_length=1)]
 Prompt = str | list[str] | list[int] | list[list[int]]
 OPENAI_PARAMS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "num_return_sequences": "n"}
 DEFAULT_MAX_NEW_TOKENS = 64
+FORWARDED_SCOPE = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "query_string",
+                   "root_path", "headers", "client", "server")  # what the server's app needs of the router's
+ROUTER_MAX_ONGOING = 4096  # the router only relays: the server deployment's limits are the ones that bite
 
 
 class ApiError(Exception):
@@ -175,6 +187,45 @@ class DetokenizeRequest(_Body):
     model: str | None = None
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"body: larger than the limit of {limit} bytes", "body")
+    return bytes(body)
+
+
+def requested_model(request: Request, body: bytes) -> str | None:
+    """The `model` a request names: its JSON body's field, or `?model=` of a GET."""
+    if request.method == "GET":
+        return request.query_params.get("model")
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        return None  # the server answers 400 for it
+    model = fields.get("model") if isinstance(fields, dict) else None
+    return model if isinstance(model, str) else None
+
+
+class ServedModel:
+    """What a served name runs on, as Serve's per-replica LRU holds it: a base's engine, and for an adapter its
+    name and weights. An adapter entry keeps its base loaded and its adapter in the base's model."""
+
+    def __init__(self, engine: BatchEngine, adapter: tuple[str, Adapter] | None = None):
+        """For an adapter, after `engine.hold_adapter`."""
+        self.engine, self.adapter = engine, adapter
+        self._released = adapter is None
+
+    def __del__(self) -> None:
+        """Serve calls it when the LRU drops the entry (Python calls it again when the object goes): the adapter
+        may leave the model once no request uses it; requests that hold this entry keep theirs."""
+        if not self._released:
+            self._released = True
+            self.engine.release_adapter(self.adapter[0])
+
+
 app = FastAPI(title="rugpt-ray", description=__doc__)
 
 
@@ -245,7 +296,7 @@ class Choices:
 @serve.deployment(name="RuGPTServer")
 @serve.ingress(app)
 class RuGPTServer:
-    """FastAPI ingress plus one `BatchEngine` per loaded model."""
+    """The endpoints, one `BatchEngine` per loaded base and the adapters on it; reached through `RuGPTRouter`."""
 
     async def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
@@ -256,16 +307,47 @@ class RuGPTServer:
                 raise UserError(f"api_key_env={cfg.api_key_env}: that environment variable is not set in the replica")
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.created = int(time.time())
-        self.engines: weakref.WeakValueDictionary[str, BatchEngine] = weakref.WeakValueDictionary()
+        self.engines: weakref.WeakValueDictionary[str, BatchEngine] = weakref.WeakValueDictionary()  # by base
+        self.fingerprints: dict[str, str] = {}  # of the bases that adapters run on
+        self._loading: dict[str, asyncio.Lock] = {}
 
-        async def load(name: str) -> BatchEngine:
-            model = await asyncio.to_thread(load_model, cfg.models[name], device=cfg.device,
-                                            dtype=getattr(torch, cfg.dtype))
-            engine = self.engines[name] = BatchEngine(model, self.tokenizer, cfg.max_batch_size, EngineMetrics(name))
+        async def load(name: str) -> ServedModel:
+            spec = cfg.adapters.get(name)
+            if spec is None:
+                served = ServedModel(await self._base(name))
+            else:
+                engine = await self._base(spec.base)
+                adapter = await asyncio.to_thread(load_adapter, spec.path)
+                try:
+                    check_base(adapter, self.fingerprints[spec.base], f"model {spec.base!r}")
+                except UserError as e:
+                    raise ApiError(400, f"model {name!r}: {e}", "model") from None
+                await engine.hold_adapter(name, adapter)
+                served = ServedModel(engine, (name, adapter))
+            model_loaded(name)
+            return served
+
+        self.served = serve.multiplexed(max_num_models_per_replica=cfg.max_models_per_replica)(load)
+        await self.served(cfg.default_model)  # the replica reports ready with its default model loaded
+
+    async def _base(self, name: str) -> BatchEngine:
+        """The engine of base model `name`, loaded once however many names (its own, adapters) ask at once."""
+        async with self._loading.setdefault(name, asyncio.Lock()):
+            engine = self.engines.get(name)
+            if engine is None:
+                model = await asyncio.to_thread(self._load_weights, name)
+                engine = self.engines[name] = BatchEngine(model, self.tokenizer, self.cfg.max_batch_size,
+                                                          EngineMetrics(name))
             return engine
 
-        self.engine = serve.multiplexed(max_num_models_per_replica=cfg.max_models_per_replica)(load)
-        await self.engine(cfg.default_model)  # the replica reports ready with its default model loaded
+    def _load_weights(self, name: str) -> torch.nn.Module:
+        """A base as configured; one that adapters run on is fingerprinted first, as loaded in training."""
+        device, dtype = self.cfg.device, getattr(torch, self.cfg.dtype)
+        if not any(spec.base == name for spec in self.cfg.adapters.values()):
+            return load_model(self.cfg.models[name], device=device, dtype=dtype)
+        model = load_model(self.cfg.models[name])
+        self.fingerprints[name] = base_fingerprint(model)
+        return model.to(device=device, dtype=dtype)
 
     # ------------------------------------------------------------------------------------------- plumbing
 
@@ -281,13 +363,9 @@ class RuGPTServer:
     async def _read(self, request: Request, schema: type[_Body]) -> _Body:
         """Authorize, then read at most max_body_bytes and validate; errors name the field."""
         self._authorize(request)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.cfg.max_body_bytes:
-                raise ApiError(413, f"body: larger than the limit of {self.cfg.max_body_bytes} bytes", "body")
+        body = await read_body(request, self.cfg.max_body_bytes)
         try:
-            return schema.model_validate_json(bytes(body))
+            return schema.model_validate_json(body)
         except ValidationError as e:
             errors = e.errors()
             if errors[0]["type"] == "json_invalid":
@@ -304,14 +382,15 @@ class RuGPTServer:
             messages = dict.fromkeys(err["msg"] for err in errors if err["loc"] and err["loc"][0] == param)
             raise ApiError(422, f"{param}: {'; '.join(messages)}", param) from None
 
-    async def _engine(self, name: str | None) -> tuple[str, BatchEngine]:
-        """The named (or default) model's engine, loaded on demand."""
+    async def _served(self, name: str | None) -> tuple[str, ServedModel]:
+        """The named (or default) model or adapter, loaded on demand."""
         name = name or self.cfg.default_model
-        if name not in self.cfg.models:
-            raise ApiError(404, f"model {name!r} is not served here; known: {', '.join(self.cfg.models)}", "model",
+        if name not in self.cfg.models and name not in self.cfg.adapters:
+            known = ", ".join([*self.cfg.models, *self.cfg.adapters])
+            raise ApiError(404, f"model {name!r} is not served here; known: {known}", "model",
                            kind="not_found_error", code="model_not_found")
         try:
-            return name, await self.engine(name)
+            return name, await self.served(name)
         except UserError as e:  # checked paths can still vanish, or a hub id be unreachable from the replica
             raise ApiError(500, f"model {name!r} could not be loaded: {e}", "model", kind="server_error") from None
 
@@ -324,9 +403,9 @@ class RuGPTServer:
         return self.tokenizer.encode_batch(prompt) if isinstance(prompt[0], str) else prompt
 
     async def _prepare(self, body: _Prompted, max_new_tokens: int, min_new_tokens: int, n: int,
-                       names: dict[str, str]) -> tuple[str, BatchEngine, list[list[int]], GenerationConfig]:
-        """The model's engine, the encoded prompts and the generation settings, after every limit check."""
-        name, engine = await self._engine(body.model)
+                       names: dict[str, str]) -> tuple[str, ServedModel, list[list[int]], GenerationConfig]:
+        """The served model, the encoded prompts and the generation settings, after every limit check."""
+        name, served = await self._served(body.model)
         rows = body.best_of or n
         if rows > n:  # the decoder's rows are best_of's
             names = {**names, "num_return_sequences": "best_of"}
@@ -348,22 +427,22 @@ class RuGPTServer:
                 if len(ids) > self.cfg.max_prompt_tokens:
                     raise RequestError("prompt", f"prompt {i} has {len(ids)} tokens; the limit is "
                                                  f"{self.cfg.max_prompt_tokens}")
-            engine.check(encoded, cfg)
+            served.engine.check(encoded, cfg)
         except RequestError as e:
             param = names.get(e.param, e.param)
             raise ApiError(400, f"{param}: {e.detail}", param) from None
-        return name, engine, encoded, cfg
+        return name, served, encoded, cfg
 
-    async def _collect(self, engine: BatchEngine, encoded: list[list[int]], cfg: GenerationConfig) -> Transcript:
+    async def _collect(self, served: ServedModel, encoded: list[list[int]], cfg: GenerationConfig) -> Transcript:
         transcript = Transcript(encoded, cfg.num_return_sequences)
         try:
-            async for events in engine.generate(encoded, cfg, self.cfg.request_timeout_s):
+            async for events in served.engine.generate(encoded, cfg, self.cfg.request_timeout_s, served.adapter):
                 transcript.add(events)
         except TimeoutError as e:
             raise ApiError(504, str(e), kind="timeout_error", code="request_timeout") from None
         return transcript
 
-    async def _stream(self, engine: BatchEngine, encoded: list[list[int]], cfg: GenerationConfig,
+    async def _stream(self, served: ServedModel, encoded: list[list[int]], cfg: GenerationConfig,
                       chunk: Callable[[Transcript, int, list[TokenEvent]], dict[str, Any]],
                       final: Callable[[Transcript], list[str]]) -> AsyncIterator[str]:
         """SSE text: `chunk(transcript, row, events)` per sequence with new text or an end, then `final(transcript)`.
@@ -380,7 +459,7 @@ class RuGPTServer:
             return "".join(_sse(chunk(transcript, row, pending.pop(row))) for row in ready)
 
         try:
-            async for events in engine.generate(encoded, cfg, self.cfg.request_timeout_s):
+            async for events in served.engine.generate(encoded, cfg, self.cfg.request_timeout_s, served.adapter):
                 transcript.add(events)
                 for e in events:
                     pending.setdefault(e.index, []).append(e)
@@ -401,33 +480,65 @@ class RuGPTServer:
 
     # ------------------------------------------------------------------------------------------- routes
 
+    async def forward(self, scope: dict[str, Any], body: bytes) -> AsyncIterator[dict[str, Any] | bytes]:
+        """`RuGPTRouter`'s call: run this replica's endpoints on a request the router has read; yield the
+        response's start (`{"status", "headers"}`), then its body as it comes. Cancelling the call (the client
+        left) cancels the endpoint, which drops the request's rows from the batch."""
+        messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        unread = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if unread:
+                return unread.pop()
+            await asyncio.Event().wait()  # a disconnect arrives as this call's cancellation instead
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            messages.put_nowait(message)
+
+        endpoint = asyncio.create_task(app(dict(scope), receive, send))
+        endpoint.add_done_callback(lambda _: messages.put_nowait(None))
+        try:
+            while (message := await messages.get()) is not None:
+                if message["type"] == "http.response.start":
+                    yield {"status": message["status"], "headers": [tuple(h) for h in message.get("headers", [])]}
+                elif message.get("body"):
+                    yield message["body"]
+        finally:
+            endpoint.cancel()
+
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/stats")
     async def stats(self, request: Request) -> dict[str, Any]:
-        """Batching counters of the models loaded in the replica that answers (see `EngineStats`)."""
+        """Batching counters of the bases loaded in the replica that answers (see `EngineStats`), with the
+        adapters it keeps on each."""
         self._authorize(request)
-        return {"models": {name: engine.stats.as_dict() for name, engine in list(self.engines.items())}}
+        return {"models": {name: {**engine.stats.as_dict(), "adapters": engine.kept_adapters}
+                           for name, engine in list(self.engines.items())}}
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
+        """Models, then adapters; `parent` is an adapter's base (as vLLM lists LoRA adapters)."""
         self._authorize(request)
+        parents = {**dict.fromkeys(self.cfg.models), **{name: a.base for name, a in self.cfg.adapters.items()}}
         return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
-                                            "owned_by": "rugpt-ray"} for name in self.cfg.models]}
+                                            "owned_by": "rugpt-ray", "parent": parent}
+                                           for name, parent in parents.items()]}
 
     @app.post("/tokenize")
     async def tokenize(self, request: Request) -> dict[str, Any]:
         body: TokenizeRequest = await self._read(request, TokenizeRequest)
-        _, engine = await self._engine(body.model)
+        _, served = await self._served(body.model)
         tokens = self.tokenizer.encode(body.prompt)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context}
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": served.engine.context}
 
     @app.post("/detokenize")
     async def detokenize(self, request: Request) -> dict[str, str]:
         body: DetokenizeRequest = await self._read(request, DetokenizeRequest)
-        await self._engine(body.model)
+        await self._served(body.model)
         vocab = len(self.tokenizer)
         bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
         if bad is not None:
@@ -438,11 +549,11 @@ class RuGPTServer:
     async def tokenizer_info(self, request: Request, model: str | None = None) -> dict[str, Any]:
         """What a client needs to tokenize as the server does (vLLM's shape); `?model=` picks the context."""
         self._authorize(request)
-        _, engine = await self._engine(model)
-        tok = self.tokenizer
+        _, served = await self._served(model)
+        tok, context = self.tokenizer, served.engine.context
         special = {"eos": tok.eos_id, "bos": tok.bos_id, "pad": tok.pad_id}
-        return {"tokenizer_class": "GPT2TokenizerFast", "vocab_size": len(tok), "model_max_length": engine.context,
-                "max_model_len": engine.context, "add_bos_token": False, "add_eos_token": False,
+        return {"tokenizer_class": "GPT2TokenizerFast", "vocab_size": len(tok), "model_max_length": context,
+                "max_model_len": context, "add_bos_token": False, "add_eos_token": False,
                 **{f"{kind}_token": tok.decode([token]) for kind, token in special.items()},
                 **{f"{kind}_token_id": token for kind, token in special.items()}}
 
@@ -453,7 +564,7 @@ class RuGPTServer:
         if max_new is None:
             max_new = min(DEFAULT_MAX_NEW_TOKENS, self.cfg.max_new_tokens)
         n = body.num_return_sequences
-        name, engine, encoded, cfg = await self._prepare(body, max_new, body.min_new_tokens, n, {})
+        name, served, encoded, cfg = await self._prepare(body, max_new, body.min_new_tokens, n, {})
         choices = Choices(self.tokenizer, encoded, cfg.num_return_sequences, body.echo, body.logprobs)
 
         def result(transcript: Transcript) -> dict[str, Any]:
@@ -470,9 +581,9 @@ class RuGPTServer:
             return {"index": row, "text": text, "logprobs": logprobs, "finish_reason": events[-1].finish_reason}
 
         if not body.stream:
-            return result(await self._collect(engine, encoded, cfg))
+            return result(await self._collect(served, encoded, cfg))
         return StreamingResponse(self._stream(
-            engine, encoded, cfg, chunk, final=lambda transcript: [_sse({"done": True, **result(transcript)})],
+            served, encoded, cfg, chunk, final=lambda transcript: [_sse({"done": True, **result(transcript)})],
         ), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/completions", response_model=None)
@@ -480,7 +591,7 @@ class RuGPTServer:
         body: CompletionRequest = await self._read(request, CompletionRequest)
         if body.suffix:
             raise ApiError(400, "suffix: not supported (text is only completed left to right)", "suffix")
-        name, engine, encoded, cfg = await self._prepare(body, body.max_tokens, body.min_tokens, body.n,
+        name, served, encoded, cfg = await self._prepare(body, body.max_tokens, body.min_tokens, body.n,
                                                          OPENAI_PARAMS)
         choices = Choices(self.tokenizer, encoded, cfg.num_return_sequences, body.echo, body.logprobs)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -490,7 +601,7 @@ class RuGPTServer:
             return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
         if not body.stream:
-            transcript = await self._collect(engine, encoded, cfg)
+            transcript = await self._collect(served, encoded, cfg)
             return {**head, "choices": [choice(c.index, *choices.whole(c), c.finish_reason)
                                         for c in transcript.best(body.n)], "usage": transcript.usage}
 
@@ -502,15 +613,55 @@ class RuGPTServer:
             usage = [_sse({**head, "choices": [], "usage": transcript.usage})]
             return [*(usage if body.stream_options and body.stream_options.include_usage else []), "data: [DONE]\n\n"]
 
-        return StreamingResponse(self._stream(engine, encoded, cfg, chunk, final), media_type="text/event-stream",
+        return StreamingResponse(self._stream(served, encoded, cfg, chunk, final), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
 
-def build_app(args: dict[str, Any] | ServeConfig) -> Application:
-    """Serve app builder: `import_path: rugpt_ray.serving:build_app`, `args:` = `ServeConfig`'s fields.
+@serve.deployment(name="RuGPTRouter", max_ongoing_requests=ROUTER_MAX_ONGOING, ray_actor_options={"num_cpus": 0})
+class RuGPTRouter:
+    """The HTTP ingress: sends each request to a `RuGPTServer` replica chosen by the model it names (Serve's
+    multiplexed routing) and relays the response as it streams. It reads the body to find the model and
+    answers only what the servers cannot: a body over the limit (413) and no room in their queues (503)."""
 
-    Model paths are resolved here (env vars, globs), so every replica loads the same checkpoint.
-    """
-    cfg = (args if isinstance(args, ServeConfig) else ServeConfig.from_dict(args)).resolved()
-    return RuGPTServer.options(max_ongoing_requests=cfg.max_ongoing_requests,
-                               max_queued_requests=cfg.max_queued_requests).bind(cfg)
+    def __init__(self, server: DeploymentHandle, cfg: ServeConfig):
+        self.server, self.cfg = server.options(stream=True), cfg
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            body = await read_body(request, self.cfg.max_body_bytes)
+        except ApiError as e:
+            return await _api_error(request, e)
+        model = requested_model(request, body) or self.cfg.default_model
+        scope = {key: request.scope[key] for key in FORWARDED_SCOPE if key in request.scope}
+        call = self.server.options(multiplexed_model_id=model).forward.remote(scope, body)
+        try:
+            start = await call.__anext__()
+        except BackPressureError:
+            return await _api_error(request, ApiError(503, "overloaded: every model server's queue is full; retry "
+                                                           "later", kind="server_error", code="overloaded"))
+
+        async def rest() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in call:
+                    yield chunk
+            finally:
+                call.cancel()  # the client left: the server stops generating
+
+        response = StreamingResponse(rest(), status_code=start["status"])
+        response.raw_headers = [tuple(h) for h in start["headers"]]
+        return response
+
+
+def build_app(args: dict[str, Any] | ServeConfig) -> Application:
+    """Serve app builder: `import_path: rugpt_ray.serving:build_app`, `args:` = `ServeConfig`'s fields."""
+    return serve_app(args if isinstance(args, ServeConfig) else ServeConfig.from_dict(args))
+
+
+def serve_app(cfg: ServeConfig, **server_options: Any) -> Application:
+    """The router in front of the model servers. Model paths are resolved here (env vars, globs), so every
+    replica loads the same checkpoint. `server_options` are Serve deployment options of `RuGPTServer`, as a Serve
+    config's `deployments:` entry for it sets them, for apps built in Python."""
+    cfg = cfg.resolved()
+    server = RuGPTServer.options(**{"max_ongoing_requests": cfg.max_ongoing_requests,
+                                    "max_queued_requests": cfg.max_queued_requests, **server_options}).bind(cfg)
+    return RuGPTRouter.bind(server, cfg)

@@ -19,25 +19,29 @@ from rugpt_ray.serving.config import ServeConfig
 APP_NAME = "rugpt"
 
 
-def parse_models(values: list[str]) -> dict[str, str]:
-    """`NAME=PATH` entries, or a bare PATH named after its last path component (a hub id's model part)."""
-    models: dict[str, str] = {}
+def parse_named(flag: str, values: list[str], taken: dict[str, str] | None = None) -> dict[str, str]:
+    """`NAME=PATH` entries, or a bare PATH named after its last path component (a hub id's model part); a name
+    may be used once, here or in `taken`."""
+    named, taken = {}, taken or {}
     for value in values:
         name, sep, path = value.partition("=")
         if not sep:
             name, path = Path(value.rstrip("/")).name, value
         if not name or not path:
-            raise UserError(f"--model {value!r}: expected PATH or NAME=PATH")
-        if name in models:
-            raise UserError(f"--model {value!r}: the name {name!r} is already used by {models[name]!r}")
-        models[name] = path
-    return models
+            raise UserError(f"{flag} {value!r}: expected PATH or NAME=PATH")
+        if name in named or name in taken:
+            raise UserError(f"{flag} {value!r}: the name {name!r} is already used by "
+                            f"{named.get(name) or taken[name]!r}")
+        named[name] = path
+    return named
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """`rugpt-ray serve`: the flags are ServeConfig's fields (`--request-timeout` is request_timeout_s)."""
+    models = parse_named("--model", args.model)
+    adapters = {name: {"path": path} for name, path in parse_named("--adapter", args.adapter, models).items()}
     cfg = ServeConfig.from_dict(dict(
-        models=parse_models(args.model), tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+        models=models, adapters=adapters, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
         max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens,
         request_timeout_s=args.request_timeout, api_key_env=args.api_key_env), where="serve")
     if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
@@ -50,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: stop.set())
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name=APP_NAME, route_prefix="/")
-        print(f"serving {', '.join(cfg.models)} on http://{args.host}:{args.port} "
+        print(f"serving {', '.join([*cfg.models, *cfg.adapters])} on http://{args.host}:{args.port} "
               f"(POST /generate, /v1/completions, /tokenize, /detokenize; GET /v1/models, /tokenizer_info, /stats, "
               f"/healthz); Ctrl-C or SIGTERM stops", flush=True)
         while not stop.wait(0.5):

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rugpt_ray.config import DTYPES, close_matches
 from rugpt_ray.errors import UserError
@@ -16,6 +16,19 @@ from rugpt_ray.errors import UserError
 _COMPARISONS = (("greater than or equal to", ">="), ("less than or equal to", "<="), ("greater than", ">"),
                 ("less than", "<"))
 _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+class AdapterSpec(BaseModel):
+    """A LoRA adapter served under its own name on one of the served models."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    path: str
+    """The adapter: its folder, a step_* checkpoint of a LoRA run, or the run folder (its newest checkpoint);
+    `${VAR:-default}` and globs work as for models."""
+    base: str | None = None
+    """The served model (a name in `models`) it runs on; the first model when not given. Its weights must be the
+    ones the adapter was trained on (checked by fingerprint when the adapter is loaded)."""
 
 
 class ServeConfig(BaseModel):
@@ -27,6 +40,9 @@ class ServeConfig(BaseModel):
     """Served name -> checkpoint folder/file or HF hub id; the first is the default when a request names none.
     A value may use `${VAR}` / `${VAR:-default}` and a glob (its newest match is taken: the demo writes
     `runs/demo-<time>/model`); both are resolved where the app is built."""
+    adapters: dict[str, AdapterSpec] = Field(default_factory=dict)
+    """Served name -> LoRA adapter on one of `models`: `{path: runs/lora-support, base: large}`. Requests name an
+    adapter in `model` like any model; adapters of one base share its weights and its decode steps."""
     tokenizer: str
     """Tokenizer folder (vocab.json + merges.txt) or hub id, shared by every model; `${VAR:-default}` works."""
     device: str = "cpu"
@@ -42,7 +58,8 @@ class ServeConfig(BaseModel):
     max_batch_size: int = Field(32, ge=1)
     """Most sequences decoded together per model; requests beyond it wait for rows to free up."""
     max_models_per_replica: int = Field(2, ge=1)
-    """Models kept loaded per replica; the least recently used one is unloaded beyond this."""
+    """Served names (models and adapters) kept loaded per replica; the least recently used one is unloaded
+    beyond this. A base stays loaded while an adapter on it is."""
     max_ongoing_requests: int = Field(64, ge=1)
     """Requests a replica works on at once (decoding or waiting for a batch slot); the same setting in a Serve
     config's `deployments:` entry wins."""
@@ -69,6 +86,17 @@ class ServeConfig(BaseModel):
                 raise ValueError(f"model {name!r}: names and paths must be non-empty")
         return models
 
+    @model_validator(mode="after")
+    def _adapter_bases(self) -> ServeConfig:
+        for name, spec in self.adapters.items():
+            if name in self.models:
+                raise ValueError(f"adapter {name!r}: the name is already a model's")
+            if spec.base is None:
+                spec.base = self.default_model
+            elif spec.base not in self.models:
+                raise ValueError(f"adapter {name!r}: base {spec.base!r} is not in models ({', '.join(self.models)})")
+        return self
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "serve config") -> ServeConfig:
         """Checked like every other config: one line `WHERE: KEY must be ..., got VALUE` (pydantic checks)."""
@@ -82,6 +110,8 @@ class ServeConfig(BaseModel):
             rule = error["msg"].replace("Input should be", "must be").replace("Value error, ", "")
             for words, sign in _COMPARISONS:
                 rule = rule.replace(words, sign)
+            if not error["loc"]:  # a rule across fields: its message names them
+                raise UserError(f"{where}: {rule}") from None
             raise UserError(f"{where}: {'.'.join(map(str, error['loc']))} {rule}, got {error['input']!r}") from None
 
     @property
@@ -91,7 +121,10 @@ class ServeConfig(BaseModel):
     def resolved(self) -> ServeConfig:
         """A copy whose paths are expanded and checked, so every replica loads the same files."""
         models = {name: resolve_path(f"model {name}", path) for name, path in self.models.items()}
-        return self.model_copy(update={"models": models, "tokenizer": resolve_path("tokenizer", self.tokenizer)})
+        adapters = {name: spec.model_copy(update={"path": resolve_path(f"adapter {name}", spec.path)})
+                    for name, spec in self.adapters.items()}
+        return self.model_copy(update={"models": models, "adapters": adapters,
+                                       "tokenizer": resolve_path("tokenizer", self.tokenizer)})
 
 
 def resolve_path(what: str, value: str) -> str:

@@ -5,7 +5,9 @@ slots of its preallocated KV cache, are prefilled at the next step and then deco
 to the others; a finished or cancelled row gives its slot back and nothing else moves. Each row samples from
 its own seeded generator, so a seeded request gives the same tokens alone or batched, streamed or not. This
 module only serves: it queues and admits requests while slots are free, enforces deadlines, drops cancelled
-requests and keeps counters (and, given an `EngineMetrics`, Prometheus metrics). Model work runs on one
+requests and keeps counters (and, given an `EngineMetrics`, Prometheus metrics). Requests may name a LoRA
+adapter of the engine's model: they decode in the same steps as the others (see generation.py); an adapter
+is put into the model between steps by `hold_adapter` and stays while it is held or in use. Model work runs on one
 worker thread per engine that steps back to back, so neither waits for the other: the event loop accepts
 requests and streams tokens while a step computes.
 """
@@ -21,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from rugpt_ray.generation import Decoder, GenerationConfig, TokenEvent
+from rugpt_ray.lora import Adapter
 from rugpt_ray.model import GPT
 from rugpt_ray.tokenizer import RuGPTTokenizer
 
@@ -51,8 +54,9 @@ class EngineStats:
 class _Job:
     """One request inside the engine: its prompts and settings, its decoder slots, its event queue."""
 
-    def __init__(self, prompts: list[list[int]], cfg: GenerationConfig, loop: asyncio.AbstractEventLoop):
-        self.prompts, self.cfg = prompts, cfg
+    def __init__(self, prompts: list[list[int]], cfg: GenerationConfig, loop: asyncio.AbstractEventLoop,
+                 adapter: tuple[str, Adapter] | None):
+        self.prompts, self.cfg, self.adapter = prompts, cfg, adapter
         self.rows = len(prompts) * cfg.num_return_sequences
         self.slots: list[int] = []  # decoder slot of each sequence, set on admission
         self.live: set[int] = set()  # slots of the sequences still decoding
@@ -82,6 +86,15 @@ def _put_all(pairs: list[tuple[asyncio.Queue, object]]) -> None:
         queue.put_nowait(item)
 
 
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():  # its waiter was cancelled
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
 class BatchEngine:
     """Continuous batching over one model; `generate` is the only entry point and may be called concurrently.
 
@@ -96,6 +109,8 @@ class BatchEngine:
         self.stats = EngineStats()
         self._lock = threading.Lock()  # guards _waiting and _worker, shared with the event loop(s)
         self._waiting: deque[_Job] = deque()
+        self._kept: dict[str, int] = {}  # adapter name -> holders that want it to stay in the model
+        self._arriving: list[tuple[str, Adapter, asyncio.Future]] = []  # adapters to put in at the next step
         self._worker: threading.Thread | None = None
         self._jobs: list[_Job] = []  # admitted, touched by the worker thread only
 
@@ -107,22 +122,44 @@ class BatchEngine:
         """Refuse what could never run (`RequestError` naming the field): too many rows, past the context."""
         self.decoder.check(prompts, cfg)
 
-    async def generate(self, prompts: list[list[int]], cfg: GenerationConfig,
-                       timeout_s: float | None = None) -> AsyncIterator[list[TokenEvent]]:
-        """Yield each step's events for this request (steps that were ready together come as one list).
+    @property
+    def kept_adapters(self) -> list[str]:
+        with self._lock:
+            return sorted(self._kept)
+
+    async def hold_adapter(self, name: str, adapter: Adapter) -> None:
+        """Put `adapter` into the model under `name` (at the next step boundary) and keep it there between its
+        requests, until as many `release_adapter` calls."""
+        arrived = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._kept[name] = self._kept.get(name, 0) + 1
+            self._arriving.append((name, adapter, arrived))
+            self._wake()
+        await arrived
+
+    def release_adapter(self, name: str) -> None:
+        """The adapter leaves the model at the next step in which no row uses it."""
+        with self._lock:
+            if self._kept.get(name, 0) > 1:
+                self._kept[name] -= 1
+            else:
+                self._kept.pop(name, None)
+
+    async def generate(self, prompts: list[list[int]], cfg: GenerationConfig, timeout_s: float | None = None,
+                       adapter: tuple[str, Adapter] | None = None) -> AsyncIterator[list[TokenEvent]]:
+        """Yield each step's events for this request (steps that were ready together come as one list), decoded
+        through `adapter` (a name and its weights) if given.
 
         Leaving the iteration early (client gone, cancellation) drops the request's rows from the batch at
         the next step; so does `timeout_s`, checked between steps, which then raises TimeoutError here.
         """
         self.check(prompts, cfg)
-        job = _Job(prompts, cfg, asyncio.get_running_loop())
+        job = _Job(prompts, cfg, asyncio.get_running_loop(), adapter)
         if timeout_s is not None:
             job.deadline, job.timeout_s = time.monotonic() + timeout_s, timeout_s
         with self._lock:
             self._waiting.append(job)
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._work, name="rugpt-engine", daemon=True)
-                self._worker.start()
+            self._wake()
         finished = False
         try:
             while not finished:
@@ -142,6 +179,12 @@ class BatchEngine:
         finally:
             if not finished:
                 job.cancelled = True
+
+    def _wake(self) -> None:
+        """Under the lock: start the worker thread unless it runs."""
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="rugpt-engine", daemon=True)
+            self._worker.start()
 
     def _admit(self) -> list[_Job]:
         """Under the lock: waiting jobs that fit in the free slots, first come first served."""
@@ -170,14 +213,19 @@ class BatchEngine:
                         _deliver([(job, TimeoutError(f"generation took longer than the request timeout "
                                                      f"({job.timeout_s} s)"))])
                 new = self._admit()
-                if not self._jobs and not new:
+                kept, arriving, self._arriving = set(self._kept), self._arriving, []
+                if not self._jobs and not new and not arriving:
                     self._worker = None
                     self.stats.active_requests = self.stats.active_rows = 0
                     if self.metrics:
                         self.metrics.requests(0, len(self._waiting))
                     return
+            self._add_adapters(arriving)
             running = [*self._jobs, *new]
+            if not running:
+                continue
             try:
+                self.decoder.prune_adapters(kept)
                 results = self._step(new)
             except Exception as e:  # a failed step fails the jobs in it; the engine starts over empty
                 _deliver([(job, e) for job in running if not job.cancelled])
@@ -185,6 +233,16 @@ class BatchEngine:
                 self.decoder.clear()
                 continue
             _deliver([(job, item) for job, events, done in results for item in ([events, None] if done else [events])])
+
+    def _add_adapters(self, arriving: list[tuple[str, Adapter, asyncio.Future]]) -> None:
+        """Put arriving adapters into the model and tell their holders (or hand them the error)."""
+        for name, adapter, arrived in arriving:
+            try:
+                self.decoder.add_adapter(name, adapter)
+                outcome = None
+            except Exception as e:
+                outcome = e
+            arrived.get_loop().call_soon_threadsafe(_settle, arrived, outcome)
 
     def _step(self, new: list[_Job]) -> list[tuple[_Job, list[TokenEvent], bool]]:
         """Drop cancelled jobs, add the new ones, and run one decoder step: each job's events and whether it is done."""
@@ -195,7 +253,11 @@ class BatchEngine:
         self._jobs = [job for job in self._jobs if not job.cancelled]
         decoding_requests, decoding_rows = len(self._jobs), self.decoder.decoding_rows
         for job in new:
-            job.slots = self.decoder.add(job.prompts, job.cfg, owner=job)
+            try:
+                job.slots = self.decoder.add(job.prompts, job.cfg, owner=job, adapter=job.adapter)
+            except Exception as e:  # an adapter that does not fit fails its request only
+                _deliver([(job, e)])
+                continue
             job.live = set(job.slots)
             self._jobs.append(job)
         events: dict[int, list[TokenEvent]] = {id(job): [] for job in self._jobs}

@@ -34,7 +34,14 @@ def _metrics() -> dict[str, Counter | Gauge | Histogram]:
         "generated": Counter("rugpt_generation_tokens", "Tokens generated for finished requests", tag_keys=tags),
         "running": Gauge("rugpt_running_requests", "Requests in the decoding batch", tag_keys=tags),
         "waiting": Gauge("rugpt_waiting_requests", "Requests waiting for free batch rows", tag_keys=tags),
+        "loads": Counter("rugpt_model_loads", "Times a served model or adapter was loaded into a replica",
+                         tag_keys=tags),
     }
+
+
+def model_loaded(model: str) -> None:
+    """Count one load of a served name (a base or an adapter): more than one per replica means LRU thrash."""
+    _metrics()["loads"].inc(1, {"model": model})
 
 
 class EngineMetrics:
