@@ -8,15 +8,18 @@ each sampling mode (sampled: temperature 1 = OpenAI's default with top_p 0.9; an
   one-at-a-time requests/s ratio;
 - alternates `--ttft-repeats` times between the same request made directly on a `BatchEngine` in this
   process (no Serve) and over HTTP; Serve's added TTFT is the difference of the medians.
+With `--with-adapter` the app also serves a LoRA adapter of the model, so it has two names and requests go
+through the `RuGPTRouter` ingress (the requests still name the base): the router's cost.
 Alternating makes background load on the machine hit both sides alike. This process lowers its own priority
 to that of Ray's workers (nice 15) for the same reason.
 
     python benchmarks/serve_load.py [--clients 16] [--duration 8] [--rounds 3] [--max-tokens 32]
-                                    [--stream-interval 0.05] [--no-stream] [--out result.json]
+                                    [--stream-interval 0.05] [--no-stream] [--with-adapter] [--out result.json]
 """
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import platform
@@ -148,6 +151,8 @@ def main() -> None:
                         help="the app's stream_interval_s (serve_configs/local.yaml's value; 0 = a chunk per token)")
     parser.add_argument("--no-stream", action="store_true",
                         help="plain JSON responses instead of SSE (no TTFT; shows batching without per-token I/O)")
+    parser.add_argument("--with-adapter", action="store_true",
+                        help="also serve a LoRA adapter of the model: two names, so requests go through the router")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     if not 1 <= args.duration <= 60:
@@ -160,8 +165,9 @@ def main() -> None:
     from ray import serve
 
     from rugpt_ray.checkpoints import load_model, save_native
-    from rugpt_ray.config import preset
+    from rugpt_ray.config import LoraConfig, preset
     from rugpt_ray.generation import GenerationConfig
+    from rugpt_ray.lora import add_lora, base_reference, save_adapter
     from rugpt_ray.model import GPT
     from rugpt_ray.serving import ServeConfig
     from rugpt_ray.serving.app import build_app
@@ -169,13 +175,22 @@ def main() -> None:
     from rugpt_ray.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
-    model_dir = save_native(GPT(preset("tiny")), Path(tempfile.mkdtemp(prefix="serve-load-")) / "tiny")
+    scratch = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    base = GPT(preset("tiny"))
+    model_dir = save_native(base, scratch / "tiny")
+    adapters = {}
+    if args.with_adapter:  # requests still name the base: the same work, with the router in front
+        lora = LoraConfig()
+        save_adapter(add_lora(copy.deepcopy(base), lora), lora, base_reference(base, str(model_dir), {}),
+                     scratch / "adapter")
+        adapters = {"tiny-lora": {"path": str(scratch / "adapter")}}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServeConfig(models={"tiny": str(model_dir)}, tokenizer=args.tokenizer, max_batch_size=32,
-                                    max_ongoing_requests=64, stream_interval_s=args.stream_interval)),
+    serve.run(build_app(ServeConfig(models={"tiny": str(model_dir)}, adapters=adapters, tokenizer=args.tokenizer,
+                                    max_batch_size=32, max_ongoing_requests=64,
+                                    stream_interval_s=args.stream_interval)),
               name="bench", route_prefix="/")
 
     torch.set_num_threads(1)  # as the replica has (num_cpus=1)
@@ -183,7 +198,8 @@ def main() -> None:
     engine = BatchEngine(load_model(model_dir), tokenizer)
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[0]
-    results = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "clients": args.clients,
+    results = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "router": args.with_adapter,
+               "clients": args.clients,
                "duration_s": args.duration, "rounds": args.rounds, "max_tokens": args.max_tokens,
                "stream_interval_s": args.stream_interval, "modes": {}}
     for mode, sampling in (("temperature 1, top_p 0.9", {"temperature": 1.0, "top_p": 0.9}),

@@ -16,12 +16,15 @@ generates that many sequences per prompt and returns the `n` with the highest me
 sampled token; it cannot be streamed when over `n`, and usage counts every generated token. `n > 1` streams
 the sequences' chunks interleaved, each with its `index`. `suffix` is refused.
 
-Two deployments: `RuGPTRouter`, the HTTP ingress, reads a request's body (or `?model=` of a GET) and hands the
-request to a `RuGPTServer` replica through Serve's model multiplexing, so that a request goes to a replica that
-has its model loaded (or to the one with the fewest) by the body's `model` alone; clients send no header. The
-server replica runs the endpoints below on the forwarded request and streams the response back through the
-router. A served name is a model (its weights) or a LoRA adapter of one of them (`adapters:`); each replica keeps
-at most `max_models_per_replica` names loaded (LRU, Serve's `serve.multiplexed`). Adapters of one base share its
+With more than one served name the app is two deployments: `RuGPTRouter`, the HTTP ingress, reads a request's
+body (or `?model=` of a GET) and hands the request to a `RuGPTServer` replica through Serve's model
+multiplexing, so that a request goes to a replica that has its model loaded (or to the one with the fewest) by
+the body's `model` alone; clients send no header. The server replica runs the endpoints below on the forwarded
+request and streams the response back through the router. With one name, `RuGPTServer` is the ingress itself
+(every replica holds the model; one actor hop less per request and per streamed chunk).
+
+A served name is a model (its weights) or a LoRA adapter of one of them (`adapters:`); each replica keeps at
+most `max_models_per_replica` names loaded (LRU, Serve's `serve.multiplexed`). Adapters of one base share its
 weights and its batching engine: their requests decode in the same steps, each row through its own adapter, and
 loading or dropping an adapter never reloads the base. An adapter whose base fingerprint is not the served
 base's is refused with 400 naming both.
@@ -309,7 +312,6 @@ class RuGPTServer:
         self.created = int(time.time())
         self.engines: weakref.WeakValueDictionary[str, BatchEngine] = weakref.WeakValueDictionary()  # by base
         self.fingerprints: dict[str, str] = {}  # of the bases that adapters run on
-        self._loading: dict[str, asyncio.Lock] = {}
 
         async def load(name: str) -> ServedModel:
             spec = cfg.adapters.get(name)
@@ -331,14 +333,14 @@ class RuGPTServer:
         await self.served(cfg.default_model)  # the replica reports ready with its default model loaded
 
     async def _base(self, name: str) -> BatchEngine:
-        """The engine of base model `name`, loaded once however many names (its own, adapters) ask at once."""
-        async with self._loading.setdefault(name, asyncio.Lock()):
-            engine = self.engines.get(name)
-            if engine is None:
-                model = await asyncio.to_thread(self._load_weights, name)
-                engine = self.engines[name] = BatchEngine(model, self.tokenizer, self.cfg.max_batch_size,
-                                                          EngineMetrics(name))
-            return engine
+        """The engine of base model `name`, shared by its own entry and its adapters' (Serve runs one load at a
+        time, so it is loaded once)."""
+        engine = self.engines.get(name)
+        if engine is None:
+            model = await asyncio.to_thread(self._load_weights, name)
+            engine = self.engines[name] = BatchEngine(model, self.tokenizer, self.cfg.max_batch_size,
+                                                      EngineMetrics(name))
+        return engine
 
     def _load_weights(self, name: str) -> torch.nn.Module:
         """A base as configured; one that adapters run on is fingerprinted first, as loaded in training."""
@@ -664,4 +666,6 @@ def serve_app(cfg: ServeConfig, **server_options: Any) -> Application:
     cfg = cfg.resolved()
     server = RuGPTServer.options(**{"max_ongoing_requests": cfg.max_ongoing_requests,
                                     "max_queued_requests": cfg.max_queued_requests, **server_options}).bind(cfg)
+    if len(cfg.models) + len(cfg.adapters) == 1:
+        return server  # every replica holds the one model: nothing to route, the server is the ingress
     return RuGPTRouter.bind(server, cfg)
