@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import ray
+from ports import free_port
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -122,7 +123,7 @@ def serving_scenario(cluster: Cluster, scratch: Path) -> dict:
     ray.get(hold.ready.remote())
 
     model_dir = save_native(GPT(preset("tiny")).eval(), scratch / "serve-model")
-    port = int(os.environ.get("SCENARIO_SERVE_PORT", "0")) or _free_port()
+    port = int(os.environ.get("SCENARIO_SERVE_PORT", "0")) or free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(ServeConfig(models={"tiny": str(model_dir)}, tokenizer=str(data_root() / "tokenizer"))),
               name="main", route_prefix="/")
@@ -150,14 +151,6 @@ def serving_scenario(cluster: Cluster, scratch: Path) -> dict:
     serve.shutdown()
     return {"before": before.json()["completions"][0]["text"], "after": after.json()["completions"][0]["text"],
             "replica_node_before": victim.node_id, "replica_nodes_after": sorted(replica_nodes)}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(scratch: Path, out: Path) -> None:

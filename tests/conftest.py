@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from rugpt_ray.tokenizer import RuGPTTokenizer, load_tokenizer
 
@@ -49,9 +49,7 @@ def tokenizer(data_dir: Path) -> RuGPTTokenizer:
 @pytest.fixture(scope="session")
 def ray_metrics_port() -> int:
     """The port of the shared Ray's Prometheus endpoint (`http://127.0.0.1:PORT/metrics`)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture(scope="session")

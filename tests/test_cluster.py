@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from ports import free_port
 
 from rugpt_ray.checkpoints import load_model
 from rugpt_ray.evaluation import join_documents, perplexity
@@ -25,11 +25,6 @@ pytestmark = pytest.mark.slow  # every test here starts Ray clusters
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +106,7 @@ def test_ray_job_submit_trains_then_evaluates(tmp_path, data_dir, tokenizer, clu
     assert reported == pytest.approx(perplexity(model, tokens, 128, 4).ppl, rel=1e-3)  # the job's checkpoint
 
 
-@pytest.mark.timeout(1800)  # takes 8 min alone, up to 15 with the rest of the suite beside it
+@pytest.mark.timeout(2400)  # 4-5 min alone, 10 beside the rest of the suite here, past 15 on CI's machine
 def test_losing_a_node_training_resumes_and_serving_recovers(tmp_path, cluster_env):
     """Both scenarios in one child process with its own 3-node cluster (see cluster_scenarios.py)."""
     out, log = tmp_path / "result.json", tmp_path / "scenario.log"
@@ -119,7 +114,7 @@ def test_losing_a_node_training_resumes_and_serving_recovers(tmp_path, cluster_e
         child = subprocess.Popen([sys.executable, str(REPO / "tests" / "cluster_scenarios.py"), str(tmp_path),
                                   str(out)], cwd=REPO, env=cluster_env, stdout=sink, stderr=subprocess.STDOUT)
         try:
-            returncode = child.wait(timeout=1500)
+            returncode = child.wait(timeout=2100)
         except subprocess.TimeoutExpired:
             child.kill()
             returncode = None

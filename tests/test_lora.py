@@ -169,13 +169,10 @@ def test_deepspeed_trains_the_adapter_and_leaves_every_base_weight_bit_equal(mak
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, data_dir, ray_local):
-    from rugpt_ray.data import DataConfig, prepare_data
-
-    out = tmp_path_factory.mktemp("prepared") / "seq64"
-    prepare_data(DataConfig(inputs=[str(data_dir / "corpus" / "train")], valid=[str(data_dir / "corpus" / "valid")],
-                            tokenizer=str(data_dir / "tokenizer"), seq_len=64, out=str(out)), progress=False)
-    return str(out)
+def prepared(prepare_once, data_dir) -> str:
+    corpus = data_dir / "corpus"  # the same cache as test_train's
+    return prepare_once("corpus-seq64", inputs=[str(corpus / "train")], valid=[str(corpus / "valid")],
+                        tokenizer=str(data_dir / "tokenizer"), seq_len=64)["out"]
 
 
 def valid_loss(model, tokenizer, data_dir) -> float:

@@ -4,7 +4,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import httpx
 import pytest
 import torch
 import yaml
+from ports import free_port
 
 from rugpt_ray.checkpoints import load_model, save_native
 from rugpt_ray.config import ModelConfig, preset
@@ -29,11 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["Мороз и солнце; день чудесный!", "Все счастливые семьи"]
 DENSE = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_positions=1024, vocab_size=50257)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 150.0, **kwargs) -> None:
