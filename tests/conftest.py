@@ -117,24 +117,37 @@ def make_model():
 
 
 @pytest.fixture(scope="session")
-def make_adapter(make_model):
-    """Factory: a random LoRA adapter (B != 0, so it changes the output) on `make_model(cfg, base_seed)`, written
-    to `folder` with that base's reference (recorded as `base_source`); returns the folder."""
+def make_adapted(make_model):
+    """Factory: `(base, model)`, where model is `make_model(cfg, base_seed)` with a random `lora` adapter drawn from
+    `adapter_seed` (B != 0, so it changes the output)."""
     import torch
 
-    from rugpt_ray.config import LoraConfig
-    from rugpt_ray.lora import add_lora, base_reference, save_adapter
+    from rugpt_ray.lora import add_lora
 
-    def make(cfg, base_seed: int, seed: int, folder: Path, targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc"),
-             base_source: str = "base") -> Path:
-        base = make_model(cfg, seed=base_seed)
-        lora = LoraConfig(r=4, alpha=8, dropout=0.0, targets=list(targets))
-        torch.manual_seed(seed)
-        model = add_lora(make_model(cfg, seed=base_seed), lora)
+    def make(cfg, base_seed: int, adapter_seed: int, lora):
+        base, model = make_model(cfg, seed=base_seed), make_model(cfg, seed=base_seed)
+        torch.manual_seed(adapter_seed)
+        add_lora(model, lora)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0.0, 0.2)
+        return base, model
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_adapter(make_adapted):
+    """Factory: a `make_adapted` adapter (rank 4) written to `folder` with its base's reference (recorded as
+    `base_source`); returns the folder."""
+    from rugpt_ray.config import LoraConfig
+    from rugpt_ray.lora import base_reference, save_adapter
+
+    def make(cfg, base_seed: int, seed: int, folder: Path, targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc"),
+             base_source: str = "base") -> Path:
+        lora = LoraConfig(r=4, alpha=8, dropout=0.0, targets=list(targets))
+        base, model = make_adapted(cfg, base_seed, seed, lora)
         return save_adapter(model, lora, base_reference(base, base_source, {}), folder)
 
     return make

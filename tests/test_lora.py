@@ -21,17 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 LORA = LoraConfig(r=4, alpha=8, dropout=0.0)
 
 
-def adapted(make_model, sparse_mode: str = "alternating", seed: int = 0):
+def adapted(make_adapted, sparse_mode: str = "alternating"):
     """A random tiny base, and the same weights with a random (nonzero) adapter added."""
     cfg = preset("tiny") if sparse_mode != "none" else preset("tiny", sparse_mode="none", sparse_attention=None)
-    base, model = make_model(cfg, seed=seed), make_model(cfg, seed=seed)
-    add_lora(model, LORA)
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.2)
-    return base, model
+    return make_adapted(cfg, 0, 1, LORA)
 
 
 def write_run(tmp_path, base, model) -> Path:
@@ -76,8 +69,8 @@ def test_a_new_adapter_changes_nothing_and_only_it_trains(make_model):
 
 
 @pytest.mark.parametrize("sparse_mode, to", [("alternating", "native"), ("none", "hf")])
-def test_merged_export_equals_base_plus_adapter(make_model, tmp_path, sparse_mode, to):
-    base, model = adapted(make_model, sparse_mode)
+def test_merged_export_equals_base_plus_adapter(make_adapted, tmp_path, sparse_mode, to):
+    base, model = adapted(make_adapted, sparse_mode)
     run = write_run(tmp_path, base, model)
     assert main(["export", str(run), str(tmp_path / "merged"), "--merge", "--to", to]) == 0
     ids = torch.randint(5, 50257, (2, 120))  # past the sparse layers' first 64-token local window
@@ -93,8 +86,8 @@ def test_merged_export_equals_base_plus_adapter(make_model, tmp_path, sparse_mod
     assert (want - base(ids)[0]).abs().max().item() > 1e-2  # the adapter does change the logits
 
 
-def test_an_adapter_refuses_another_base(make_model, tmp_path, capsys):
-    base, model = adapted(make_model)
+def test_an_adapter_refuses_another_base(make_model, make_adapted, tmp_path, capsys):
+    base, model = adapted(make_adapted)
     run = write_run(tmp_path, base, model)
     save_native(make_model(preset("tiny"), seed=9), tmp_path / "other")
     assert main(["export", str(run), str(tmp_path / "merged"), "--merge", "--base", str(tmp_path / "other")]) == 2
