@@ -334,10 +334,8 @@ class TrainConfig(Config):
     waits for the copy."""
 
     def check(self) -> None:
-        if self.lora is not None:
-            LoraConfig.from_dict(self.lora, where=f"{self.where}: lora")
-            if not self.init_from:
-                raise UserError(f"{self.where}: lora needs init_from (the base model the adapters are trained on)")
+        if self.lora_config() is not None and not self.init_from:
+            raise UserError(f"{self.where}: lora needs init_from (the base model the adapters are trained on)")
         if self.max_steps is None and self.max_tokens is None:
             raise UserError(f"{self.where}: give max_steps or max_tokens")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
