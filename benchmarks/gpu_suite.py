@@ -47,7 +47,7 @@ from rugpt_ray.model import GPT
 from rugpt_ray.sparse_config import XL_SPARSE_ATTENTION
 from rugpt_ray.sparse_kernel import block_sparse_attention
 from rugpt_ray.sparsity import layout_density, make_layout
-from rugpt_ray.train import build_optimizer, flops_per_token, lr_at, micro_step
+from rugpt_ray.train import build_engine, flops_per_token, micro_step
 
 REL_TOL = 2e-2
 SECTIONS = ("ceilings", "attention", "model", "train")
@@ -264,7 +264,7 @@ def train_row(name: str, cfg: ModelConfig, attn_impl: str | None, micro_batch: i
     row: dict[str, Any] = {"model": name, "shape": f"{cfg.n_layer}x{cfg.n_embd}", "seq": seq,
                            "micro_batch": micro_batch, "zero_stage": zero_stage}
     try:
-        import deepspeed
+        import deepspeed  # noqa: F401  (is it installed and importable?)
     except ImportError as e:
         row["skipped"] = "deepspeed not installed" if e.name == "deepspeed" else f"deepspeed not importable: {e}"
         return row
@@ -277,12 +277,7 @@ def train_row(name: str, cfg: ModelConfig, attn_impl: str | None, micro_batch: i
         model = GPT(cfg, attn_impl=attn_impl).train() if attn_impl else _hf_gpt2(cfg).train()
     params = sum(p.numel() for p in model.parameters())
     row["attention"] = model.attention_impl(torch.device(device)) if attn_impl else "hf sdpa"
-    optimizer = build_optimizer(model, train_cfg)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_at(s, train_cfg, steps + warmup) / train_cfg.lr
-    )
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=deepspeed_engine_config(train_cfg), dist_init_required=False)
+    engine = build_engine(model, train_cfg, deepspeed_engine_config(train_cfg), steps + warmup)
     gen = torch.Generator(device=device).manual_seed(1)
     batches = (torch.randint(0, cfg.vocab_size, (micro_batch, seq + 1), device=device, generator=gen)
                for _ in range(warmup + steps))
@@ -306,7 +301,7 @@ def train_row(name: str, cfg: ModelConfig, attn_impl: str | None, micro_batch: i
         row["ok"] = bool(torch.isfinite(torch.tensor(row["loss"])))
     finally:
         engine.destroy()
-        del engine, optimizer, model
+        del engine, model
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

@@ -158,7 +158,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs in each Ray Train worker."""
     import warnings
 
-    import deepspeed
     import ray.train
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's API use
@@ -173,10 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = _build_model(cfg, config["model"])
     base = _add_lora(model, cfg, config["model"]) if cfg.lora is not None else None  # None: all weights train
     model.activation_checkpointing = cfg.activation_checkpointing
-    optimizer = build_optimizer(model, cfg)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, steps) / cfg.lr)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=config["deepspeed"], dist_init_required=False)
+    engine = build_engine(model, cfg, config["deepspeed"], steps)
     device = engine.device
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
@@ -217,7 +213,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tok_s *= ctx.get_world_size()
             state.tokens += int(window_tokens * ctx.get_world_size())
             metrics.update(step=state.step, loss=loss_mean, ppl=math.exp(min(loss_mean, 30)),
-                           lr=schedule.get_last_lr()[0], grad_norm=_grad_norm(engine), tokens=state.tokens,
+                           lr=engine.lr_scheduler.get_last_lr()[0], grad_norm=_grad_norm(engine), tokens=state.tokens,
                            tokens_per_s=tok_s)
             if engine.fp16_enabled():
                 metrics["loss_scale"] = float(engine.optimizer.cur_scale)
@@ -236,6 +232,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
         if metrics:
             log.write(metrics)
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, deepspeed_config: dict[str, Any], steps: int):
+    """The DeepSpeed engine of one worker: `build_optimizer`'s optimizer with the seed's schedule over `steps`.
+    The process group must exist (Ray Train's, or a test's)."""
+    import deepspeed
+    import deepspeed.ops
+
+    # DeepSpeed's torch backend JIT-compiles its shared-memory all-reduce op at every engine start on the CPU
+    # accelerator (30-95 s where the extensions cache is empty or stale). Only inference_all_reduce uses it; training
+    # all-reduces go through torch.distributed. An op marked incompatible is not built.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    optimizer = build_optimizer(model, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, steps) / cfg.lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config, dist_init_required=False)
+    return engine
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

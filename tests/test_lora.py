@@ -137,7 +137,7 @@ def test_deepspeed_trains_the_adapter_and_leaves_every_base_weight_bit_equal(mak
     import deepspeed
 
     from rugpt_ray.config import deepspeed_engine_config
-    from rugpt_ray.train import build_optimizer, micro_step
+    from rugpt_ray.train import build_engine, micro_step
 
     model = make_model(preset("tiny"), seed=4).train()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -145,8 +145,7 @@ def test_deepspeed_trains_the_adapter_and_leaves_every_base_weight_bit_equal(mak
     model.activation_checkpointing = checkpointing
     cfg = TrainConfig(init_from="unused", lora=LORA.to_dict(), micro_batch=4, lr=1e-2, zero_stage=zero_stage,
                       precision=precision, weight_decay=0.1)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
-                                           config=deepspeed_engine_config(cfg), dist_init_required=False)
+    engine = build_engine(model, cfg, deepspeed_engine_config(cfg), steps=15)
     text = (Path(os.environ["RUGPT_DATA"]) / "corpus" / "train").glob("*.txt")
     ids = tokenizer.encode(next(text).read_text(encoding="utf-8"))[:4 * 65]
     tokens = torch.tensor(ids).view(4, 65)

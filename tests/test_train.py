@@ -50,7 +50,8 @@ def metrics(run_dir) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_workers_zero2_learn_resume_and_export(tmp_path, prepared, ray_local):
+def test_two_workers_zero2_learn_resume_survive_a_killed_worker_and_export(tmp_path, tmp_path_factory, prepared,
+                                                                           ray_local):
     result = train(base(tmp_path, prepared))
     rows = metrics(result.run_dir)
     valid = [r["valid_ppl"] for r in rows if "valid_ppl" in r]
@@ -59,13 +60,20 @@ def test_two_workers_zero2_learn_resume_and_export(tmp_path, prepared, ray_local
     shards = sorted(p.name for p in (Path(result.checkpoint) / "deepspeed").iterdir())
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= set(shards)
 
-    # the same name again with a longer budget: continues from step 20, no gap, no restart from 0
-    resumed = train(base(tmp_path, prepared, max_steps=30))
+    # the same name again with a longer budget continues from step 20; a worker killed once the step-30 checkpoint
+    # is complete costs a restart from it (max_failures=1): no gap, no restart from 0, no step twice
+    killer, killed = kill_a_train_worker_after(tmp_path / "run" / "step_0000030" / "model",
+                                               str(tmp_path_factory.getbasetemp()))
+    resumed = train(base(tmp_path, prepared, max_steps=50, max_failures=1))
+    killer.join()
+    assert killed, "no Ray Train worker process was found to kill"
     steps = [r["step"] for r in metrics(resumed.run_dir)]
-    assert steps == [5, 10, 15, 20, 25, 30]
-    assert Path(resumed.checkpoint).name == "step_0000030"
+    assert steps == list(range(5, 55, 5))
+    assert Path(resumed.checkpoint).name == "step_0000050"
+    kept = sorted(p.name for p in (tmp_path / "run").glob("step_*"))
+    assert kept == ["step_0000040", "step_0000050"]  # num_to_keep=2; step 30 was restored from, then rotated
     state = json.loads((Path(resumed.checkpoint) / "train_state.json").read_text())
-    assert state["step"] == 30 and state["tokens"] == 30 * 2 * 8 * 64
+    assert state["step"] == 50 and state["tokens"] == 50 * 2 * 8 * 64
 
     # export: stock transformers loads it and gives the trained model's logits
     trained = load_model(resumed.run_dir)
@@ -74,6 +82,28 @@ def test_two_workers_zero2_learn_resume_and_export(tmp_path, prepared, ray_local
     ids = torch.randint(5, 50257, (1, 40))
     with torch.no_grad():
         assert (hf(ids).logits - trained(ids)[0]).abs().max().item() <= 1e-4
+
+
+def kill_a_train_worker_after(ready: Path, ray_dir: str) -> tuple[threading.Thread, list[int]]:
+    """A started thread that SIGKILLs one Ray Train worker of the Ray whose temp dir is `ray_dir` (never another
+    Ray's) a second after `ready` exists, and the list it appends that worker's pid to."""
+    killed: list[int] = []
+
+    def kill() -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline and not ready.is_dir():
+            time.sleep(0.5)
+        time.sleep(1.0)
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and any(
+                    ray_dir in " ".join(parent.cmdline()) for parent in proc.parents()):
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                killed.append(proc.info["pid"])
+                return
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread, killed
 
 
 @pytest.mark.slow
@@ -96,38 +126,6 @@ def test_seed_deepspeed_json_trains_the_sparse_model(tmp_path, prepared, ray_loc
     trained = load_model(result.checkpoint)
     assert trained.config.sparse_attention["num_local_blocks"] == 8 and trained.config.is_sparse_layer(0)
     assert [r["step"] for r in metrics(result.run_dir)][-1] == 4
-
-
-@pytest.mark.slow
-def test_a_killed_worker_is_survived(tmp_path, tmp_path_factory, prepared, ray_local):
-    ray_dir = str(tmp_path_factory.getbasetemp())
-    cfg = base(tmp_path, prepared, max_steps=30, save_interval=10, max_failures=1, eval_interval=100)
-    killed = []
-
-    def kill_one_worker_after_first_checkpoint():
-        deadline = time.time() + 600
-        while time.time() < deadline and not (tmp_path / "run" / "step_0000010" / "model").is_dir():
-            time.sleep(0.5)
-        time.sleep(1.0)
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and started_by_this_session(proc):
-                os.kill(proc.info["pid"], signal.SIGKILL)
-                killed.append(proc.info["pid"])
-                return
-
-    def started_by_this_session(proc) -> bool:  # a child of this test session's raylet, not another Ray's
-        return any(ray_dir in " ".join(parent.cmdline()) for parent in proc.parents())
-
-    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint)
-    killer.start()
-    result = train(cfg)
-    killer.join()
-    assert killed, "no Ray Train worker process was found to kill"
-    steps = [r["step"] for r in metrics(result.run_dir)]
-    assert steps == sorted(set(steps)) and steps[-1] == 30
-    kept = sorted(p.name for p in (tmp_path / "run").glob("step_*"))
-    assert kept == ["step_0000020", "step_0000030"]  # num_to_keep=2; step 10 was restored from, then rotated
-    assert json.loads((Path(result.checkpoint) / "train_state.json").read_text())["step"] == 30
 
 
 def test_recipes_load_and_check():
