@@ -240,9 +240,10 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, deepspeed_config: dic
     import deepspeed
     import deepspeed.ops
 
-    # DeepSpeed's torch backend JIT-compiles its shared-memory all-reduce op at every engine start on the CPU
-    # accelerator (30-95 s where the extensions cache is empty or stale). Only inference_all_reduce uses it; training
-    # all-reduces go through torch.distributed. An op marked incompatible is not built.
+    # On the CPU accelerator, DeepSpeed's torch backend loads its shared-memory all-reduce op at every engine start:
+    # a JIT compile of 30-95 s wherever the extensions cache is empty, and again whenever a process with other build
+    # flags invalidated it. Only inference_all_reduce uses the op; training all-reduces go through torch.distributed.
+    # An op marked incompatible is not built.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     optimizer = build_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, steps) / cfg.lr)

@@ -33,9 +33,10 @@ def _configure(ds):
 
 
 def _read_shards(paths: list[str]):
-    """`read_parquet` through Ray Data's V1 Parquet reader. The V2 reader (Ray's default) lists files by starting
-    32 FooterReader actors, a process each, at every execution (every epoch) to read footers; a cache's shards are
-    few and named in meta.json, and on a small node those processes cost more than the epoch itself."""
+    """`read_parquet` through Ray Data's V1 Parquet reader. The V2 reader (Ray's default since 2.5x) lists files by
+    starting a pool of FooterReader actors (32 by default), a process each, at every execution, so every epoch; a
+    cache's shards are few and named in meta.json, and on a small node those processes cost more than the epoch.
+    This can go when V2 sizes its pool by the number of files, or when V1 is removed."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
