@@ -26,7 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-
 @pytest.fixture(scope="module")
 def cluster_env() -> Iterator[dict[str, str]]:
     """What a user's shell has after `make setup`: the venv first on PATH (the job's `python`), no auth token.

@@ -30,7 +30,6 @@ PROMPTS = ["Мороз и солнце; день чудесный!", "Все с�
 DENSE = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_positions=1024, vocab_size=50257)
 
 
-
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 150.0, **kwargs) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
