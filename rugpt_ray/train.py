@@ -462,10 +462,30 @@ def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None) -> TrainR
             callbacks=callbacks,
         ),
     )
+    without_placement_group_cleaner(trainer)
     with follow_progress(f"{run_dir}/{METRICS_FILE}", steps, cfg.tokens_per_step(), quiet=cfg.log_level == "warning"):
         result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint else None
     return TrainResult(run_dir=run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}))
+
+
+def without_placement_group_cleaner(trainer) -> None:
+    """Leaves Ray Train's PlacementGroupCleaner out of `trainer`'s run.
+
+    Works around Ray 2.60's cleaner, a detached actor that asks the dashboard's State API every second whether the
+    run's controller is alive. Without RAY_ADDRESS it finds the API through the Ray processes on the machine: with
+    no dashboard on its own cluster it fails (a warning a second), and where another cluster on the machine has one
+    it asks that cluster, does not find the controller there and removes the live run's placement group: the run
+    loses its workers and restarts (seen in tests/test_cluster.py's node-loss run beside a `ray start` head).
+    Nothing is lost without it: a run's placement group goes with its job, and a Tune sweep frees the groups of the
+    trials it stopped itself (tuning.trials). It can go when the cleaner asks its own cluster (test: test_train
+    counts the cleaner actors).
+    """
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    defaults = trainer._create_default_callbacks
+    trainer._create_default_callbacks = lambda: [
+        callback for callback in defaults() if not isinstance(callback, PlacementGroupCleanerCallback)]
 
 
 def _worker_env() -> dict[str, str]:

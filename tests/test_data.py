@@ -203,6 +203,8 @@ def test_two_workers_get_disjoint_complete_equal_shards(prepared_2048: dict, tmp
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from rugpt_ray.train import without_placement_group_cleaner
+
     prepared = open_prepared(prepared_2048["out"])
     ingest = train_ingest(prepared, num_workers=2)
     assert ingest.resources_per_worker == {"CPU": 0.5}  # one of the 2 CPUs stays free for Ray Data
@@ -222,12 +224,14 @@ def test_two_workers_get_disjoint_complete_equal_shards(prepared_2048: dict, tmp
         rank = ray.train.get_context().get_world_rank()
         Path(config["out"], f"rank{rank}.json").write_text(json.dumps(seen))
 
-    TorchTrainer(
+    trainer = TorchTrainer(
         loop, train_loop_config={"out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker=ingest.resources_per_worker),
         datasets=ingest.datasets, dataset_config=ingest.dataset_config,
         run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="ingest"),
-    ).fit()
+    )
+    without_placement_group_cleaner(trainer)  # as train() runs it
+    trainer.fit()
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for split, epochs in (("train", 2), ("valid", 1)):
         n = prepared.blocks(split)

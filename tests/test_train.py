@@ -50,6 +50,7 @@ def metrics(run_dir) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_workers_zero2_learn_resume_survive_a_killed_worker_and_export(tmp_path, tmp_path_factory, prepared,
                                                                            ray_local):
     result = train(base(tmp_path, prepared))
@@ -74,6 +75,8 @@ def test_two_workers_zero2_learn_resume_survive_a_killed_worker_and_export(tmp_p
     assert kept == ["step_0000040", "step_0000050"]  # num_to_keep=2; step 30 was restored from, then rotated
     state = json.loads((Path(resumed.checkpoint) / "train_state.json").read_text())
     assert state["step"] == 50 and state["tokens"] == 50 * 2 * 8 * 64
+    actors = ray_local._private.state.actors().values()  # train.without_placement_group_cleaner still works
+    assert not [a for a in actors if a["ActorClassName"] == "PlacementGroupCleaner"]
 
     # export: stock transformers loads it and gives the trained model's logits
     trained = load_model(resumed.run_dir)
