@@ -24,14 +24,22 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 
+@pytest.hookimpl(trylast=True)  # after xdist's own, which adds each test's xdist_group to its id
 def pytest_collection_modifyitems(config, items) -> None:
     """`make test-fast` (-m "not slow") must start no Ray: a test that uses the shared Ray is marked slow.
-    Slow tests run first, so that under xdist (`make test`) the long ones overlap instead of ending the run alone."""
+    Long tests run first, then the other slow ones, so that under xdist (`make test`) the long ones overlap instead
+    of ending the run alone. Under `--dist loadgroup`, a test whose xdist_group did not reach its id would start
+    its group's server again on another worker: that is refused (pytest 9.2 breaks it, pytest-xdist#1386)."""
     unmarked = [item.nodeid for item in items
                 if "ray_local" in item.fixturenames and not item.get_closest_marker("slow")]
     if unmarked:
         raise pytest.UsageError(f"these tests start Ray but are not marked slow: {', '.join(unmarked)}")
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if hasattr(config, "workerinput") and config.getoption("dist") == "loadgroup":  # an xdist worker
+        ungrouped = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+        if ungrouped:
+            raise pytest.UsageError(f"xdist_group did not reach the ids of {ungrouped[0]} and {len(ungrouped) - 1} "
+                                    "more (pytest-xdist#1386): install the pytest that pyproject.toml pins")
+    items.sort(key=lambda item: (item.get_closest_marker("long") is None, item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from ports import free_port
 from rugpt_ray.checkpoints import load_model
 from rugpt_ray.evaluation import join_documents, perplexity
 
-pytestmark = pytest.mark.slow  # every test here starts Ray clusters
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # every test here starts Ray clusters and runs for minutes
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")

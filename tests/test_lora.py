@@ -173,6 +173,7 @@ def valid_loss(model, tokenizer, data_dir) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_lora_run_trains_resumes_exports_and_refuses_another_base(tmp_path, prepared, make_model, tokenizer,
                                                                   data_dir, ray_local):
     from rugpt_ray.train import train

@@ -54,6 +54,7 @@ def spec_file(tmp_path: Path, train_data: str, **overrides) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_asha_stops_laggards_and_the_best_config_trains(tmp_path, prepared, ray_local, capsys):
     # 4 trials (lr grid of a good and a hopeless value, twice), 2 at a time, ASHA rungs at steps 5 and 10: the
     # fourth (hopeless) one always meets the first two's results at step 5 and stops there
@@ -97,6 +98,7 @@ def test_asha_stops_laggards_and_the_best_config_trains(tmp_path, prepared, ray_
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, prepared, ray_local):
     # the sweep folder behind a URI (as s3://bucket/sweeps on a cluster): every file goes through pyarrow
     spec = spec_file(tmp_path, prepared, scheduler="none", num_samples=2, max_concurrent_trials=1,
