@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 # Two pytest workers (xdist), one per core: the Ray tests keep both cores busy, and a third worker (a third Ray)
 # made the suite 20% more CPU work (1876-1919 against 1542 CPU-seconds here).
-# Tests that share a module's server or cache carry the same xdist_group; slow tests are scheduled first.
+# Tests that share a module's server or cache carry the same xdist_group; long tests, then slow ones, go first.
 test: setup
 	$(VENV)/bin/ruff check rugpt_ray tests benchmarks jobs
 	$(PY) -m pytest -q -n 2 --dist loadgroup

@@ -68,9 +68,9 @@ def _release_orphaned_placement_groups(wait_s: float = 0.0) -> int:
 
     Works around Ray 2.60 (Train V2 under Tune): Tune stops a trial (ASHA, or the last report racing the run's own
     shutdown) by ending its actor, which takes the trial's Train controller with it before the controller frees its
-    workers' placement group. Ray keeps such a group until the job ends, and Train's own cleaner needs the
-    dashboard's State API (and did not free them here even with it): left, they hold the CPUs (or GPUs) the next
-    trials and Ray Data's reads need, and the sweep stalls. It reads the GCS's placement-group table through Ray's
+    workers' placement group. Ray keeps such a group until the job ends, and Train's own cleaner is left out
+    (train.without_placement_group_cleaner says why): left, they hold the CPUs (or GPUs) the next trials and Ray
+    Data's reads need, and the sweep stalls. It reads the GCS's placement-group table through Ray's
     private state API. It can go when a killed Train controller's placement group is freed by Ray itself (test:
     tests/test_tuning.py's ASHA sweep finishes without it). With `wait_s`, waits that long for the live
     controllers' groups to go too (after the sweep).
