@@ -12,6 +12,8 @@ from rugpt_ray.errors import UserError
 from rugpt_ray.storage import read_text, write_file
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from rugpt_ray.tuning.plan import SweepPlan
 
 PANELS = (("loss", ("loss", "valid_loss")), ("perplexity", ("ppl", "valid_ppl")), ("learning rate", ("lr",)))
@@ -30,40 +32,44 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Loss, perplexity and learning rate against step; written next to the metrics by default."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(run_dir)
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
-    for ax, (title, keys) in zip(axes, PANELS, strict=True):
-        for key in keys:
-            points = [(r["step"], r[key]) for r in rows if key in r]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o" if key.startswith("valid") else None, label=key)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        if title == "perplexity":
-            ax.set_yscale("log")
-        ax.legend()
-    fig.suptitle(Path(run_dir).name)
-    fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "metrics.png"
     tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    tmp.write_bytes(_png(run_figure(read_metrics(run_dir), Path(run_dir).name)))
     os.replace(tmp, out)
     return out
 
 
+def run_figure(rows: list[dict], title: str) -> Figure:
+    """One panel per metric family of `PANELS`, each key a line against step."""
+    plt = _pyplot()
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
+    for ax, (panel, keys) in zip(axes, PANELS, strict=True):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o" if key.startswith("valid") else None, label=key)
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        if panel == "perplexity":
+            ax.set_yscale("log")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def plot_sweep(plan: SweepPlan, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
+    """trials.png in the sweep folder (see `sweep_figure`)."""
+    out = f"{plan.folder}/trials.png"
+    write_file(out, _png(sweep_figure(plan, rows, best)))
+    return out
+
+
+def sweep_figure(plan: SweepPlan, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> Figure:
     """Left: the metric against step, one line per trial (dashed: stopped early). Right: the first two searched
     keys (lr × weight decay) coloured by each trial's best metric, the best one starred."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib.ticker import NullFormatter
 
     metric = plan.spec.metric
@@ -102,12 +108,27 @@ def plot_sweep(plan: SweepPlan, rows: list[dict[str, Any]], best: dict[str, Any]
     scatter.set_title(f"{x_key} × {y_key}")
     fig.suptitle(f"sweep {plan.spec.name}")
     fig.tight_layout()
+    return fig
+
+
+def _pyplot():
+    """pyplot on the Agg backend: plots are files, never windows, and need no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Figure) -> bytes:
+    """The figure as PNG bytes at 100 dpi, closed after."""
+    plt = _pyplot()
+
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    out = f"{plan.folder}/trials.png"
-    write_file(out, png.getvalue())
-    return out
+    return png.getvalue()
 
 
 def _numeric(value: Any) -> bool:

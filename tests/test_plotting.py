@@ -10,7 +10,7 @@ import pytest
 
 from rugpt_ray.config import TrainConfig
 from rugpt_ray.errors import UserError
-from rugpt_ray.plotting import plot_run, plot_sweep, read_metrics
+from rugpt_ray.plotting import plot_run, plot_sweep, read_metrics, run_figure, sweep_figure
 from rugpt_ray.tuning.plan import SweepConfig, SweepPlan
 
 
@@ -29,6 +29,17 @@ def test_plot_run_writes_one_png_with_three_panels(tmp_path):
     assert (width, height) == (1500, 360)  # 3 panels of 5 x 3.6 inches at 100 dpi
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "metrics.png"]  # no temp file
     assert plot_run(tmp_path / "run", tmp_path / "elsewhere.png") == tmp_path / "elsewhere.png"
+
+
+def test_run_figure_draws_each_metric_s_points(tmp_path):
+    write_run(tmp_path / "run", [10, 20, 30, 40])
+    rows = read_metrics(tmp_path / "run")
+    fig = run_figure(rows, "run")
+    drawn = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata(), strict=True))
+             for ax in fig.axes for line in ax.get_lines()}
+    assert drawn == {key: [(r["step"], r[key]) for r in rows if key in r]
+                     for key in ("loss", "valid_loss", "ppl", "valid_ppl", "lr")}
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "perplexity", "learning rate"]
 
 
 def test_read_metrics_says_what_is_missing(tmp_path):
@@ -57,3 +68,14 @@ def test_plot_sweep_draws_every_trial_and_the_best(tmp_path):
     assert out == f"{tmp_path}/trials.png"
     height, width, _ = matplotlib.image.imread(out).shape
     assert (width, height) == (1200, 450)
+
+    curves, scatter = sweep_figure(plan, rows, best=rows[0]).axes[:2]
+    lines = curves.get_lines()  # one per trial with metrics, its points the trial's valid_loss per step
+    assert [list(zip(line.get_xdata(), line.get_ydata(), strict=True)) for line in lines] == [
+        [(20, 9.0 / 20), (40, 9.0 / 40)], [(20, 9.0 / 20)]]
+    assert [line.get_linestyle() for line in lines] == ["-", "--"]  # the stopped trial is dashed
+    assert [line.get_label() for line in lines] == ["lr 0.001, weight_decay 0", "lr 0.003, weight_decay 0"]
+    dots, star = scatter.collections  # the trials with a best loss at (lr, weight decay), coloured by it; the best
+    assert dots.get_offsets().tolist() == [[1e-3, 0.0], [3e-3, 0.0]]
+    assert dots.get_array().tolist() == [rows[0]["best_valid_loss"], rows[1]["best_valid_loss"]]
+    assert star.get_offsets().tolist() == [[1e-3, 0.0]]
