@@ -124,11 +124,11 @@ def _tune_space(space: dict[str, tuple[str, list]]) -> dict[str, Any]:
     return {key: make[kind](values) for key, (kind, values) in space.items()}
 
 
-def _concurrent_trials(plan: SweepPlan) -> int:
-    """The spec's max_concurrent_trials, at most the trials the cluster holds with one CPU left for Ray Data (see
-    data.train_ingest). A cluster with no room for one trial yet (an autoscaling one before its GPU nodes start)
-    runs max_concurrent_trials when the spec gives it: the trials wait for the nodes."""
-    base, resources = plan.base, ray.cluster_resources()
+def _concurrent_trials(plan: SweepPlan, resources: dict[str, float]) -> int:
+    """The spec's max_concurrent_trials, at most the trials the cluster's `resources` hold with one CPU left for
+    Ray Data (see data.train_ingest). A cluster with no room for one trial yet (an autoscaling one before its GPU
+    nodes start) runs max_concurrent_trials when the spec gives it: the trials wait for the nodes."""
+    base = plan.base
     per_worker = base.cpus_per_worker if base.use_gpu else min(base.cpus_per_worker, 1.0)  # as train() asks
     cpus = base.num_workers * per_worker + TRIAL_DRIVER["CPU"]
     fits = math.floor((resources.get("CPU", 0) - 1) / cpus + 1e-9)
@@ -155,7 +155,7 @@ def run_sweep(spec: SweepConfig) -> SweepResult:
     start_ray()
     base = plan.base
     prepared = prepare_training_data(base, plan.folder, base.tokenizer or default_tokenizer())
-    concurrent = _concurrent_trials(plan)
+    concurrent = _concurrent_trials(plan, ray.cluster_resources())
     threads = base.threads_per_worker
     if threads is None and not base.use_gpu:  # oversubscribed cores run torch several times slower
         threads = max(1, (os.cpu_count() or 1) // (concurrent * base.num_workers))
