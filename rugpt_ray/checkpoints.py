@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from rugpt_ray.chat import CHAT_TEMPLATE_FILE
 from rugpt_ray.config import CHECKPOINT_FORMATS, ModelConfig, check_preset
 from rugpt_ray.errors import UserError
 from rugpt_ray.model import GPT
@@ -94,6 +95,29 @@ def latest_checkpoint(path: str | os.PathLike) -> Path:
     if not steps:
         raise UserError(f"{path}: neither a training checkpoint (model/config.json) nor a run folder with step_* ones")
     return steps[-1]
+
+
+def read_chat_template(path_or_hub_id: str | os.PathLike) -> str | None:
+    """The chat template saved with a checkpoint `load_model` reads (a native or HF folder, a training run's newest
+    checkpoint, a step_* one, a hub id), or None when it has none (the seed's files never do). An HF folder written
+    before transformers kept it in its own file has it in tokenizer_config.json."""
+    source = str(path_or_hub_id)
+    path = Path(source).expanduser()
+    detected = detect_format(path)
+    if detected == "lora":
+        raise UserError(f"{source}: a LoRA adapter checkpoint; its chat template is rugpt_ray.lora.load_adapter's")
+    if detected == "megatron":
+        return None
+    if detected == "hub":
+        path = _download_hub(source)
+    elif detected == "training":
+        path = latest_checkpoint(path) / "model"
+    if (path / CHAT_TEMPLATE_FILE).is_file():
+        return (path / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    if (path / "tokenizer_config.json").is_file():
+        template = _read_json(path / "tokenizer_config.json").get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -335,7 +359,7 @@ def _download_hub(hub_id: str) -> Path:
 
     try:
         return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt",
-                                                                    "mp_rank_*_model_states.pt"]))
+                                                                    "*.jinja", "mp_rank_*_model_states.pt"]))
     except Exception as e:
         raise UserError(f"{hub_id}: no such local path, and the HF hub download failed ({type(e).__name__})") from e
 
@@ -360,9 +384,16 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, out)
 
 
-def save_native(model: GPT, out: str | os.PathLike) -> Path:
-    """The project's format: safetensors weights (+ the sparse layout) and a JSON config."""
+def write_chat_template(folder: Path, chat_template: str | None) -> None:
+    """The template a model was trained with, beside its weights (nothing without one)."""
+    if chat_template is not None:
+        (folder / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+
+
+def save_native(model: GPT, out: str | os.PathLike, chat_template: str | None = None) -> Path:
+    """The project's format: safetensors weights (+ the sparse layout), a JSON config and the chat template."""
     with atomic_folder(out) as tmp:
+        write_chat_template(tmp, chat_template)
         sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
         save_file(sd, tmp / "model.safetensors", metadata={"format": NATIVE_FORMAT})
         meta = {"format": NATIVE_FORMAT, "version": 1, "model": model.config.to_dict(),
@@ -372,8 +403,9 @@ def save_native(model: GPT, out: str | os.PathLike) -> Path:
 
 
 def export_hf(model: GPT, out: str | os.PathLike, *, allow_dense: bool = False,
-              tokenizer_folder: str | os.PathLike | None = None) -> Path:
-    """HF GPT-2 folder that stock `GPT2LMHeadModel.from_pretrained` loads with the same logits (dense models)."""
+              tokenizer_folder: str | os.PathLike | None = None, chat_template: str | None = None) -> Path:
+    """HF GPT-2 folder that stock `GPT2LMHeadModel.from_pretrained` loads with the same logits (dense models); the
+    chat template as `chat_template.jinja`, where transformers' tokenizer (and vLLM) read it."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = model.config
@@ -399,6 +431,7 @@ def export_hf(model: GPT, out: str | os.PathLike, *, allow_dense: bool = False,
         if unexpected or [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]:
             raise RuntimeError(f"HF export mapping is incomplete: missing {missing}, unexpected {unexpected}")
         hf.save_pretrained(tmp)
+        write_chat_template(tmp, chat_template)
         if tokenizer_folder is not None:
             for name in ("vocab.json", "merges.txt"):
                 shutil.copy(Path(tokenizer_folder) / name, tmp / name)

@@ -104,19 +104,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from rugpt_ray.checkpoints import export_hf, save_native
+    from rugpt_ray.checkpoints import export_hf, read_chat_template, save_native
 
     args.model = args.src
     if args.merge:
-        from rugpt_ray.lora import merged_model
+        from rugpt_ray.lora import load_adapter, merged_model
 
-        model = merged_model(args.src, base=args.base)
+        model, template = merged_model(args.src, base=args.base), load_adapter(args.src).chat_template
     else:
-        model = load_model_from_args(args)
+        model, template = load_model_from_args(args), read_chat_template(args.src)
     if args.to == "hf":
-        out = export_hf(model, args.dst, allow_dense=args.allow_dense, tokenizer_folder=args.tokenizer)
+        out = export_hf(model, args.dst, allow_dense=args.allow_dense, tokenizer_folder=args.tokenizer,
+                        chat_template=template)
     else:
-        out = save_native(model, args.dst)
+        out = save_native(model, args.dst, chat_template=template)
     print(f"wrote {args.to} checkpoint ({model.num_params():,} parameters) to {out}")
     return 0
 
@@ -138,7 +139,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from rugpt_ray.checkpoints import detect_format
+    from rugpt_ray.checkpoints import detect_format, read_chat_template
 
     model = load_model_from_args(args)
     cfg = model.config
@@ -155,6 +156,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"sparse_attention: {json.dumps(cfg.sparse_attention)}")
         print(f"sparse layers: {sparse}")
         print(f"layout: {tuple(layout.shape)} blocks, {density:.1%} of causal blocks at {cfg.n_positions} tokens")
+    template = read_chat_template(args.model)
+    print("chat_template: none" if template is None else f"chat_template:\n{template.rstrip()}")
     return 0
 
 

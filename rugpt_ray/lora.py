@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from rugpt_ray.checkpoints import LORA_ADAPTER_FILE, atomic_folder, load_model
+from rugpt_ray.chat import CHAT_TEMPLATE_FILE
+from rugpt_ray.checkpoints import LORA_ADAPTER_FILE, atomic_folder, load_model, write_chat_template
 from rugpt_ray.config import LoraConfig
 from rugpt_ray.errors import UserError
 from rugpt_ray.model import GPT
@@ -60,6 +61,8 @@ class Adapter:
     weights: dict[str, torch.Tensor]
     """A/B matrices without peft's adapter name: `transformer.h.0.attn.c_attn.lora_A.weight`."""
     path: Path
+    chat_template: str | None = None
+    """The chat template it was trained with (its `chat_template.jinja`); None for an adapter trained on text."""
 
 
 # --------------------------------------------------------------------------------------------- the base
@@ -184,8 +187,8 @@ def merge_adapters(model: GPT) -> GPT:
 # --------------------------------------------------------------------------------------------- checkpoints
 
 def save_adapter(model: GPT, lora: LoraConfig, base: BaseRef, out: str | os.PathLike,
-                 name: str = DEFAULT_NAME) -> Path:
-    """An adapter folder (written whole or not at all): its weights, config and base reference."""
+                 name: str = DEFAULT_NAME, chat_template: str | None = None) -> Path:
+    """An adapter folder (written whole or not at all): its weights, config, base reference and chat template."""
     weights = {k: v.detach().float().contiguous().cpu() for k, v in adapter_state(model, name).items()}
     meta = {"format": ADAPTER_FORMAT, "version": 1, "lora": lora.to_dict(),
             "base": {"source": base.source, "load_args": base.load_args, "fingerprint": base.fingerprint},
@@ -193,6 +196,7 @@ def save_adapter(model: GPT, lora: LoraConfig, base: BaseRef, out: str | os.Path
     with atomic_folder(out) as tmp:
         save_file(weights, tmp / WEIGHTS_FILE, metadata={"format": ADAPTER_FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        write_chat_template(tmp, chat_template)
     return Path(out)
 
 
@@ -215,7 +219,9 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     if meta.get("format") != ADAPTER_FORMAT:
         raise UserError(f"{folder / CONFIG_FILE}: not a {ADAPTER_FORMAT} adapter (format {meta.get('format')!r})")
     lora = LoraConfig.from_dict(meta["lora"], where=f"{folder / CONFIG_FILE}: lora")
-    return Adapter(lora, BaseRef(**meta["base"]), load_file(folder / WEIGHTS_FILE), folder)
+    template = folder / CHAT_TEMPLATE_FILE
+    return Adapter(lora, BaseRef(**meta["base"]), load_file(folder / WEIGHTS_FILE), folder,
+                   template.read_text(encoding="utf-8") if template.is_file() else None)
 
 
 def merged_model(path: str | os.PathLike, base: str | None = None) -> GPT:

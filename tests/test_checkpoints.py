@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPT2LMHeadModel
 
-from rugpt_ray.checkpoints import CONV1D_WEIGHTS, export_hf, load_model, save_native
+from rugpt_ray.chat import chat_template_source
+from rugpt_ray.checkpoints import CONV1D_WEIGHTS, export_hf, load_model, read_chat_template, save_native
 from rugpt_ray.config import ModelConfig, preset
 from rugpt_ray.errors import UserError
 
@@ -179,3 +180,26 @@ def test_conv1d_names_are_hf_gpt2_conv1d_modules():
     hf = GPT2LMHeadModel(GPT2LMHeadModel.config_class(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     conv = {name + ".weight" for name, m in hf.named_modules() if isinstance(m, Conv1D)}
     assert {".".join(n.split(".")[-3:]) for n in conv} == set(CONV1D_WEIGHTS)
+
+
+def test_the_chat_template_travels_with_every_format(tmp_path, make_model, data_dir):
+    from transformers import AutoTokenizer
+
+    template = chat_template_source("rugpt3-chat")
+    model = make_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=50257))
+    run = tmp_path / "run"
+    save_native(model, run / "step_0000002" / "model")  # an older checkpoint, trained without one
+    save_native(model, run / "step_0000004" / "model", chat_template=template)
+    assert (run / "step_0000004" / "model" / "chat_template.jinja").read_text(encoding="utf-8") == template
+    assert read_chat_template(run) == template  # the newest checkpoint's
+    assert read_chat_template(run / "step_0000004") == read_chat_template(run / "step_0000004" / "model") == template
+    assert read_chat_template(run / "step_0000002") is None
+    export_hf(model, tmp_path / "hf", tokenizer_folder=data_dir / "tokenizer", chat_template=template)
+    assert read_chat_template(tmp_path / "hf") == template
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == template  # what transformers reads
+    export_hf(model, tmp_path / "plain")
+    assert read_chat_template(tmp_path / "plain") is None
+    (tmp_path / "plain" / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert read_chat_template(tmp_path / "plain") == "{{ messages }}"  # where transformers 4 kept it
+    torch.save({"module": megatron_state(model)}, tmp_path / "mp_rank_00_model_states.pt")
+    assert read_chat_template(tmp_path / "mp_rank_00_model_states.pt") is None  # the seed's files have none

@@ -87,6 +87,7 @@ def test_convert_seed_checkpoint_with_deepspeed_json(tmp_path, make_model):
     assert out.returncode == 0, out.stderr
     info = run("info", str(tmp_path / "native"))
     assert "sparse layers: [0]" in info.stdout and "(native)" in info.stdout
+    assert info.stdout.endswith("chat_template: none\n")  # the seed's files carry none
 
 
 @pytest.mark.parametrize("args,message", [
@@ -113,11 +114,17 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path, sparse_dir, make_
 
 
 def test_export_takes_a_run_folders_newest_checkpoint(tmp_path, make_model):
+    from rugpt_ray.chat import chat_template_source
+
+    template = chat_template_source("rugpt3-chat")
     for step, seed in ((10, 1), (20, 2)):
         save_native(make_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=50257),
-                               seed=seed), tmp_path / "run" / f"step_{step:07d}" / "model")
+                               seed=seed), tmp_path / "run" / f"step_{step:07d}" / "model", chat_template=template)
     out = run("export", str(tmp_path / "run"), str(tmp_path / "hf"), "--to", "hf")
     assert out.returncode == 0, out.stderr
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text(encoding="utf-8") == template
+    info = run("info", str(tmp_path / "hf")).stdout
+    assert f"chat_template:\n{template.rstrip()}" in info and info.count("{% generation %}") == 1
     newest = save_native(make_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=50257),
                                     seed=2), tmp_path / "again")
     from safetensors.torch import load_file

@@ -86,6 +86,28 @@ def test_merged_export_equals_base_plus_adapter(make_adapted, tmp_path, sparse_m
     assert (want - base(ids)[0]).abs().max().item() > 1e-2  # the adapter does change the logits
 
 
+def test_the_chat_template_is_saved_with_the_adapter_and_kept_by_merged_exports(make_adapted, tmp_path, data_dir):
+    from transformers import AutoTokenizer
+
+    from rugpt_ray.chat import chat_template_source
+    from rugpt_ray.checkpoints import read_chat_template
+
+    template = chat_template_source("rugpt3-chat")
+    base, model = adapted(make_adapted, "none")
+    save_native(base, tmp_path / "base")
+    folder = save_adapter(model, LORA, base_reference(base, str(tmp_path / "base"), {}),
+                          tmp_path / "run" / "step_0000003" / "adapter", chat_template=template)
+    assert (folder / "chat_template.jinja").read_text(encoding="utf-8") == template
+    assert load_adapter(tmp_path / "run").chat_template == template
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "native"), "--merge"]) == 0
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf"), "--merge", "--to", "hf", "--tokenizer",
+                 str(data_dir / "tokenizer")]) == 0
+    assert read_chat_template(tmp_path / "native") == read_chat_template(tmp_path / "hf") == template
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == template
+    assert main(["export", str(tmp_path / "native"), str(tmp_path / "again"), "--to", "hf"]) == 0
+    assert read_chat_template(tmp_path / "again") == template  # a plain export keeps it too
+
+
 def test_an_adapter_refuses_another_base(make_model, make_adapted, tmp_path, capsys):
     base, model = adapted(make_adapted)
     run = write_run(tmp_path, base, model)
@@ -98,6 +120,7 @@ def test_an_adapter_refuses_another_base(make_model, make_adapted, tmp_path, cap
         load_model(run)
     adapter = load_adapter(run)  # the newest step's; self-describing: config, targets, base and fingerprint
     assert adapter.lora == LORA and adapter.base.fingerprint == base_fingerprint(base)
+    assert adapter.chat_template is None  # trained on text
     assert adapter.base.source == str((tmp_path / "base").resolve())
     merged = merged_model(run)  # the recorded base is found and accepted
     assert isinstance(merged.transformer.h[0].attn.c_attn, torch.nn.Linear)
