@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from rugpt_ray.errors import UserError
+from rugpt_ray.errors import UserError, cause_line
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -110,8 +110,9 @@ def resolve_tokenizer_folder(path_or_hub_id: str | os.PathLike) -> Path:
 
     try:
         files = [hf_hub_download(name, n) for n in TOKENIZER_FILES]
-    except Exception as e:  # offline, unknown repo, missing file: all one message for the user
-        raise UserError(f"tokenizer {name}: could not fetch {TOKENIZER_FILES} from the hub ({type(e).__name__})") from e
+    except Exception as e:  # offline, unknown repo, missing file, full disk: one line that keeps the cause
+        raise UserError(f"tokenizer {name}: could not fetch {', '.join(TOKENIZER_FILES)} from the hub: "
+                        f"{cause_line(e)}") from e
     return Path(files[0]).parent
 
 

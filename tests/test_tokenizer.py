@@ -73,3 +73,23 @@ def test_bad_folders_and_names_are_one_clear_error(data_dir, tmp_path):
     (half / "vocab.json").write_text('{"a": 0, "<pad>": 1}')
     with pytest.raises(UserError, match=r"special tokens \['<s>', '</s>', '<unk>', '<mask>'\] are not in"):
         load_tokenizer(half)
+
+
+@pytest.mark.slow  # the hub client retries a refused connection for about 20 s before it gives up
+def test_an_unreachable_hub_is_reported_with_its_cause(tmp_path):
+    """A refused connection, a gated repo and a full disk must not read the same: the line keeps the cause."""
+    import os
+    import subprocess
+    import sys
+
+    from ports import free_port
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+           "HF_HOME": str(tmp_path)}  # nothing listens there
+    code = ("from rugpt_ray.errors import UserError\nfrom rugpt_ray.tokenizer import load_tokenizer\n"
+            "try:\n    load_tokenizer('org/name')\nexcept UserError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    line = out.stdout.strip()
+    assert line.startswith("tokenizer org/name: could not fetch vocab.json, merges.txt from the hub: "), line
+    assert "LocalEntryNotFoundError" in line and "ConnectError: [Errno 111] Connection refused" in line, line
+    assert "\n" not in line
