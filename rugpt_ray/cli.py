@@ -289,7 +289,8 @@ def add_prepare_data_args(p: argparse.ArgumentParser) -> None:
     """Flags named after DataConfig's fields (`seq_len` -> `--seq-len`), with its defaults."""
     d = DataConfig.__dataclass_fields__
     p.add_argument("--inputs", nargs="+", required=True, metavar="PATH",
-                   help="file.list, folder, glob, .txt file or URI (s3://, gs://, file://); several allowed")
+                   help="file.list, folder, glob, .txt file, .jsonl conversations or URI (s3://, gs://, file://); "
+                        "several allowed")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder (vocab.json + merges.txt) or hub id")
     p.add_argument("--seq-len", dest="seq_len", type=int, required=True, help="model context length")
     p.add_argument("--out", required=True, help="cache folder (local or URI)")
@@ -300,6 +301,8 @@ def add_prepare_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep training files in sorted order")
     p.add_argument("--blocks-per-shard", dest="blocks_per_shard", type=int, default=d["blocks_per_shard"].default,
                    help="blocks per Parquet file (default 8192)")
+    p.add_argument("--chat-template", dest="chat_template", metavar="NAME_OR_FILE",
+                   help=".jsonl conversations: a built-in template name or a .jinja file (default rugpt3-chat)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
     p.set_defaults(func=lazy("rugpt_ray.data.prepare:cmd_prepare_data"))
 

@@ -259,9 +259,13 @@ class TrainConfig(Config):
     tokenizer: str | None = None
     """Tokenizer folder or hub id (default: $RUGPT_DATA/tokenizer)."""
     train_data: Any = None
-    """Training text: file, folder, glob, file.list, a list of these, or a prepared-data folder."""
+    """Training text: file, folder, glob, file.list, a list of these, or a prepared-data folder; `.jsonl` files
+    are conversations (TRL's `{"messages": [...]}`, one per line), trained on with the loss on assistant tokens."""
     valid_data: Any = None
-    """Validation text, same forms; evaluation is skipped without it."""
+    """Validation text or conversations, same forms; evaluation is skipped without it."""
+    chat_template: str | None = None
+    """For `.jsonl` conversations: a built-in template name or a .jinja file (default rugpt3-chat); saved with
+    every checkpoint."""
     seq_len: int = option(256, ge=1)
     """Tokens per training sequence (≤ the model's n_positions)."""
     micro_batch: int = option(4, ge=1)
@@ -379,6 +383,8 @@ def check_train_config(cfg: TrainConfig) -> TrainPlan:
         raise UserError(f"{cfg.where}: train_data is missing (text files, a file.list, or a prepared folder)")
     if cfg.init_from and not Path(cfg.init_from).exists() and cfg.init_from.count("/") != 1:
         raise UserError(f"{cfg.where}: init_from {cfg.init_from}: no such file or folder")
+    if cfg.init_from and Path(cfg.init_from).exists():  # Ray Train workers run in another folder
+        cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).resolve()))
     model = _model_values(cfg, sparse)
     if model and model.get("n_positions") and cfg.seq_len > model["n_positions"]:
         raise UserError(f"{cfg.where}: seq_len {cfg.seq_len} exceeds the model's n_positions {model['n_positions']}")
@@ -515,7 +521,7 @@ def read_config_values(path: str | None, overrides: list[str] | None = None) -> 
 def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
     """A YAML recipe plus command-line overrides, checked before anything starts."""
     values = read_config_values(path, overrides)
-    for key in ("train_data", "valid_data", "tokenizer", "init_from", "deepspeed_config"):
+    for key in ("train_data", "valid_data", "tokenizer", "init_from", "deepspeed_config", "chat_template"):
         values[key] = expand_data_vars(values.get(key))
     return TrainConfig.from_dict({k: v for k, v in values.items() if v is not None or k in _NULLABLE},
                                  where=path or TrainConfig.where)

@@ -6,6 +6,9 @@ Worker: build the model, AdamW without decay on biases/LayerNorm, the seed's Ann
 consolidated weights in the native format (so export needs no DeepSpeed), and the step is reported with
 `ray.train.report(..., checkpoint=...)`. Re-running the same name resumes from the last checkpoint with
 optimizer, schedule, RNG and data position restored.
+
+Chat data carries a loss mask: training and validation losses are then the token mean over the assistant tokens of
+every micro-batch on every worker, and the chat template is saved with each checkpoint.
 """
 
 from __future__ import annotations
@@ -138,20 +141,37 @@ def _all_reduce_mean(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def masked_targets(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Labels for tokens[:, :-1]; padding rows (all pad) predict nothing."""
+def masked_targets(tokens: torch.Tensor, pad_id: int, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Labels for tokens[:, :-1]; padding (all-pad rows, the pad after packed conversations) predicts nothing, and
+    with a loss mask (chat data) neither does any token it leaves out."""
     targets = tokens[:, 1:].clone()
     targets[targets == pad_id] = -100
+    if loss_mask is not None:
+        targets[loss_mask[:, 1:] == 0] = -100
     return targets
 
 
-def micro_step(engine, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+def micro_step(engine, tokens: torch.Tensor, pad_id: int, loss_mask: torch.Tensor | None = None,
+               weight: float = 1.0) -> torch.Tensor:
     """One micro-batch's forward, backward and (at the accumulation boundary) optimizer step: what every worker
-    runs, and what benchmarks/gpu_suite.py times."""
-    _, loss = engine(tokens[:, :-1], targets=masked_targets(tokens, pad_id))
+    runs, and what benchmarks/gpu_suite.py times. The loss is a mean over the micro-batch's targets, times `weight`
+    (`token_mean_weights`); that is what is returned."""
+    _, loss = engine(tokens[:, :-1], targets=masked_targets(tokens, pad_id, loss_mask))
+    loss = loss * weight
     engine.backward(loss)
     engine.step()
     return loss
+
+
+def token_mean_weights(micro_batches: list[tuple[torch.Tensor, torch.Tensor | None]], pad_id: int, world: int,
+                       device) -> list[float]:
+    """Loss weights that make one step's gradient the token mean over the targets of all its micro-batches on all
+    workers. Each micro-batch's loss is a mean over its own targets and DeepSpeed averages micro-batches and
+    workers, which weighs every micro-batch alike; chat micro-batches hold very different numbers of assistant
+    tokens, so each is weighted by its share: its targets x micro-batches x workers / the step's targets."""
+    counts = [int((masked_targets(tokens, pad_id, mask) != -100).sum()) for tokens, mask in micro_batches]
+    total = _all_reduce_mean([float(sum(counts))], device)[0] * world
+    return [count * len(counts) * world / max(total, 1.0) for count in counts]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -169,6 +189,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not cfg.use_gpu:  # Ray pins fractional-CPU workers to 1 thread; share the node's cores among its workers
         torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     steps, pad_id, run_dir = config["steps"], config["pad_id"], config["run_dir"]
+    chat_template = config["chat_template"]  # None: text, no loss mask
     model = _build_model(cfg, config["model"])
     base = _add_lora(model, cfg, config["model"]) if cfg.lora is not None else None  # None: all weights train
     model.activation_checkpointing = cfg.activation_checkpointing
@@ -190,7 +211,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log = _MetricsLog(run_dir if rank == 0 else None, resume_step=state.step)
 
     train_shard = ray.train.get_dataset_shard("train")
-    valid_batches = _valid_batches(config["valid_blocks"], cfg.micro_batch, rank, ctx.get_world_size(), pad_id)
+    valid_batches = _valid_batches(config["valid_blocks"], config["valid_mask"], cfg.micro_batch, rank,
+                                   ctx.get_world_size(), pad_id)
     batches = _train_batches(train_shard, cfg, state)
     model_cfg = engine.module.config
     flops = flops_per_token(model_cfg, engine.module.num_params(), cfg.seq_len)
@@ -199,9 +221,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint_s = None  # how long the last checkpoint held training up, logged with the window it fell in
     while state.step < steps:
         engine.train()
-        for _ in range(cfg.grad_accum):
-            tokens = next(batches).to(device)
-            loss = micro_step(engine, tokens, pad_id)
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        weights = (token_mean_weights(micro, pad_id, ctx.get_world_size(), device) if chat_template is not None
+                   else [1.0] * len(micro))
+        for (tokens, mask), weight in zip(micro, weights, strict=True):
+            loss = micro_step(engine, tokens.to(device), pad_id, None if mask is None else mask.to(device), weight)
             window_loss.append(loss.item())
             window_tokens += tokens[:, :-1].numel()
         state.step += 1
@@ -226,7 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics.update(_evaluate(engine, valid_batches, pad_id), step=state.step)
         if state.step % cfg.save_interval == 0 or last:
             saving = time.perf_counter()
-            _save(engine, state, metrics, rank, cfg, base)
+            _save(engine, state, metrics, rank, cfg, base, chat_template)
             checkpoint_s = time.perf_counter() - saving
         elif metrics:
             ray.train.report(metrics)
@@ -268,39 +292,46 @@ def _grad_norm(engine) -> float:
 
 
 def _train_batches(shard, cfg: TrainConfig, state: TrainState):
-    """Micro-batches forever, epoch after epoch; skips what a resumed run already consumed in its epoch."""
+    """Micro-batches (ids, and the loss mask of chat data) forever, epoch after epoch; skips what a resumed run
+    already consumed in its epoch."""
+    from rugpt_ray.data.cache import MASK_COLUMN
+
     while True:
         skip = state.batches_in_epoch
         for i, batch in enumerate(shard.iter_torch_batches(batch_size=cfg.micro_batch, dtypes=torch.long)):
             if i < skip:
                 continue
             state.batches_in_epoch = i + 1
-            yield batch["input_ids"]
+            yield batch["input_ids"], batch.get(MASK_COLUMN)
         state.epoch += 1
         state.batches_in_epoch = 0
 
 
-def _valid_batches(blocks, micro_batch: int, rank: int, world: int, pad_id: int) -> list[torch.Tensor] | None:
-    """This rank's share of the validation blocks the driver read, in micro-batches."""
+def _valid_batches(blocks, masks, micro_batch: int, rank: int, world: int,
+                   pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+    """This rank's share of the validation blocks the driver read (and of their loss masks), in micro-batches."""
     from rugpt_ray.data import rank_rows
 
     if blocks is None:
         return None
-    rows = torch.from_numpy(rank_rows(blocks, rank, world, pad_id).astype("int64"))
-    return list(rows.split(micro_batch))
+    rows = torch.from_numpy(rank_rows(blocks, rank, world, pad_id).astype("int64")).split(micro_batch)
+    if masks is None:
+        return [(tokens, None) for tokens in rows]
+    mask_rows = torch.from_numpy(rank_rows(masks, rank, world, 0).astype("int64")).split(micro_batch)
+    return list(zip(rows, mask_rows, strict=True))
 
 
 @torch.no_grad()
-def _evaluate(engine, batches: list[torch.Tensor], pad_id: int) -> dict[str, float]:
-    """Token-mean validation loss over every worker's batches."""
+def _evaluate(engine, batches: list[tuple[torch.Tensor, torch.Tensor | None]], pad_id: int) -> dict[str, float]:
+    """Token-mean validation loss over every worker's batches (over the tokens their loss masks keep)."""
     import torch.nn.functional as F
 
     engine.eval()
     total, count = 0.0, 0
-    for tokens in batches:
+    for tokens, mask in batches:
         tokens = tokens.to(engine.device)
         logits, _ = engine(tokens[:, :-1])
-        targets = masked_targets(tokens, pad_id)
+        targets = masked_targets(tokens, pad_id, None if mask is None else mask.to(engine.device))
         total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                                  reduction="sum").item()
         count += int((targets != -100).sum())
@@ -310,10 +341,10 @@ def _evaluate(engine, batches: list[torch.Tensor], pad_id: int) -> dict[str, flo
 
 
 def _save(engine, state: TrainState, metrics: dict[str, Any], rank: int, cfg: TrainConfig,
-          base: BaseRef | None) -> None:
+          base: BaseRef | None, chat_template: str | None) -> None:
     """Every rank writes its DeepSpeed shards; rank 0 adds the native weights, or for LoRA the adapter with its
-    base's reference (the frozen base is left out everywhere); Ray merges the folders into storage, in the
-    background with checkpoint_upload async, and deletes the local copy."""
+    base's reference (the frozen base is left out everywhere), and the chat template; Ray merges the folders into
+    storage, in the background with checkpoint_upload async, and deletes the local copy."""
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
 
@@ -322,7 +353,7 @@ def _save(engine, state: TrainState, metrics: dict[str, Any], rank: int, cfg: Tr
     engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state=client, exclude_frozen_parameters=bool(base))
     with _gathered([p for p in engine.module.parameters() if p.requires_grad or base is None], engine):
         if rank == 0:
-            _save_weights(engine.module, folder, cfg, base)
+            _save_weights(engine.module, folder, cfg, base, chat_template)
     if rank == 0:
         (folder / STATE_FILE).write_text(json.dumps({**state.__dict__, "metrics": metrics}, indent=2))
     mode = CheckpointUploadMode.ASYNC if cfg.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
@@ -342,16 +373,17 @@ def _gathered(params: list[torch.nn.Parameter], engine):
     return contextlib.nullcontext()
 
 
-def _save_weights(model, folder: Path, cfg: TrainConfig, base: BaseRef | None) -> None:
-    """The consolidated weights (so export needs no DeepSpeed), or the adapter for a LoRA run."""
+def _save_weights(model, folder: Path, cfg: TrainConfig, base: BaseRef | None, chat_template: str | None) -> None:
+    """The consolidated weights (so export needs no DeepSpeed), or the adapter for a LoRA run; with either, the
+    chat template the data was rendered with."""
     from rugpt_ray.checkpoints import save_native
 
     if base is None:
-        save_native(model, folder / "model")
+        save_native(model, folder / "model", chat_template=chat_template)
         return
     from rugpt_ray.lora import ADAPTER_DIR, save_adapter
 
-    save_adapter(model, cfg.lora_config(), base, folder / ADAPTER_DIR)
+    save_adapter(model, cfg.lora_config(), base, folder / ADAPTER_DIR, chat_template=chat_template)
 
 
 class _MetricsLog:
@@ -394,21 +426,40 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def prepare_training_data(cfg: TrainConfig, run_dir: str, tokenizer_path: str):
-    """A prepared folder as it is, or text inputs prepared once into the run folder (reused on resume)."""
-    from rugpt_ray.data import DataConfig, open_prepared, prepare_data
+def training_data_config(cfg: TrainConfig, run_dir: str):
+    """How the run's text or chat inputs are prepared into the run folder (reused on resume); None when
+    train_data is a prepared folder."""
+    from rugpt_ray.data import DataConfig
 
     train = cfg.train_data
     if isinstance(train, str) and (Path(train) / "meta.json").is_file():
-        if cfg.valid_data is not None:
-            raise UserError("train config: with a prepared train_data folder, the validation split comes from it "
-                            "(prepare-data --valid); remove valid_data")
-        return open_prepared(train, seq_len=cfg.seq_len)
+        return None
     as_list = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
-    data_cfg = DataConfig(inputs=as_list(train), valid=as_list(cfg.valid_data) if cfg.valid_data else [],
-                          tokenizer=tokenizer_path, seq_len=cfg.seq_len, out=f"{run_dir}/data", seed=cfg.seed)
-    meta = prepare_data(data_cfg, progress=False)
-    return open_prepared(meta["out"], seq_len=cfg.seq_len)
+    return DataConfig(inputs=as_list(train), valid=as_list(cfg.valid_data) if cfg.valid_data else [],
+                      tokenizer=cfg.tokenizer or default_tokenizer(), seq_len=cfg.seq_len, out=f"{run_dir}/data",
+                      seed=cfg.seed, chat_template=cfg.chat_template)
+
+
+def prepare_training_data(cfg: TrainConfig, run_dir: str):
+    """A prepared folder as it is (its chat template must be the recipe's, if the recipe names one), or the inputs
+    prepared once into the run folder."""
+    from rugpt_ray.data import open_prepared, prepare_data
+
+    data_cfg = training_data_config(cfg, run_dir)
+    if data_cfg is not None:
+        return open_prepared(prepare_data(data_cfg, progress=False)["out"], seq_len=cfg.seq_len)
+    if cfg.valid_data is not None:
+        raise UserError("train config: with a prepared train_data folder, the validation split comes from it "
+                        "(prepare-data --valid); remove valid_data")
+    prepared = open_prepared(cfg.train_data, seq_len=cfg.seq_len)
+    if cfg.chat_template is not None:
+        from rugpt_ray.chat import chat_template_source
+
+        if prepared.chat_template != chat_template_source(cfg.chat_template):
+            kind = "another chat template" if prepared.chat_template is not None else "text, not conversations"
+            raise UserError(f"train config: chat_template {cfg.chat_template}: train_data {cfg.train_data} was "
+                            f"prepared from {kind}; prepare it again or remove chat_template")
+    return prepared
 
 
 def run_folder(cfg: TrainConfig) -> str:
@@ -423,29 +474,32 @@ def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None) -> TrainR
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from rugpt_ray.data import train_ingest
-    from rugpt_ray.data.inputs import resolve_inputs
+    from rugpt_ray.data import check_inputs, train_ingest
+    from rugpt_ray.data.cache import MASK_COLUMN
 
     plan = cfg if isinstance(cfg, TrainPlan) else check_train_config(cfg)
     cfg = plan.config
-    for inputs in (cfg.train_data, cfg.valid_data):
-        if inputs and not (isinstance(inputs, str) and (Path(inputs) / "meta.json").is_file()):
-            resolve_inputs(inputs)  # every missing path in one error, before Ray starts
     run_dir = run_folder(cfg)
+    data_cfg = training_data_config(cfg, run_dir)
+    if data_cfg is not None:
+        check_inputs(data_cfg)  # every missing path, mixed chat and text, a bad template: one error before Ray
 
     start_ray()
     if cfg.log_level != "debug":  # Ray Data's INFO lines ("Dataset ... execution finished") on the driver
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-    prepared = prepare_training_data(cfg, run_dir, cfg.tokenizer or default_tokenizer())
+    prepared = prepare_training_data(cfg, run_dir)
     ingest = train_ingest(prepared, cfg.num_workers, seed=cfg.seed, splits=["train"])
-    valid_blocks = (prepared.head("valid", cfg.eval_iters * cfg.micro_batch * cfg.num_workers)
-                    if "valid" in prepared.splits else None)
+    valid_rows = cfg.eval_iters * cfg.micro_batch * cfg.num_workers
+    valid_blocks = prepared.head("valid", valid_rows) if "valid" in prepared.splits else None
+    valid_mask = (prepared.head("valid", valid_rows, MASK_COLUMN)
+                  if valid_blocks is not None and prepared.chat_template is not None else None)
     resources = {"CPU": min(cfg.cpus_per_worker, ingest.resources_per_worker["CPU"])}
     if cfg.use_gpu:
         resources = {"CPU": cfg.cpus_per_worker}
     steps = cfg.total_steps()
     loop_config = {"train": cfg.to_dict(), "model": plan.model, "deepspeed": plan.deepspeed,
-                   "steps": steps, "pad_id": ingest.pad_id, "run_dir": run_dir, "valid_blocks": valid_blocks}
+                   "steps": steps, "pad_id": ingest.pad_id, "run_dir": run_dir, "valid_blocks": valid_blocks,
+                   "valid_mask": valid_mask, "chat_template": prepared.chat_template}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -1,8 +1,9 @@
 """The prepared cache on disk: Parquet shards of packed blocks per split plus `meta.json`.
 
 Layout: `DIR/meta.json`, `DIR/train/part-00000.parquet`, ..., `DIR/valid/part-00000.parquet`. Each row is one
-block: `input_ids` (fixed-size list of seq_len + 1 int32 ids) and `idx` (its position in the split, -1 for the
-padding rows the trainer helper adds). Plain Parquet types, so pandas/pyarrow/other tools read it too.
+block: `input_ids` (fixed-size list of seq_len + 1 int32 ids), for chat data `loss_mask` (as many int8: 1 on the
+tokens the loss is taken on, the assistant's), and `idx` (its position in the split, -1 for the padding rows the
+trainer helper adds). Plain Parquet types, so pandas/pyarrow/other tools read it too.
 """
 
 from __future__ import annotations
@@ -16,27 +17,33 @@ from rugpt_ray.storage import filesystem
 
 META_NAME = "meta.json"
 FORMAT = 1
+MASK_COLUMN = "loss_mask"
 
 
-def block_schema(block_len: int):
+def block_schema(block_len: int, masked: bool = False):
     """Arrow schema of one block row; the same for the shards and for the padding rows (so `union` works)."""
     import pyarrow as pa
 
+    mask = [pa.field(MASK_COLUMN, pa.list_(pa.int8(), block_len), nullable=False)] if masked else []
     return pa.schema(
         [
             pa.field("input_ids", pa.list_(pa.int32(), block_len), nullable=False),
+            *mask,
             pa.field("idx", pa.int64(), nullable=False),
         ]
     )
 
 
-def blocks_table(blocks: np.ndarray, idx: np.ndarray):
-    """A [n, block_len] int32 array and its indices as an Arrow table of `block_schema`."""
+def blocks_table(blocks: np.ndarray, idx: np.ndarray, mask: np.ndarray | None = None):
+    """A [n, block_len] int32 array, its loss mask (chat data) and indices as an Arrow table of `block_schema`."""
     import pyarrow as pa
 
     n, block_len = blocks.shape
-    ids = pa.FixedSizeListArray.from_arrays(pa.array(blocks.reshape(-1), type=pa.int32()), block_len)
-    return pa.Table.from_arrays([ids, pa.array(idx, type=pa.int64())], schema=block_schema(block_len))
+    columns = [pa.FixedSizeListArray.from_arrays(pa.array(blocks.reshape(-1), type=pa.int32()), block_len)]
+    if mask is not None:
+        columns.append(pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1), type=pa.int8()), block_len))
+    columns.append(pa.array(idx, type=pa.int64()))
+    return pa.Table.from_arrays(columns, schema=block_schema(block_len, masked=mask is not None))
 
 
 def read_meta(path: str) -> dict | None:

@@ -66,6 +66,11 @@ class PreparedData:
     def pad_id(self) -> int:
         return self.meta["tokenizer"]["pad_id"]
 
+    @property
+    def chat_template(self) -> str | None:
+        """The template chat data was rendered with (its blocks carry a loss mask); None for text."""
+        return self.meta.get("chat_template")
+
     def blocks(self, split: str) -> int:
         return self._split(split)["blocks"]
 
@@ -75,9 +80,10 @@ class PreparedData:
                             "pass --valid to prepare-data for a validation split")
         return self.meta["splits"][split]
 
-    def head(self, split: str, rows: int) -> np.ndarray:
-        """The first `rows` blocks of a split in cache order, as an int32 [n, block_len] array, read with pyarrow
-        alone: validation needs a few fixed blocks, and a Ray Data pipeline per worker costs seconds to start."""
+    def head(self, split: str, rows: int, column: str = "input_ids") -> np.ndarray:
+        """The first `rows` blocks of a split in cache order (their ids, or another column such as the loss mask),
+        as a [n, block_len] array, read with pyarrow alone: validation needs a few fixed blocks, and a Ray Data
+        pipeline per worker costs seconds to start."""
         import pyarrow.parquet as pq
 
         fs, root = filesystem(self.path)
@@ -85,8 +91,8 @@ class PreparedData:
         for shard in self._split(split)["shards"]:
             if left <= 0:
                 break
-            column = pq.read_table(f"{root.rstrip('/')}/{shard}", columns=["input_ids"], filesystem=fs)["input_ids"]
-            ids = column.combine_chunks().flatten().to_numpy().reshape(-1, self.block_len)[:left]
+            values = pq.read_table(f"{root.rstrip('/')}/{shard}", columns=[column], filesystem=fs)[column]
+            ids = values.combine_chunks().flatten().to_numpy().reshape(-1, self.block_len)[:left]
             out.append(ids)
             left -= len(ids)
         return np.concatenate(out) if out else np.zeros((0, self.block_len), np.int32)
@@ -131,8 +137,8 @@ class TrainIngest:
     scaling_config=ScalingConfig(num_workers, resources_per_worker=ingest.resources_per_worker))`.
 
     In a worker, `ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=B)` yields exactly
-    `batches_per_epoch(split, B)` batches on every worker. Padding rows are all `pad_id`: mask labels equal to
-    `pad_id` (the seed's rule) and divide the loss by max(1, unmasked tokens).
+    `batches_per_epoch(split, B)` batches on every worker. Padding rows are all `pad_id` (and loss mask 0): mask
+    labels equal to `pad_id` (the seed's rule) and divide the loss by max(1, unmasked tokens).
     """
 
     datasets: dict
@@ -172,7 +178,9 @@ def train_ingest(prepared: PreparedData, num_workers: int, *, seed: int | None =
         n = prepared.blocks(split)
         pad = -n % num_workers
         if pad:
-            padding = blocks_table(np.full((pad, prepared.block_len), prepared.pad_id, np.int32), np.full(pad, -1))
+            shape = (pad, prepared.block_len)
+            mask = np.zeros(shape, np.int8) if prepared.chat_template is not None else None
+            padding = blocks_table(np.full(shape, prepared.pad_id, np.int32), np.full(pad, -1), mask)
             ds = _configure(ds.union(ray.data.from_arrow(padding)))
         datasets[split] = ds
         rows[split] = (n + pad) // num_workers

@@ -1,5 +1,7 @@
 """Which text files the user means: file.list, folder, glob, single file, remote URI, or a list of these.
 
+A `.jsonl` file is chat data (one conversation per line, `rugpt_ray.data.chat`); every other file is text.
+
 Resolution only lists and stats files (no reading of their text), so every missing path is found and reported
 in one error before any work starts. Ray-free and cheap to import: the CLI and `evaluate` use it directly.
 """
@@ -11,15 +13,12 @@ import glob
 import os
 import posixpath
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from rugpt_ray.errors import UserError
 from rugpt_ray.storage import is_uri
 
-if TYPE_CHECKING:
-    pass
-
 TEXT_SUFFIX = ".txt"
+CHAT_SUFFIX = ".jsonl"
 LIST_SUFFIX = ".list"
 GLOB_CHARS = frozenset("*?[")
 

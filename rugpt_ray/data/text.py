@@ -128,6 +128,15 @@ def _cut_at_or_after(f, x: int, size: int, paragraphs: bool) -> int:
         tail = buf[-8:]
 
 
+def read_piece(f, start: int, end: int, size: int, *, paragraphs: bool) -> tuple[bytes, int]:
+    """The bytes of nominal range [start, end) of an open file, both ends moved to the next cut, and where they
+    start."""
+    a = _cut_at_or_after(f, start, size, paragraphs)
+    b = _cut_at_or_after(f, end, size, paragraphs)
+    f.seek(a)
+    return f.read(max(0, b - a)), a
+
+
 def piece_ranges(size: int, piece_bytes: int) -> list[tuple[int, int]]:
     """Nominal [start, end) byte ranges; the task moves both ends to the next cut."""
     return [(start, min(start + piece_bytes, size)) for start in range(0, size, piece_bytes)] or [(0, 0)]
@@ -144,10 +153,7 @@ def tokenize_piece(
         with fs.open_input_file(fs_path) as f:
             if looks_binary(f.read(SNIFF_BYTES)):
                 return PieceResult(empty, 0, 0, -1, "binary")
-            a = _cut_at_or_after(f, start, size, paragraphs)
-            b = _cut_at_or_after(f, end, size, paragraphs)
-            f.seek(a)
-            data = f.read(max(0, b - a))
+            data, a = read_piece(f, start, end, size, paragraphs=paragraphs)
     except OSError as e:
         return PieceResult(empty, 0, 0, -1, "error", f"{type(e).__name__}: {e}")
     text, bad, first_bad = decode_utf8(data)
