@@ -87,6 +87,60 @@ def test_two_workers_zero2_learn_resume_survive_a_killed_worker_and_export(tmp_p
         assert (hf(ids).logits - trained(ids)[0]).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.long
+def test_chat_lora_run_learns_on_assistant_tokens_and_keeps_the_template(tmp_path, make_model, data_dir, ray_local):
+    """prepare (.jsonl) -> LoRA training with the loss mask -> the validation loss it reports equals plain torch
+    cross-entropy over the masked tokens of the validation blocks on the saved checkpoint -> the template is in the
+    adapter and in the merged HF export."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+
+    from rugpt_ray.chat import chat_template_source
+    from rugpt_ray.checkpoints import read_chat_template, save_native
+    from rugpt_ray.cli import main
+    from rugpt_ray.config import preset
+    from rugpt_ray.data import open_prepared
+    from rugpt_ray.lora import load_adapter, merged_model
+
+    made = subprocess.run([sys.executable, str(REPO / "jobs" / "make_chat_set.py"), "--out", str(tmp_path / "chat"),
+                           "--train", "300", "--valid", "40"], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    save_native(make_model(preset("tiny", sparse_mode="none", sparse_attention=None), seed=2), tmp_path / "base")
+    cfg = TrainConfig.from_dict(dict(
+        name="chat", storage_path=str(tmp_path / "runs"), init_from=str(tmp_path / "base"),
+        lora={"r": 8, "alpha": 16, "dropout": 0.0}, train_data=str(tmp_path / "chat" / "train.jsonl"),
+        valid_data=str(tmp_path / "chat" / "valid.jsonl"), seq_len=64, micro_batch=4, grad_accum=2, lr=1e-2,
+        warmup=1, weight_decay=0.0, log_interval=4, eval_interval=4, eval_iters=3, save_interval=8, max_steps=8,
+        num_workers=2, zero_stage=2))
+    result = train(cfg)
+    rows = metrics(result.run_dir)
+    valid = [r["valid_loss"] for r in rows if "valid_loss" in r]
+    assert len(valid) == 2 and valid[1] < valid[0]
+
+    prepared = open_prepared(f"{result.run_dir}/data")
+    assert prepared.chat_template == chat_template_source("rugpt3-chat")
+    blocks = 3 * 4 * 2  # eval_iters x micro_batch x workers: what validation read
+    ids = torch.from_numpy(prepared.head("valid", blocks).astype(np.int64))
+    mask = torch.from_numpy(prepared.head("valid", blocks, "loss_mask").astype(np.int64))
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    assert 0 < (targets != -100).sum() < 0.5 * targets.numel()  # the answers only
+    with torch.no_grad():
+        logits = merged_model(result.checkpoint)(ids[:, :-1])[0]
+    want = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100).item()
+    assert valid[1] == pytest.approx(want, abs=1e-4)
+
+    assert load_adapter(result.checkpoint).chat_template == prepared.chat_template
+    assert main(["export", result.run_dir, str(tmp_path / "hf"), "--merge", "--to", "hf", "--tokenizer",
+                 str(data_dir / "tokenizer")]) == 0
+    assert read_chat_template(tmp_path / "hf") == prepared.chat_template
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == prepared.chat_template
+
+
 def kill_a_train_worker_after(ready: Path, ray_dir: str) -> tuple[threading.Thread, list[int]]:
     """A started thread that SIGKILLs one Ray Train worker of the Ray whose temp dir is `ray_dir` (never another
     Ray's) a second after `ready` exists, and the list it appends that worker's pid to."""
