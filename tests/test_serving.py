@@ -746,6 +746,9 @@ def test_serve_run_local_yaml(tmp_path, checkpoints, data_dir):
             chunks = sse(r)[:-1]
         assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
         assert len(chunks) < plain["usage"]["completion_tokens"]  # stream_interval_s merged tokens into chunks
+        chat = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
+            "model": "demo", "messages": [{"role": "user", "content": "Привет"}], "max_tokens": 5})
+        assert chat.status_code == 200 and chat.json()["object"] == "chat.completion", chat.text  # its template
     finally:
         stop_server(proc)
 
@@ -768,6 +771,7 @@ def test_cli_serve_with_api_key_timeout_and_clean_shutdown(checkpoints, adapters
         assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
         assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.post(f"{base}/generate", json={"prompt": "x"}).status_code == 401
+        assert httpx.post(f"{base}/v1/chat/completions", json={"messages": []}).status_code == 401
         assert httpx.post(f"{base}/tokenize", json={"prompt": "x"}).status_code == 401
         assert httpx.get(f"{base}/tokenizer_info").status_code == 401
         assert httpx.post(f"{base}/tokenize", json={"prompt": "x"}, headers=auth).json()["count"] == 1

@@ -55,8 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(f"serving {', '.join([*cfg.models, *cfg.adapters])} on http://{args.host}:{args.port} "
-              f"(POST /generate, /v1/completions, /tokenize, /detokenize; GET /v1/models, /tokenizer_info, /stats, "
-              f"/healthz); Ctrl-C or SIGTERM stops", flush=True)
+              f"(POST /generate, /v1/completions, /v1/chat/completions, /tokenize, /detokenize; GET /v1/models, "
+              f"/tokenizer_info, /stats, /healthz); Ctrl-C or SIGTERM stops", flush=True)
         while not stop.wait(0.5):
             pass
         print("stopping", flush=True)

@@ -10,12 +10,26 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rugpt_ray.chat import BUILTIN_FOLDER, chat_template_source
 from rugpt_ray.config import DTYPES, close_matches
 from rugpt_ray.errors import UserError
 
 _COMPARISONS = (("greater than or equal to", ">="), ("less than or equal to", "<="), ("greater than", ">"),
                 ("less than", "<"))
 _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+class ModelSpec(BaseModel):
+    """A served model: its checkpoint, and the chat template to use when the checkpoint has none of its own."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    path: str = Field(min_length=1)
+    """Checkpoint folder/file or HF hub id. It may use `${VAR}` / `${VAR:-default}` and a glob (its newest match is
+    taken: the demo writes `runs/demo-<time>/model`); both are resolved where the app is built."""
+    chat_template: str | None = Field(None, min_length=1)
+    """For `/v1/chat/completions` when the checkpoint has no `chat_template.jinja`: a built-in template's name
+    (`rugpt3-chat`) or a .jinja file. A request's own `chat_template` wins over both."""
 
 
 class AdapterSpec(BaseModel):
@@ -36,10 +50,9 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    models: dict[str, str] = Field(min_length=1)
-    """Served name -> checkpoint folder/file or HF hub id; the first is the default when a request names none.
-    A value may use `${VAR}` / `${VAR:-default}` and a glob (its newest match is taken: the demo writes
-    `runs/demo-<time>/model`); both are resolved where the app is built."""
+    models: dict[str, ModelSpec] = Field(min_length=1)
+    """Served name -> checkpoint (`path`, see `ModelSpec`), or `{path, chat_template}`; the first is the default
+    when a request names none."""
     adapters: dict[str, AdapterSpec] = Field(default_factory=dict)
     """Served name -> LoRA adapter on one of `models`: `{path: runs/lora-support, base: large}`. Requests name an
     adapter in `model` like any model; adapters of one base share its weights and its decode steps."""
@@ -78,12 +91,19 @@ class ServeConfig(BaseModel):
     """Name of an environment variable holding the API key; when set, requests need `Authorization: Bearer
     <key>` (except /healthz). The key is read in the replica and never travels in the config."""
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _paths_are_specs(cls, models: Any) -> Any:
+        """`name: path` is `name: {path: path}`."""
+        if isinstance(models, dict):
+            return {name: {"path": spec} if isinstance(spec, str) else spec for name, spec in models.items()}
+        return models
+
     @field_validator("models")
     @classmethod
-    def _names(cls, models: dict[str, str]) -> dict[str, str]:
-        for name, path in models.items():
-            if not name or not path:
-                raise ValueError(f"model {name!r}: names and paths must be non-empty")
+    def _names(cls, models: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        if "" in models:
+            raise ValueError("model names must be non-empty")
         return models
 
     @model_validator(mode="after")
@@ -120,7 +140,10 @@ class ServeConfig(BaseModel):
 
     def resolved(self) -> ServeConfig:
         """A copy whose paths are expanded and checked, so every replica loads the same files."""
-        models = {name: resolve_path(f"model {name}", path) for name, path in self.models.items()}
+        models = {name: ModelSpec(path=resolve_path(f"model {name}", spec.path),
+                                  chat_template=spec.chat_template and resolve_chat_template(f"model {name}",
+                                                                                             spec.chat_template))
+                  for name, spec in self.models.items()}
         adapters = {name: spec.model_copy(update={"path": resolve_path(f"adapter {name}", spec.path)})
                     for name, spec in self.adapters.items()}
         return self.model_copy(update={"models": models, "adapters": adapters,
@@ -145,3 +168,14 @@ def resolve_path(what: str, value: str) -> str:
     if expanded.count("/") == 1 and not expanded.startswith((".", "/", "~")):
         return expanded  # an HF hub id, fetched by the replica
     raise UserError(f"{what}: {expanded!r} is neither a local path nor a hub id like 'org/name'")
+
+
+def resolve_chat_template(what: str, spec: str) -> str:
+    """A built-in template's name as it is, a template file as an absolute path; either checked to compile."""
+    try:
+        chat_template_source(spec)
+    except UserError as e:
+        raise UserError(f"{what}: {e}") from None
+    if "/" not in spec and (BUILTIN_FOLDER / f"{spec}.jinja").is_file():
+        return spec
+    return str(Path(spec).expanduser().resolve())

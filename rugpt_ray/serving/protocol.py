@@ -1,0 +1,348 @@
+"""The serving API's requests and errors, apart from the server: no torch, Ray or FastAPI, so they are tested alone.
+
+Each generating request converts itself to a `GenerationConfig` and takes its fields' ranges from it (widened or
+narrowed only where the API's differ), so a value the decoder would refuse is a 422 naming the field, never a 500.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rugpt_ray.chat import ROLES
+from rugpt_ray.config import close_matches
+from rugpt_ray.generation_config import MAX_LOGIT_BIAS, GenerationConfig, RequestError
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+Prompt = str | list[str] | list[int] | list[list[int]]
+DEFAULT_MAX_NEW_TOKENS = 64
+"""`/generate`'s max_new_tokens when a request gives none (the server's limit when that is lower)."""
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives per token a request may ask for (OpenAI's limit)."""
+
+
+class ApiError(Exception):
+    """An HTTP error in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+async def read_body(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """A request body, refused with 413 as soon as it passes `limit` bytes."""
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"body: larger than the limit of {limit} bytes", "body")
+    return bytes(body)
+
+
+def ranged(field: str, default: Any = None, **api_range: float) -> Any:
+    """A request field with the range of `GenerationConfig`'s `field`; `api_range` (ge, gt, le) replaces a bound
+    where the API's differs."""
+    (rule,) = (f.metadata for f in dataclasses.fields(GenerationConfig) if f.name == field)
+    bounds = {key: value for key, value in {**rule, **api_range}.items() if key in ("ge", "gt", "le")}
+    return Field(default, **bounds)
+
+
+class Body(BaseModel):
+    """A request body: unknown fields are refused, types are strict, and `null` means the field's default."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, body: Any) -> Any:
+        return {k: v for k, v in body.items() if v is not None} if isinstance(body, dict) else body
+
+    @classmethod
+    def parse(cls, body: bytes) -> Body:
+        """The request from JSON: 400 for bad JSON or an unknown field, 422 for a wrong type or range; the message
+        and `param` name the field."""
+        try:
+            return cls.model_validate_json(body)
+        except ValidationError as e:
+            errors = e.errors()
+        if errors[0]["type"] == "json_invalid":
+            raise ApiError(400, f"body: {errors[0]['msg']}", "body")
+        unknown = next((err["loc"] for err in errors if err["type"] == "extra_forbidden"), None)
+        if unknown:  # a field we do not know (at the top, or inside an object such as stream_options)
+            param, inner = str(unknown[0]), ".".join(map(str, unknown[1:]))
+            what = (f"has no field {inner!r}" if inner else
+                    f"not a field of this endpoint{close_matches([param], cls.model_fields)}")
+            raise ApiError(400, f"{param}: {what}", param)
+        if not errors[0]["loc"]:
+            raise ApiError(422, f"body: {errors[0]['msg']}", "body")
+        param = str(errors[0]["loc"][0])
+        messages = dict.fromkeys(err["msg"] for err in errors if err["loc"] and err["loc"][0] == param)
+        raise ApiError(422, f"{param}: {'; '.join(messages)}", param)
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class SamplingRequest(Body):
+    """What every generating endpoint takes besides its input and its length: `GenerationConfig`'s sampling and
+    stopping fields (OpenAI's and vLLM's names are the same)."""
+
+    API_NAMES: ClassVar[dict[str, str]] = {}
+    """`GenerationConfig`'s field -> this endpoint's name for it, where they differ."""
+
+    model: str | None = None
+    temperature: float = ranged("temperature", 1.0)
+    top_k: int = ranged("top_k", 0, ge=-1)  # vLLM's -1 and 0 both mean all tokens
+    top_p: float = ranged("top_p", 1.0)
+    repetition_penalty: float = ranged("repetition_penalty", 1.0)
+    presence_penalty: float = ranged("presence_penalty", 0.0)
+    frequency_penalty: float = ranged("frequency_penalty", 0.0)
+    logit_bias: dict[Annotated[int, Field(strict=False)],
+                     Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] = Field(
+        default_factory=dict)  # JSON keys are strings: "50256" is id 50256
+    stop: NonEmpty | list[NonEmpty] | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    seed: int | None = None
+    stream: bool = False
+
+    def param(self, field: str | None) -> str | None:
+        """This endpoint's name for `GenerationConfig`'s `field` (errors name what the client sent)."""
+        return self.API_NAMES.get(field, field)
+
+    def refusal(self, error: RequestError) -> ApiError:
+        """The 400 for a request that could never run, naming the field as this endpoint does."""
+        param = self.param(error.param)
+        return ApiError(400, f"{param}: {error.detail}", param)
+
+    def generation_config(self, limit: int, room: int) -> GenerationConfig:
+        """The decoder's settings: `RequestError` (GenerationConfig's field names) for a request that could never
+        run. `limit` is the server's most new tokens, `room` the model's positions left after the longest prompt:
+        what a request that gives no length generates."""
+        raise NotImplementedError
+
+    def _config(self, **fields: Any) -> GenerationConfig:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return GenerationConfig(temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
+                                repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                                frequency_penalty=self.frequency_penalty, logit_bias=dict(self.logit_bias),
+                                stop=stop, stop_token_ids=list(self.stop_token_ids),
+                                include_stop_str_in_output=self.include_stop_str_in_output,
+                                ignore_eos=self.ignore_eos, seed=self.seed, **fields)
+
+
+class PromptedRequest(SamplingRequest):
+    """A text completion: prompts as text or token ids, OpenAI's `logprobs`, `echo` and `best_of`."""
+
+    prompt: Prompt
+    logprobs: int | None = ranged("logprobs", le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = ranged("num_return_sequences")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: Prompt) -> Prompt:
+        if not prompt or (isinstance(prompt, list) and any(isinstance(p, str | list) and not p for p in prompt)):
+            raise ValueError("must be a non-empty text or list of token ids, or a non-empty list of those")
+        return prompt
+
+    def param(self, field: str | None) -> str | None:
+        if field == "num_return_sequences" and self.best_of is not None and self.best_of > self.sequences:
+            return "best_of"  # the decoder's rows are best_of's
+        return super().param(field)
+
+    @property
+    def sequences(self) -> int:
+        """Sequences returned per prompt."""
+        raise NotImplementedError
+
+    def _prompted_config(self, max_new_tokens: int, min_new_tokens: int) -> GenerationConfig:
+        """best_of's extra sequences are ranked by their log-probabilities, so they report them; a length of 0
+        runs as prompt scoring."""
+        n, rows = self.sequences, self.best_of or self.sequences
+        if max_new_tokens == 0 and not self.echo:
+            raise RequestError("max_new_tokens", "0 generates nothing; it is for scoring the prompt, with echo")
+        if rows < n:
+            raise RequestError("best_of", f"{self.best_of} is below n ({n})")
+        if rows > n and self.stream:
+            raise RequestError("best_of", f"{self.best_of} sequences ranked to return {n} cannot be streamed; "
+                                          f"stream with best_of equal to n")
+        logprobs = 0 if self.logprobs is None and rows > n else self.logprobs
+        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        if max_new_tokens == 0 and prompt_logprobs is None:
+            prompt_logprobs = 0
+        return self._config(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, logprobs=logprobs,
+                            prompt_logprobs=prompt_logprobs, num_return_sequences=rows)
+
+
+class GenerateRequest(PromptedRequest):
+    """`POST /generate`: one prompt or a list, sampling settings as in `GenerationConfig`."""
+
+    max_new_tokens: int | None = ranged("max_new_tokens")
+    min_new_tokens: int = ranged("min_new_tokens", 0)
+    num_return_sequences: int = ranged("num_return_sequences", 1)
+
+    @property
+    def sequences(self) -> int:
+        return self.num_return_sequences
+
+    def generation_config(self, limit: int, room: int) -> GenerationConfig:
+        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, limit) if self.max_new_tokens is None else self.max_new_tokens
+        return self._prompted_config(max_new_tokens, self.min_new_tokens)
+
+
+class CompletionRequest(PromptedRequest):
+    """`POST /v1/completions` in OpenAI's shape, plus vLLM's extras (top_k, repetition_penalty, min_tokens,
+    stop_token_ids, include_stop_str_in_output, ignore_eos)."""
+
+    API_NAMES: ClassVar[dict[str, str]] = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
+                                           "num_return_sequences": "n"}
+
+    max_tokens: int = ranged("max_new_tokens", 16)
+    min_tokens: int = ranged("min_new_tokens", 0)
+    n: int = ranged("num_return_sequences", 1)
+    suffix: str | None = None  # refused when given: text is only completed left to right
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # OpenAI's end-user id: accepted, not used
+
+    @property
+    def sequences(self) -> int:
+        return self.n
+
+    def generation_config(self, limit: int, room: int) -> GenerationConfig:
+        if self.suffix:
+            raise RequestError("suffix", "not supported (text is only completed left to right)")
+        return self._prompted_config(self.max_tokens, self.min_tokens)
+
+
+class ContentPart(Body):
+    """A part of a message's content: only text parts are served (others are refused by name, not as unknown
+    fields)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(Body):
+    role: str
+    content: str | list[ContentPart]
+
+    def text(self, index: int) -> str:
+        """The content as one text, text parts joined by newlines as vLLM joins them; `index` is the message's."""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise RequestError("messages", f"message {index} has content of type {part.type!r}; only text "
+                                               f"parts are supported")
+        return "\n".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """`POST /v1/chat/completions` in OpenAI's shape, plus vLLM's extras: its sampling fields (as in completions),
+    `add_generation_prompt`, `continue_final_message`, `echo`, `chat_template` (Jinja text) and
+    `chat_template_kwargs`."""
+
+    API_NAMES: ClassVar[dict[str, str]] = {"prompt": "messages", "min_new_tokens": "min_tokens",
+                                           "num_return_sequences": "n", "logprobs": "top_logprobs"}
+    RESERVED_TEMPLATE_KWARGS: ClassVar[tuple[str, ...]] = ("template", "messages")
+    """Names `render_chat` takes itself: a template variable cannot have them."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = ranged("max_new_tokens")
+    max_tokens: int | None = ranged("max_new_tokens")  # OpenAI's deprecated name; max_completion_tokens wins
+    min_tokens: int = ranged("min_new_tokens", 0)
+    n: int = ranged("num_return_sequences", 1)
+    logprobs: bool = False
+    top_logprobs: int | None = ranged("logprobs", le=MAX_TOP_LOGPROBS)
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # OpenAI's end-user id: accepted, not used
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    echo: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    tools: list[Any] | None = None  # refused when given: no function calling
+    functions: list[Any] | None = None  # refused when given: no function calling
+
+    def param(self, field: str | None) -> str | None:
+        if field == "max_new_tokens":
+            return "max_tokens" if self.max_completion_tokens is None and self.max_tokens is not None \
+                else "max_completion_tokens"
+        return super().param(field)
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The messages as a template reads them; `RequestError` for what no template here can render."""
+        for field in ("tools", "functions"):
+            if getattr(self, field):
+                raise RequestError(field, "not supported: this server does no function calling")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise RequestError("continue_final_message", "cannot be true with add_generation_prompt (the default): "
+                                                         "set add_generation_prompt to false to continue a message")
+        for i, message in enumerate(self.messages):
+            if message.role not in ROLES:
+                raise RequestError("messages", f"message {i} has the unknown role {message.role!r} "
+                                               f"(one of {', '.join(ROLES)})")
+        return [{"role": message.role, "content": message.text(i)} for i, message in enumerate(self.messages)]
+
+    def template_options(self) -> dict[str, Any]:
+        """`render_chat`'s keywords: the flags, then `chat_template_kwargs` (which may override them, as in vLLM)."""
+        reserved = [key for key in self.RESERVED_TEMPLATE_KWARGS if key in self.chat_template_kwargs]
+        if reserved:
+            raise RequestError("chat_template_kwargs", f"{reserved[0]!r} is reserved")
+        return {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message, **self.chat_template_kwargs}
+
+    @property
+    def alternatives(self) -> int | None:
+        """Likeliest tokens to report at each step, or None for no logprobs at all."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def echoed(self) -> str:
+        """What `echo` puts before each answer: the last message when it is the assistant's (vLLM's rule)."""
+        last = self.messages[-1]
+        return last.text(len(self.messages) - 1) if self.echo and last.role == "assistant" else ""
+
+    def generation_config(self, limit: int, room: int) -> GenerationConfig:
+        """Without a length the answer may fill the server's limit or the model's context, whichever is less."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs", "needs logprobs: true")
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options", "only with stream: true")
+        if room <= 0:
+            raise RequestError("prompt", "the conversation fills the model's context: there is no room to answer")
+        max_new_tokens = next((n for n in (self.max_completion_tokens, self.max_tokens) if n is not None),
+                              min(limit, room))
+        if max_new_tokens == 0:
+            raise RequestError("max_new_tokens", "0 generates nothing")
+        return self._config(max_new_tokens=max_new_tokens, min_new_tokens=self.min_tokens,
+                            logprobs=self.alternatives, num_return_sequences=self.n)
+
+
+class TokenizeRequest(Body):
+    """`POST /tokenize` in vLLM's shape; `add_special_tokens` changes nothing (ruGPT3 adds none)."""
+
+    prompt: str
+    model: str | None = None
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(Body):
+    """`POST /detokenize` in vLLM's shape."""
+
+    tokens: list[int]
+    model: str | None = None

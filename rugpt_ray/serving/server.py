@@ -1,0 +1,329 @@
+"""The model server: a Serve deployment whose FastAPI routes stay thin. Each one reads its request (protocol.py),
+prepares it against the server's limits and the model, and hands the events to its endpoint's shaping
+(completions.py, chat_completions.py) and to streaming.py; the model work is the `BatchEngine`'s (engine.py)."""
+# No `from __future__ import annotations` here: FastAPI reads the route annotations at runtime.
+
+import asyncio
+import hmac
+import os
+import time
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from rugpt_ray.chat import ChatTemplateError, chat_template_source, render_chat
+from rugpt_ray.checkpoints import load_model, read_chat_template
+from rugpt_ray.errors import UserError
+from rugpt_ray.generation import GenerationConfig, RequestError, Transcript
+from rugpt_ray.lora import Adapter, base_fingerprint, check_base, load_adapter
+from rugpt_ray.serving.chat_completions import ChatChoices, ChatResponses
+from rugpt_ray.serving.completions import Choices, CompletionResponses, GenerateResponses
+from rugpt_ray.serving.config import ServeConfig
+from rugpt_ray.serving.engine import BatchEngine
+from rugpt_ray.serving.metrics import EngineMetrics, model_loaded
+from rugpt_ray.serving.protocol import (
+    ApiError,
+    Body,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerateRequest,
+    Prompt,
+    SamplingRequest,
+    TokenizeRequest,
+    read_body,
+)
+from rugpt_ray.serving.streaming import Responses, collect, stream
+from rugpt_ray.tokenizer import load_tokenizer
+
+NO_CHAT_TEMPLATE = ("As of transformers v4.44, default chat template is no longer allowed, so you must provide a chat "
+                    "template if the tokenizer does not define one. Give the model a `chat_template` in its `models:` "
+                    "entry of the Serve config (a built-in name such as 'rugpt3-chat', or a .jinja file), save one "
+                    "with its checkpoint (chat_template.jinja), or send `chat_template` with the request.")
+"""vLLM's words for a chat without a template, then where ours come from."""
+
+
+class ServedModel:
+    """What a served name runs on, as Serve's per-replica LRU holds it: a base's engine, and for an adapter its
+    name and weights; and the chat template it answers chats with, if any. An adapter entry keeps its base loaded
+    and its adapter in the base's model."""
+
+    def __init__(self, engine: BatchEngine, chat_template: str | None, adapter: tuple[str, Adapter] | None = None):
+        """For an adapter, after `engine.hold_adapter`."""
+        self.engine, self.chat_template, self.adapter = engine, chat_template, adapter
+        self._released = adapter is None
+
+    def __del__(self) -> None:
+        """Serve calls it when the LRU drops the entry (Python calls it again when the object goes): the adapter
+        may leave the model once no request uses it; requests that hold this entry keep theirs."""
+        if not self._released:
+            self._released = True
+            self.engine.release_adapter(self.adapter[0])
+
+
+app = FastAPI(title="rugpt-ray")
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+    return error_response(error)
+
+
+@serve.deployment(name="RuGPTServer")
+@serve.ingress(app)
+class RuGPTServer:
+    """The endpoints, one `BatchEngine` per loaded base and the adapters on it; reached through `RuGPTRouter`."""
+
+    async def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.api_key = None
+        if cfg.api_key_env:
+            self.api_key = os.environ.get(cfg.api_key_env)
+            if not self.api_key:
+                raise UserError(f"api_key_env={cfg.api_key_env}: that environment variable is not set in the replica")
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        self.created = int(time.time())
+        self.engines: weakref.WeakValueDictionary[str, BatchEngine] = weakref.WeakValueDictionary()  # by base
+        self.fingerprints: dict[str, str] = {}  # of the bases that adapters run on
+
+        async def load(name: str) -> ServedModel:
+            spec = cfg.adapters.get(name)
+            if spec is None:
+                served = ServedModel(await self._base(name), await asyncio.to_thread(self._chat_template, name))
+            else:
+                engine = await self._base(spec.base)
+                adapter = await asyncio.to_thread(load_adapter, spec.path)
+                try:
+                    check_base(adapter, self.fingerprints[spec.base], f"model {spec.base!r}")
+                except UserError as e:
+                    raise ApiError(400, f"model {name!r}: {e}", "model") from None
+                await engine.hold_adapter(name, adapter)
+                template = adapter.chat_template or await asyncio.to_thread(self._chat_template, spec.base)
+                served = ServedModel(engine, template, (name, adapter))
+            model_loaded(name)
+            return served
+
+        self.served = serve.multiplexed(max_num_models_per_replica=cfg.max_models_per_replica)(load)
+        await self.served(cfg.default_model)  # the replica reports ready with its default model loaded
+
+    async def _base(self, name: str) -> BatchEngine:
+        """The engine of base model `name`, shared by its own entry and its adapters' (Serve runs one load at a
+        time, so it is loaded once)."""
+        engine = self.engines.get(name)
+        if engine is None:
+            model = await asyncio.to_thread(self._load_weights, name)
+            engine = self.engines[name] = BatchEngine(model, self.tokenizer, self.cfg.max_batch_size,
+                                                      EngineMetrics(name))
+        return engine
+
+    def _load_weights(self, name: str) -> torch.nn.Module:
+        """A base as configured; one that adapters run on is fingerprinted first, as loaded in training."""
+        device, dtype = self.cfg.device, getattr(torch, self.cfg.dtype)
+        if not any(spec.base == name for spec in self.cfg.adapters.values()):
+            return load_model(self.cfg.models[name].path, device=device, dtype=dtype)
+        model = load_model(self.cfg.models[name].path)
+        self.fingerprints[name] = base_fingerprint(model)
+        return model.to(device=device, dtype=dtype)
+
+    def _chat_template(self, name: str) -> str | None:
+        """Base model `name`'s chat template: its checkpoint's own, else its `models:` entry's."""
+        spec = self.cfg.models[name]
+        own = read_chat_template(spec.path)
+        return own if own is not None or spec.chat_template is None else chat_template_source(spec.chat_template)
+
+    # ------------------------------------------------------------------------------------------- plumbing
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           kind="authentication_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read(self, request: Request, schema: type[Body]) -> Body:
+        """Authorize, then read at most max_body_bytes and validate; errors name the field."""
+        self._authorize(request)
+        return schema.parse(await read_body(request.stream(), self.cfg.max_body_bytes))
+
+    async def _served(self, name: str | None) -> tuple[str, ServedModel]:
+        """The named (or default) model or adapter, loaded on demand."""
+        name = name or self.cfg.default_model
+        if name not in self.cfg.models and name not in self.cfg.adapters:
+            known = ", ".join([*self.cfg.models, *self.cfg.adapters])
+            raise ApiError(404, f"model {name!r} is not served here; known: {known}", "model",
+                           kind="not_found_error", code="model_not_found")
+        try:
+            return name, await self.served(name)
+        except UserError as e:  # checked paths can still vanish, or a hub id be unreachable from the replica
+            raise ApiError(500, f"model {name!r} could not be loaded: {e}", "model", kind="server_error") from None
+
+    def _encode(self, prompt: Prompt) -> list[list[int]]:
+        """Token ids of each prompt: texts are encoded, ids taken as they are (the decoder checks them)."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if isinstance(prompt[0], int):
+            return [prompt]
+        return self.tokenizer.encode_batch(prompt) if isinstance(prompt[0], str) else prompt
+
+    def _prepare(self, body: SamplingRequest, served: ServedModel,
+                 prompt: Prompt) -> tuple[list[list[int]], GenerationConfig]:
+        """The encoded prompts and the generation settings, after every limit check (400 naming the field)."""
+        try:
+            encoded = self._encode(prompt)
+            for i, ids in enumerate(encoded):
+                if len(ids) > self.cfg.max_prompt_tokens:
+                    raise RequestError("prompt", f"prompt {i} has {len(ids)} tokens; the limit is "
+                                                 f"{self.cfg.max_prompt_tokens}")
+            cfg = body.generation_config(self.cfg.max_new_tokens, served.engine.context - max(map(len, encoded)))
+            if cfg.max_new_tokens > self.cfg.max_new_tokens:
+                raise RequestError("max_new_tokens", f"{cfg.max_new_tokens} is over the limit of "
+                                                     f"{self.cfg.max_new_tokens}")
+            if cfg.num_return_sequences > self.cfg.max_n:
+                raise RequestError("num_return_sequences", f"{cfg.num_return_sequences} is over the limit of "
+                                                           f"{self.cfg.max_n}")
+            served.engine.check(encoded, cfg)
+        except RequestError as e:
+            raise body.refusal(e) from None
+        return encoded, cfg
+
+    def _chat_prompt(self, body: ChatCompletionRequest, name: str, served: ServedModel) -> str:
+        """The conversation rendered by the request's template, else by the model's."""
+        template = body.chat_template or served.chat_template
+        if template is None:
+            raise ApiError(400, f"chat_template: model {name!r} has none. {NO_CHAT_TEMPLATE}", "chat_template")
+        try:
+            return render_chat(template, body.conversation(), **body.template_options())
+        except RequestError as e:
+            raise body.refusal(e) from None
+        except ChatTemplateError as e:  # a request's template that does not compile, or messages a template refuses
+            param = "chat_template" if body.chat_template else "messages"
+            raise ApiError(400, f"{param}: {e}", param) from None
+
+    async def _respond(self, served: ServedModel, encoded: list[list[int]], cfg: GenerationConfig, streamed: bool,
+                       responses: Responses) -> dict[str, Any] | StreamingResponse:
+        """Generate, then answer in `responses`' shape: whole, or as server-sent events while it generates."""
+        events = served.engine.generate(encoded, cfg, self.cfg.request_timeout_s, served.adapter)
+        transcript = Transcript(encoded, cfg.num_return_sequences)
+        if not streamed:
+            return responses.whole(await collect(events, transcript))
+        return StreamingResponse(stream(events, transcript, self.cfg.stream_interval_s, responses),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # ------------------------------------------------------------------------------------------- routes
+
+    async def forward(self, scope: dict[str, Any], body: bytes) -> AsyncIterator[dict[str, Any] | bytes]:
+        """`RuGPTRouter`'s call: run this replica's endpoints on a request the router has read; yield the
+        response's start (`{"status", "headers"}`), then its body as it comes. Cancelling the call (the client
+        left) cancels the endpoint, which drops the request's rows from the batch."""
+        messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        unread = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if unread:
+                return unread.pop()
+            await asyncio.Event().wait()  # a disconnect arrives as this call's cancellation instead
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            messages.put_nowait(message)
+
+        endpoint = asyncio.create_task(app(dict(scope), receive, send))
+        endpoint.add_done_callback(lambda _: messages.put_nowait(None))
+        try:
+            while (message := await messages.get()) is not None:
+                if message["type"] == "http.response.start":
+                    yield {"status": message["status"], "headers": [tuple(h) for h in message.get("headers", [])]}
+                elif message.get("body"):
+                    yield message["body"]
+        finally:
+            endpoint.cancel()
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/stats")
+    async def stats(self, request: Request) -> dict[str, Any]:
+        """Batching counters of the bases loaded in the replica that answers (see `EngineStats`), with the
+        adapters it keeps on each."""
+        self._authorize(request)
+        return {"models": {name: {**engine.stats.as_dict(), "adapters": engine.kept_adapters}
+                           for name, engine in list(self.engines.items())}}
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        """Models, then adapters; `parent` is an adapter's base (as vLLM lists LoRA adapters)."""
+        self._authorize(request)
+        parents = {**dict.fromkeys(self.cfg.models), **{name: a.base for name, a in self.cfg.adapters.items()}}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
+                                            "owned_by": "rugpt-ray", "parent": parent}
+                                           for name, parent in parents.items()]}
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        body: TokenizeRequest = await self._read(request, TokenizeRequest)
+        _, served = await self._served(body.model)
+        tokens = self.tokenizer.encode(body.prompt)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": served.engine.context}
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request) -> dict[str, str]:
+        body: DetokenizeRequest = await self._read(request, DetokenizeRequest)
+        await self._served(body.model)
+        vocab = len(self.tokenizer)
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"tokens: token id {bad} is not in the vocabulary (0..{vocab - 1})", "tokens")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request, model: str | None = None) -> dict[str, Any]:
+        """What a client needs to tokenize as the server does (vLLM's shape); `?model=` picks the context."""
+        self._authorize(request)
+        _, served = await self._served(model)
+        tok, context = self.tokenizer, served.engine.context
+        special = {"eos": tok.eos_id, "bos": tok.bos_id, "pad": tok.pad_id}
+        return {"tokenizer_class": "GPT2TokenizerFast", "vocab_size": len(tok), "model_max_length": context,
+                "max_model_len": context, "add_bos_token": False, "add_eos_token": False,
+                **{f"{kind}_token": tok.decode([token]) for kind, token in special.items()},
+                **{f"{kind}_token_id": token for kind, token in special.items()}}
+
+    @app.post("/generate", response_model=None)
+    async def generate(self, request: Request) -> dict[str, Any] | StreamingResponse:
+        body: GenerateRequest = await self._read(request, GenerateRequest)
+        name, served = await self._served(body.model)
+        encoded, cfg = self._prepare(body, served, body.prompt)
+        choices = Choices(self.tokenizer, encoded, cfg.num_return_sequences, body.echo, body.logprobs)
+        responses = GenerateResponses(name, choices, body.num_return_sequences)
+        return await self._respond(served, encoded, cfg, body.stream, responses)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(self, request: Request) -> dict[str, Any] | StreamingResponse:
+        body: CompletionRequest = await self._read(request, CompletionRequest)
+        name, served = await self._served(body.model)
+        encoded, cfg = self._prepare(body, served, body.prompt)
+        choices = Choices(self.tokenizer, encoded, cfg.num_return_sequences, body.echo, body.logprobs)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        responses = CompletionResponses(name, choices, body.n, include_usage)
+        return await self._respond(served, encoded, cfg, body.stream, responses)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(self, request: Request) -> dict[str, Any] | StreamingResponse:
+        body: ChatCompletionRequest = await self._read(request, ChatCompletionRequest)
+        name, served = await self._served(body.model)
+        encoded, cfg = self._prepare(body, served, self._chat_prompt(body, name, served))
+        choices = ChatChoices(self.tokenizer, encoded[0], body.n, body.alternatives)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        responses = ChatResponses(name, choices, body.n, body.echoed, include_usage)
+        return await self._respond(served, encoded, cfg, body.stream, responses)
