@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from rugpt_ray.chat import chat_template_source
+from rugpt_ray.cli import build_parser
 from rugpt_ray.data import DataConfig, format_summary, open_prepared, prepare_data
 from rugpt_ray.data.cache import mismatches
 from rugpt_ray.data.chat import CUT, TRUNCATED, WHOLE, fit_conversation, tokenize_chat_piece
@@ -167,6 +168,9 @@ def test_the_cache_fingerprint_covers_the_template(tmp_path):
         chat_template_for("rugpt3-chat", {"train": {"/d/t.txt": 1}})
     with pytest.raises(UserError, match="chat template 'nope': neither a built-in name"):
         chat_template_for("nope", inputs)
+    args = build_parser().parse_args(["prepare-data", "--inputs", "c.jsonl", "--tokenizer", "t", "--seq-len", "8",
+                                      "--out", "o", "--chat-template", str(other)])
+    assert args.chat_template == str(other)  # prepare-data's flag is DataConfig's field
 
 
 # --------------------------------------------------------------------------------------------- the loss
