@@ -426,7 +426,7 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def training_data_config(cfg: TrainConfig, run_dir: str):
+def training_data_config(cfg: TrainConfig, run_dir: str, tokenizer_path: str):
     """How the run's text or chat inputs are prepared into the run folder (reused on resume); None when
     train_data is a prepared folder."""
     from rugpt_ray.data import DataConfig
@@ -436,16 +436,16 @@ def training_data_config(cfg: TrainConfig, run_dir: str):
         return None
     as_list = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
     return DataConfig(inputs=as_list(train), valid=as_list(cfg.valid_data) if cfg.valid_data else [],
-                      tokenizer=cfg.tokenizer or default_tokenizer(), seq_len=cfg.seq_len, out=f"{run_dir}/data",
+                      tokenizer=tokenizer_path, seq_len=cfg.seq_len, out=f"{run_dir}/data",
                       seed=cfg.seed, chat_template=cfg.chat_template)
 
 
-def prepare_training_data(cfg: TrainConfig, run_dir: str):
+def prepare_training_data(cfg: TrainConfig, run_dir: str, tokenizer_path: str):
     """A prepared folder as it is (its chat template must be the recipe's, if the recipe names one), or the inputs
     prepared once into the run folder."""
     from rugpt_ray.data import open_prepared, prepare_data
 
-    data_cfg = training_data_config(cfg, run_dir)
+    data_cfg = training_data_config(cfg, run_dir, tokenizer_path)
     if data_cfg is not None:
         return open_prepared(prepare_data(data_cfg, progress=False)["out"], seq_len=cfg.seq_len)
     if cfg.valid_data is not None:
@@ -480,14 +480,15 @@ def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None) -> TrainR
     plan = cfg if isinstance(cfg, TrainPlan) else check_train_config(cfg)
     cfg = plan.config
     run_dir = run_folder(cfg)
-    data_cfg = training_data_config(cfg, run_dir)
+    tokenizer_path = cfg.tokenizer or default_tokenizer()
+    data_cfg = training_data_config(cfg, run_dir, tokenizer_path)
     if data_cfg is not None:
         check_inputs(data_cfg)  # every missing path, mixed chat and text, a bad template: one error before Ray
 
     start_ray()
     if cfg.log_level != "debug":  # Ray Data's INFO lines ("Dataset ... execution finished") on the driver
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-    prepared = prepare_training_data(cfg, run_dir)
+    prepared = prepare_training_data(cfg, run_dir, tokenizer_path)
     ingest = train_ingest(prepared, cfg.num_workers, seed=cfg.seed, splits=["train"])
     valid_rows = cfg.eval_iters * cfg.micro_batch * cfg.num_workers
     valid_blocks = prepared.head("valid", valid_rows) if "valid" in prepared.splits else None
