@@ -9,7 +9,17 @@ from transformers import GPT2LMHeadModel
 from rugpt_ray.checkpoints import export_hf
 from rugpt_ray.config import ModelConfig, preset
 from rugpt_ray.errors import UserError
-from rugpt_ray.generation import GenerationConfig, adjust_logits, choose_tokens, generate, stream
+from rugpt_ray.generation import (
+    GenerationConfig,
+    LogitBias,
+    OutputPenalties,
+    RepetitionPenalty,
+    Row,
+    SequenceState,
+    choose_tokens,
+    generate,
+    stream,
+)
 
 DENSE = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=50257)
 PROMPTS = ["Мороз и солнце; день чудесный!", "Все счастливые семьи похожи друг на друга, каждая"]
@@ -278,7 +288,11 @@ def test_penalties_and_logit_bias_equal_the_reference():
             GenerationConfig(frequency_penalty=0.7, logit_bias={3: 5.0, 7: -100.0}),
             GenerationConfig(repetition_penalty=0.8, frequency_penalty=-0.4, presence_penalty=1.5, logit_bias={9: 2}),
             GenerationConfig()]
-    ours = adjust_logits(logits.clone(), cfgs, histories, prompt_lengths)
+    rows = [Row(None, cfg, SequenceState(0, cfg), history[:n].tolist(), None, history, len(history))
+            for cfg, history, n in zip(cfgs, histories, prompt_lengths, strict=True)]
+    ours = logits.clone()
+    for processor in (LogitBias(), RepetitionPenalty(), OutputPenalties()):
+        processor.apply(ours, rows)
     for r, cfg in enumerate(cfgs):
         want = logits[r].clone()
         for token, value in cfg.logit_bias.items():
