@@ -2,7 +2,8 @@
 
 A `Constraint` is what a request asks its output to be, compiled by llguidance against our tokenizer's token table:
 
-- `json`: a JSON schema (a dict, or its JSON text); objects get no properties beyond the schema's.
+- `json`: a JSON schema (a dict, or its JSON text), with JSON Schema's defaults: an object may have properties
+  beyond the schema's unless it says `additionalProperties: false` (as OpenAI's strict schemas do).
 - `json_object`: any JSON object (OpenAI's `json_object` mode; the spec is None).
 - `regex`: the whole output matches the regex (Rust `regex` syntax).
 - `choice`: the output is one of a list of strings.
@@ -51,7 +52,7 @@ indent)."""
 COMPILE_TIME_LIMIT = 5.0
 """Seconds a request waits for its grammar by default (typical schemas compile in about a millisecond)."""
 CACHE_ENTRIES = 512
-"""Compiled grammars kept (each a few hundred kB at most; see benchmarks/structured_cpu.py)."""
+"""Compiled grammars kept (about 100 KiB each for the test schemas: benchmarks/structured_cpu.py)."""
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,10 @@ class Matcher:
         return self._matcher.is_stopped()
 
 
-def blocked_tokens(bitmask: Tensor, rows: int) -> Tensor:
-    """The (n, rows) bool mask of the tokens an int32 (n, ceil(rows / 32)) bitmask does not allow (bit j of word w
-    is token 32 w + j)."""
-    bits = np.unpackbits((~bitmask).numpy().view(np.uint8), axis=1, count=rows, bitorder="little")
+def blocked_tokens(bitmask: Tensor, vocab_rows: int) -> Tensor:
+    """The (n, vocab_rows) bool mask of the tokens an int32 (n, ceil(vocab_rows / 32)) bitmask does not allow (bit j
+    of word w is token 32 w + j; the words' bytes in little-endian order, as on x86 and ARM)."""
+    bits = np.unpackbits((~bitmask).numpy().view(np.uint8), axis=1, count=vocab_rows, bitorder="little")
     return torch.from_numpy(bits).view(torch.bool)
 
 
@@ -116,11 +117,6 @@ def compile_constraint(kind: str, spec: object, tokenizer: RuGPTTokenizer, vocab
         return future.result(timeout=time_limit)
     except FutureTimeout:
         raise RequestError(kind, f"the grammar did not compile within the time limit ({time_limit:g} s)") from None
-
-
-def cache_entries() -> int:
-    """Grammars compiled (or compiling) in the cache."""
-    return len(_cache)
 
 
 _lock = threading.Lock()

@@ -3,6 +3,7 @@ model sampling at temperature 1, mixed with unconstrained rows and with adapters
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
@@ -156,6 +157,22 @@ def test_a_grammar_that_allows_only_eos_beats_min_new_tokens(model, tokenizer):
     assert re.fullmatch("[0-9]+", more.text) and len(more.token_ids) >= 6
 
 
+def test_logprobs_of_constrained_rows_are_the_raw_models(model, tokenizer):
+    cfg = GenerationConfig(max_new_tokens=10, greedy=True, logprobs=2)
+    out = generate(model, tokenizer, "Ответ:", cfg, constrain("regex", "[0-9]{8}", tokenizer))[0]
+    assert out.finish_reason == "stop" and re.fullmatch("[0-9]{8}", out.text)
+    ids = torch.tensor([tokenizer.encode("Ответ:")])
+    with torch.no_grad():
+        for entry in out.logprobs:
+            raw = model(ids)[0][0, -1].float()
+            raw[len(tokenizer):] = float("-inf")
+            raw = raw.log_softmax(-1)
+            assert entry.logprob == pytest.approx(float(raw[entry.token_id]), abs=1e-4)
+            assert [token for token, _ in entry.top] == raw.topk(2).indices.tolist()
+            ids = torch.cat([ids, torch.tensor([[entry.token_id]])], 1)
+    assert any(entry.token_id != entry.top[0][0] for entry in out.logprobs)  # the grammar overruled the model
+
+
 def test_unconstrained_rows_are_bit_equal_with_constrained_rows_in_their_steps(model, tokenizer):
     cfgs = [GenerationConfig(max_new_tokens=30, temperature=1.0, seed=6, logprobs=2),
             GenerationConfig(max_new_tokens=30, top_k=40, repetition_penalty=1.3, seed=7, logprobs=2)]
@@ -228,9 +245,11 @@ def test_a_compile_past_the_time_limit_is_a_request_error(tokenizer):
         constrain("json", schema, tokenizer, time_limit=0)
 
 
-def test_compiled_once_per_spec_and_rows_and_checked_against_the_decoder(model, tokenizer):
+def test_compiled_once_per_spec_and_rows_from_any_thread_and_checked_against_the_decoder(model, tokenizer):
     regex = r"[0-9]{2}"
-    assert constrain("regex", regex, tokenizer) is constrain("regex", regex, tokenizer)
+    with ThreadPoolExecutor(8) as pool:  # the serving engine compiles in threads, off its event loop
+        compiled = list(pool.map(lambda _: constrain("regex", regex, tokenizer), range(16)))
+    assert all(c is compiled[0] for c in compiled) and constrain("regex", regex, tokenizer) is compiled[0]
     other_rows = compile_constraint("regex", regex, tokenizer, 50257)
     assert other_rows is not constrain("regex", regex, tokenizer)
     decoder = Decoder(model, tokenizer, slots=2)
