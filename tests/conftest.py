@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from polling import bare_sleeps
 from ports import free_port
 
 from rugpt_ray.tokenizer import RuGPTTokenizer, load_tokenizer
@@ -24,12 +25,22 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 
+# Serving tests wait for states, not for time: a sleep in these modules must be inside a `while` (polling.poll).
+POLLING_ONLY = ("test_serving*.py", "test_chat_serving.py", "test_engine.py")
+
+
 @pytest.hookimpl(trylast=True)  # after xdist's own, which adds each test's xdist_group to its id
 def pytest_collection_modifyitems(config, items) -> None:
     """`make test-fast` (-m "not slow") must start no Ray: a test that uses the shared Ray is marked slow.
     Long tests run first, then the other slow ones, so that under xdist (`make test`) the long ones overlap instead
     of ending the run alone. Under `--dist loadgroup`, a test whose xdist_group did not reach its id would start
-    its group's server again on another worker: that is refused (pytest 9.2 breaks it, pytest-xdist#1386)."""
+    its group's server again on another worker: that is refused (pytest 9.2 breaks it, pytest-xdist#1386).
+    A sleep outside a `while` loop in a serving test module (POLLING_ONLY) is refused: wait with `polling.poll`."""
+    modules = {item.path for item in items if any(item.path.match(pattern) for pattern in POLLING_ONLY)}
+    sleeps = [place for path in sorted(modules) for place in bare_sleeps(path)]
+    if sleeps:
+        raise pytest.UsageError(f"a fixed sleep in a serving test ({', '.join(sleeps)}): its assertion would depend on "
+                                "the machine's speed; wait for the state with polling.poll(predicate, timeout, what)")
     unmarked = [item.nodeid for item in items
                 if "ray_local" in item.fixturenames and not item.get_closest_marker("slow")]
     if unmarked:

@@ -13,7 +13,9 @@ import httpx
 import pytest
 import torch
 import yaml
+from polling import poll
 from ports import free_port
+from reference_decoding import reference_decode
 
 from rugpt_ray.checkpoints import load_model, save_native
 from rugpt_ray.config import ModelConfig, preset
@@ -21,6 +23,7 @@ from rugpt_ray.evaluation import perplexity
 from rugpt_ray.generation import GenerationConfig, generate
 from rugpt_ray.lora import apply_adapter, load_adapter
 from rugpt_ray.serving import ServeConfig
+from rugpt_ray.serving.engine import STEP_PAUSE_ENV
 
 # the tests here start Ray Serve (the serve config check rides along); one xdist worker runs them all, on one app
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serving")]
@@ -246,22 +249,12 @@ def test_loglikelihood_request_as_lm_eval_sends_it(server, local_models, tokeniz
 
 def reference_greedy(model, tokenizer, ids: list[int], steps: int, presence: float, frequency: float,
                      bias: dict[int, float]) -> tuple[list[int], list[float]]:
-    """Greedy decoding with OpenAI's formulas written out: logit + bias - frequency * count - presence * (count > 0);
-    also the raw log-probability of each chosen token."""
-    out, raw = [], []
-    for _ in range(steps):
-        with torch.no_grad():
-            logits = model(torch.tensor([ids + out]))[0][0, -1].float()
-        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
-        adjusted = logits - frequency * counts - presence * (counts > 0).float()
-        for token, value in bias.items():
-            adjusted[token] += value
-        token = adjusted.argmax().item()
-        if token == tokenizer.eos_id:
-            break
-        out.append(token)
-        raw.append(logits.log_softmax(-1)[token].item())
-    return out, raw
+    """Greedy decoding with OpenAI's formulas written out (reference_decoding): logit + bias - frequency * count -
+    presence * (count > 0); also the raw log-probability of each chosen token."""
+    ref = reference_decode(model, tokenizer, ids, GenerationConfig(max_new_tokens=steps, greedy=True,
+                                                                   presence_penalty=presence,
+                                                                   frequency_penalty=frequency, logit_bias=bias))
+    return ref.token_ids, ref.logprobs
 
 
 def test_penalties_and_logit_bias_follow_the_formulas_and_logprobs_stay_raw(server, local_models, tokenizer):
@@ -280,6 +273,55 @@ def test_penalties_and_logit_bias_follow_the_formulas_and_logprobs_stay_raw(serv
     unpenalized = server.post("/v1/completions", json={"model": "dense", "prompt": PROMPTS[1], "max_tokens": 24,
                                                        "temperature": 0}).json()["choices"][0]["text"]
     assert unpenalized != choice["text"]
+
+
+SAMPLED = {  # each sampling path of the decoder, with every penalty and a bias; (prompts, n) decide the row indices
+    "top-k then top-p": (PROMPTS, 2, dict(temperature=0.9, top_k=30, top_p=0.85, repetition_penalty=1.3,
+                                          presence_penalty=0.4, frequency_penalty=0.6, logit_bias={1234: 4.0})),
+    "top-p alone (rejection draws)": (PROMPTS[1:], 2, dict(temperature=1.1, top_p=0.8, repetition_penalty=0.9,
+                                                            frequency_penalty=1.0, logit_bias={1234: 2.0, 2: -100.0})),
+    "all tokens": (PROMPTS[:1], 2, dict(temperature=0.7, presence_penalty=-0.5, frequency_penalty=0.3,
+                                        logit_bias={1234: 3.0})),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLED))
+def test_sampled_penalized_requests_follow_the_formulas_and_the_rows_draws(server, local_models, tokenizer, name):
+    """Seeded, n=2: each choice is what the textbook computation (reference_decoding: a full forward per token,
+    the formulas, `test_generation.reference_token`'s draw) gives on that sequence's own stream of draws."""
+    prompts, n, settings = SAMPLED[name]
+    body = {"model": "dense", "prompt": prompts, "max_tokens": 12, "n": n, "seed": 21, "logprobs": 0,
+            **settings, "logit_bias": {str(k): v for k, v in settings["logit_bias"].items()}}
+    r = server.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    cfg = GenerationConfig(max_new_tokens=12, num_return_sequences=n, seed=21, **settings)
+    want = [reference_decode(local_models["dense"], tokenizer, tokenizer.encode(prompts[row // n]), cfg, row)
+            for row in range(len(prompts) * n)]
+    assert [c["text"] for c in choices] == [w.text for w in want]
+    assert [c["finish_reason"] for c in choices] == [w.finish_reason for w in want]
+    for choice, w in zip(choices, want, strict=True):  # raw log-probabilities, before every adjustment
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx(w.logprobs, abs=1e-4)
+    assert r.json()["usage"]["completion_tokens"] == sum(len(w.token_ids) for w in want)
+    assert len({w.text for w in want}) == len(want)  # each sequence has its own stream of draws
+
+
+def test_top_k_minus_one_means_all_tokens(server, local_models, tokenizer):
+    """vLLM's `top_k: -1` samples from every token: the same text as top_k 0 (and as no top_k) for the seed, and
+    what the reference draws over the whole vocabulary give; a small top_k gives another text."""
+    body = {"model": "dense", "prompt": PROMPTS[0], "max_tokens": 16, "seed": 8, "ignore_eos": True}
+
+    def text(**extra) -> str:
+        r = server.post("/v1/completions", json={**body, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    every = text(top_k=-1)
+    assert every == text(top_k=0) == text()
+    want = reference_decode(local_models["dense"], tokenizer, tokenizer.encode(PROMPTS[0]),
+                            GenerationConfig(max_new_tokens=16, seed=8, ignore_eos=True))
+    assert every == want.text
+    assert text(top_k=2) != every
 
 
 def test_openai_defaults_nulls_best_of_and_stop_tokens(server, local_models, tokenizer):
@@ -485,9 +527,12 @@ def test_client_disconnect_stops_generation_and_frees_the_slot(server):
             events += line.startswith("data:")
             if events == 3:
                 break  # leaving the block closes the connection mid-stream
-    deadline = time.monotonic() + 20
-    while (now := stats(server, "dense"))["active_requests"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+
+    def settled() -> dict | None:
+        now = stats(server, "dense")
+        return now if now["active_requests"] == 0 else None
+
+    now = poll(settled, 20, "the cancelled request to leave the batch", interval=0.1)
     assert now["active_requests"] == 0 and now["active_rows"] == 0
     assert now["cancelled_requests"] == before["cancelled_requests"] + 1
     assert now["tokens"] - before["tokens"] < 1000
@@ -611,12 +656,12 @@ def test_metrics_reach_rays_prometheus_endpoint(server, ray_metrics_port, tokeni
         r = server.post("/v1/completions", json={"model": "tiny2", "prompt": PROMPTS[1], "max_tokens": 20,
                                                  "seed": seed, "ignore_eos": True})
         assert r.json()["usage"]["completion_tokens"] == 20
-    deadline = time.monotonic() + 60  # Ray exports every 10 s, and the scrape sees it a little later
-    while time.monotonic() < deadline:
-        generated = scrape(ray_metrics_port, "rugpt_generation_tokens", "tiny2")
-        if generated.get("_total", 0) >= 60:
-            break
-        time.sleep(1)
+
+    def exported() -> dict[str, float] | None:
+        samples = scrape(ray_metrics_port, "rugpt_generation_tokens", "tiny2")
+        return samples if samples.get("_total", 0) >= 60 else None
+
+    generated = poll(exported, 60, "tiny2's 60 tokens on Ray's metrics endpoint (exported every 10 s)", interval=1)
     assert generated["_total"] >= 60, generated
     assert scrape(ray_metrics_port, "rugpt_prompt_tokens", "tiny2")["_total"] >= 3 * prompt_tokens
     ttft = scrape(ray_metrics_port, "rugpt_time_to_first_token_seconds", "tiny2")
@@ -666,23 +711,37 @@ def test_requests_go_to_a_replica_that_has_their_model_with_no_header(routed, ra
     """First on the app: nothing but the default model is loaded yet (concurrent first requests for one model may
     load it on both replicas, as the next test's do)."""
     names = ["tiny2", "a1", "a2", "tiny"]
+
+    def picked_holds(name: str) -> bool:
+        """Whether the replica Serve's router picks for `name` has it: a GET /stats naming it is routed as a request
+        for it is, and loads nothing."""
+        loaded = routed.get("/stats", params={"model": name}).json()["models"]
+        return name in loaded or any(name in model["adapters"] for model in loaded.values())
+
+    def routers_know() -> bool:
+        """A router that does not know yet picks one of the replicas holding the fewest models: ten right picks
+        in a row for each name."""
+        return all(picked_holds(name) for name in names[:3] for _ in range(10))
+
+    generated = 0
     for rounds in range(3):
         for name in names:
             r = routed.post("/v1/completions", json={"model": name, "prompt": PROMPTS[1], "max_tokens": 2})
             assert r.status_code == 200 and r.json()["model"] == name, r.text
-        if rounds == 0:
-            time.sleep(8)  # replicas tell Serve's routers what they hold through the controller (< 1 s when idle)
+            generated += r.json()["usage"]["completion_tokens"]
+        if rounds == 0:  # replicas tell Serve's routers what they hold through the controller (< 1 s when idle)
+            poll(routers_know, 60, "Serve's routers to send each model's requests to the replica holding it")
 
-    def loads() -> dict[str, float]:
-        return {name: scrape(ray_metrics_port, "rugpt_model_loads", name, "routed").get("_total", 0.0)
-                for name in names}
+    def scraped(family: str, model: str) -> float:
+        return scrape(ray_metrics_port, family, model, "routed").get("_total", 0.0)
 
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not all(loads().values()):
-        time.sleep(1)
-    time.sleep(11)  # one more export (every 10 s): nothing is still on its way
+    # Ray exports each replica's metrics every 10 s, all of a process's at once: once every generated token shows
+    # (counted when a request ends, after any load it caused), so does every load
+    poll(lambda: sum(scraped("rugpt_generation_tokens", base) for base in ("tiny", "tiny2")) >= generated, 60,
+         f"the app's {generated} generated tokens on Ray's metrics endpoint")
+    assert sum(scraped("rugpt_generation_tokens", base) for base in ("tiny", "tiny2")) == generated
     # each name loaded once over both replicas; tiny twice: each replica starts with its default model loaded
-    assert loads() == {"tiny2": 1, "a1": 1, "a2": 1, "tiny": 2}
+    assert {name: scraped("rugpt_model_loads", name) for name in names} == {"tiny2": 1, "a1": 1, "a2": 1, "tiny": 2}
 
 
 def test_adapters_and_their_base_answer_side_by_side_as_generate_does(routed, checkpoints, adapters, tokenizer):
@@ -739,13 +798,21 @@ def test_serve_run_local_yaml(tmp_path, checkpoints, data_dir):
                        json={"model": "demo", "prompt": "Пушкин родился в", "max_tokens": 5}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["model"] == "demo" and r.json()["usage"]["completion_tokens"] == 5
-        body = {"model": "demo", "prompt": "Пушкин родился в", "max_tokens": 48, "seed": 5}
+        body = {"model": "demo", "prompt": "Пушкин родился в", "max_tokens": 48, "seed": 5, "logprobs": 0}
         plain = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json={**body, "stream": True},
                           timeout=60) as r:
-            chunks = sse(r)[:-1]
-        assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
-        assert len(chunks) < plain["usage"]["completion_tokens"]  # stream_interval_s merged tokens into chunks
+            chunks = [c["choices"][0] for c in sse(r)[:-1]]
+        (whole,) = plain["choices"]
+        assert "".join(c["text"] for c in chunks) == whole["text"]
+        # stream_interval_s (0.05 in local.yaml) merges tokens into chunks; how many depends on the machine's
+        # speed (test_engine tests the rule on a scripted clock), what holds on any machine: every token is in
+        # exactly one chunk, in order; a chunk has text or the end (held-back text waits); only the last ends
+        assert [t for c in chunks for t in c["logprobs"]["tokens"]] == whole["logprobs"]["tokens"]
+        assert [v for c in chunks for v in c["logprobs"]["token_logprobs"]] == whole["logprobs"]["token_logprobs"]
+        assert 1 <= len(chunks) <= plain["usage"]["completion_tokens"] + 1  # + an EOS-only end
+        assert all(c["text"] or c["finish_reason"] for c in chunks)
+        assert [c["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [whole["finish_reason"]]
         chat = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
             "model": "demo", "messages": [{"role": "user", "content": "Привет"}], "max_tokens": 5})
         assert chat.status_code == 200 and chat.json()["object"] == "chat.completion", chat.text  # its template
@@ -757,7 +824,10 @@ def test_cli_serve_with_api_key_timeout_and_clean_shutdown(checkpoints, adapters
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     code = "import sys; from rugpt_ray.cli import main; sys.exit(main(sys.argv[1:]))"
-    env = {**os.environ, "RUGPT_TEST_API_KEY": "s3cret"}
+    # every decode step of the server's engines is followed by a 10 ms pause (the engine's test seam, inherited by
+    # the replicas): the 1000-token request below takes 1000 steps, so at least 10 s, and cannot end before its
+    # 1 s timeout however fast the machine is; the 4-token requests take 40 ms more
+    env = {**os.environ, "RUGPT_TEST_API_KEY": "s3cret", STEP_PAUSE_ENV: "0.01"}
     proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(checkpoints["tiny"]),
                              "--model", f"dense={checkpoints['dense']}", "--adapter", str(adapters["a1"]),
                              "--tokenizer", str(data_dir / "tokenizer"),
@@ -779,7 +849,7 @@ def test_cli_serve_with_api_key_timeout_and_clean_shutdown(checkpoints, adapters
         # a bare path is named after its folder; adapters run on the first model
         assert [(m["id"], m["parent"]) for m in models["data"]] == [("tiny", None), ("dense", None), ("a1", "tiny")]
 
-        slow = {"prompt": "Привет", "model": "dense", "max_tokens": 1000, "n": 3}
+        slow = {"prompt": "Привет", "model": "dense", "max_tokens": 1000, "n": 3, "ignore_eos": True}  # 1000 steps
         r = httpx.post(f"{base}/v1/completions", json=slow, headers=auth, timeout=60)
         assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
         with httpx.stream("POST", f"{base}/v1/completions", json={**slow, "stream": True}, headers=auth,

@@ -15,6 +15,7 @@ requests and streams tokens while a step computes.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import deque
@@ -29,6 +30,11 @@ from rugpt_ray.tokenizer import RuGPTTokenizer
 
 if TYPE_CHECKING:  # the metrics need Ray; the engine runs without it
     from rugpt_ray.serving.metrics import EngineMetrics
+
+STEP_PAUSE_ENV = "RUGPT_TEST_ENGINE_STEP_PAUSE_S"
+"""A test seam, no setting: seconds the worker thread waits after each decode step (unset: none), read when an engine
+starts. With it a test can send a request that cannot end before its timeout however fast the machine is (a
+request of N tokens takes N steps, so at least N pauses); nothing in the package sets it."""
 
 
 @dataclass
@@ -113,6 +119,7 @@ class BatchEngine:
         self._arriving: list[tuple[str, Adapter, asyncio.Future]] = []  # adapters to put in at the next step
         self._worker: threading.Thread | None = None
         self._jobs: list[_Job] = []  # admitted, touched by the worker thread only
+        self._step_pause_s = float(os.environ.get(STEP_PAUSE_ENV) or 0)
 
     @property
     def context(self) -> int:
@@ -233,6 +240,8 @@ class BatchEngine:
                 self.decoder.clear()
                 continue
             _deliver([(job, item) for job, events, done in results for item in ([events, None] if done else [events])])
+            if self._step_pause_s:
+                time.sleep(self._step_pause_s)
 
     def _add_adapters(self, arriving: list[tuple[str, Adapter, asyncio.Future]]) -> None:
         """Put arriving adapters into the model and tell their holders (or hand them the error)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from rugpt_ray.generation import TokenEvent, Transcript
@@ -48,15 +48,16 @@ async def collect(events: AsyncIterator[list[TokenEvent]], transcript: Transcrip
 
 
 async def stream(events: AsyncIterator[list[TokenEvent]], transcript: Transcript, interval_s: float,
-                 responses: Responses) -> AsyncIterator[str]:
+                 responses: Responses, clock: Callable[[], float] | None = None) -> AsyncIterator[str]:
     """SSE text: `responses.opening()`, a chunk per sequence with new text or an end, then `responses.closing()`.
 
     Tokens go out as they come; those that arrive within `interval_s` of the last send (or together, when the
     client reads slower than the model writes) are merged into one chunk per sequence. Events whose text is still
     held back (a possible stop string, half a character) wait for the next chunk. A failure after the first byte
-    ends the stream with an `{"error": ...}` event: the status line is gone.
+    ends the stream with an `{"error": ...}` event: the status line is gone. `clock` (seconds; the event loop's
+    by default) is what `interval_s` is measured on.
     """
-    loop, pending, sent = asyncio.get_running_loop(), {}, float("-inf")
+    clock, pending, sent = clock or asyncio.get_running_loop().time, {}, float("-inf")
 
     def flush() -> str:
         ready = [row for row, waiting in pending.items() if any(e.text or e.finish_reason for e in waiting)]
@@ -69,9 +70,9 @@ async def stream(events: AsyncIterator[list[TokenEvent]], transcript: Transcript
             transcript.add(step)
             for e in step:
                 pending.setdefault(e.index, []).append(e)
-            if loop.time() - sent >= interval_s and (text := flush()):
+            if clock() - sent >= interval_s and (text := flush()):
                 yield text
-                sent = loop.time()
+                sent = clock()
         if text := flush():
             yield text
     except TimeoutError as e:
