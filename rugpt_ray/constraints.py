@@ -39,7 +39,6 @@ from functools import cache
 import llguidance
 import numpy as np
 import torch
-from llguidance.torch import fill_next_token_bitmask
 from torch import Tensor
 
 from rugpt_ray.generation_config import RequestError
@@ -76,8 +75,12 @@ class Matcher:
         self._matcher = matcher
 
     def fill(self, bitmask: Tensor, index: int) -> None:
-        """Write the allowed next tokens into row `index` of an int32 (rows, ceil(V / 32)) bitmask."""
-        fill_next_token_bitmask(self._matcher, bitmask, index)
+        """Write the allowed next tokens into row `index` of a CPU int32 (rows, ceil(V / 32)) bitmask.
+
+        Through the pointer, as `llguidance.torch.fill_next_token_bitmask` does: importing that module costs 3.6 s
+        (it compiles its apply function with torch.compile, which we do not use)."""
+        row = bitmask[index]
+        self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
 
     def accept(self, token: int) -> None:
         if not self._matcher.consume_token(token):  # only allowed tokens are ever drawn
