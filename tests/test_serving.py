@@ -132,7 +132,7 @@ def test_health_models_and_stats(server):
     assert "tiny" in server.get("/stats").json()["models"]  # the default model is loaded before traffic
 
 
-def test_generate_equals_direct_generation(server, direct, tokenizer):
+def test_generate_equals_direct_generation(server, direct, local_models, tokenizer):
     body = {"prompt": PROMPTS, "max_new_tokens": 20, "temperature": 0.8, "top_k": 40, "top_p": 0.9,
             "repetition_penalty": 1.2, "num_return_sequences": 2, "seed": 7, "stop": ["ие"]}
     r = server.post("/generate", json=body)
@@ -141,6 +141,12 @@ def test_generate_equals_direct_generation(server, direct, tokenizer):
     cfg = GenerationConfig(max_new_tokens=20, temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.2,
                            num_return_sequences=2, seed=7, stop=["ие"])
     assert [c["text"] for c in out["completions"]] == direct("tiny", PROMPTS, cfg)
+    # and not only the same decoder agreeing with itself: the textbook computation on each sequence's own draws
+    # (reference_decoding), its stop string included
+    want = [reference_decode(local_models["tiny"], tokenizer, tokenizer.encode(PROMPTS[row // 2]), cfg, row)
+            for row in range(4)]
+    assert [(c["text"], c["finish_reason"], c["completion_tokens"]) for c in out["completions"]] == \
+        [(w.text, w.finish_reason, len(w.token_ids)) for w in want]
     assert [c["prompt_index"] for c in out["completions"]] == [0, 0, 1, 1]
     assert out["model"] == "tiny"
     prompt_tokens = sum(len(tokenizer.encode(p)) for p in PROMPTS)
