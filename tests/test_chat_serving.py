@@ -3,6 +3,8 @@ its template renders, whichever way the template comes (the checkpoint's, the Se
 adapter's), streamed or not; bad requests are 400s naming the field; real chat clients work against it."""
 
 import json
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -180,6 +182,25 @@ def test_templates_come_from_the_checkpoint_the_config_the_request_or_the_adapte
                                        "chat template is no longer allowed, so you must provide a chat template if "
                                        "the tokenizer does not define one.")
     assert "`models:`" in error["message"] and "rugpt3-chat" in error["message"]
+
+
+@pytest.mark.parametrize("flags, sampling", [
+    (["--greedy"], {"temperature": 0}), (["--temperature", "0.8", "--seed", "5"], {"temperature": 0.8, "seed": 5})])
+def test_an_adapter_answers_as_the_command_line_does_on_its_merged_export(server, checkpoints, data_dir, tmp_path,
+                                                                         flags, sampling):
+    """The served adapter (unmerged: its rows go through the per-row LoRA layers) against `rugpt-ray generate` on
+    `rugpt-ray export --merge`, for the conversation the adapter's own template renders."""
+    cli = [sys.executable, "-m", "rugpt_ray.cli"]
+    merged = tmp_path / "merged"
+    subprocess.run([*cli, "export", str(checkpoints["tuned"]), str(merged), "--merge"], check=True, timeout=300)
+    assert (merged / CHAT_TEMPLATE_FILE).read_text() == ADAPTERS_OWN  # the merge keeps the adapter's template
+    prompt = render_chat(ADAPTERS_OWN, CHAT, add_generation_prompt=True)
+    served = chat(server, model="tuned", max_completion_tokens=12, **sampling)["choices"][0]["message"]["content"]
+    out = subprocess.run([*cli, "generate", "--model", str(merged), "--tokenizer", str(data_dir / "tokenizer"),
+                          "--prompt", prompt, "--max-new-tokens", "12", *flags],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert served and out.stdout == prompt + served + "\n"
 
 
 def test_continue_final_message_and_echo(server, models, tokenizer):
