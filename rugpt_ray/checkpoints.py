@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from rugpt_ray.chat import CHAT_TEMPLATE_FILE
 from rugpt_ray.config import CHECKPOINT_FORMATS, ModelConfig, check_preset
-from rugpt_ray.errors import UserError
+from rugpt_ray.errors import UserError, cause_line
 from rugpt_ray.model import GPT
 
 NATIVE_FORMAT = "rugpt-ray"
@@ -139,25 +139,66 @@ def safe_torch_load(path: Path) -> Any:
             allowed.append(getattr(mod, attr))
         except (ImportError, AttributeError):
             continue
-    try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(allowed):
-            warnings.simplefilter("ignore")  # numpy.core deprecation noise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
-            raise UserError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from e
+    with warnings.catch_warnings(), torch.serialization.safe_globals(allowed):
+        warnings.simplefilter("ignore")  # numpy.core deprecation noise
         try:
-            extra = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:
-            extra = ["(unknown)"]
-        raise UserError(f"{path}: refused: it needs arbitrary Python objects to load ({', '.join(extra)}), "
-                        "and only weights_only=True loading is allowed; re-save its state dict alone") from e
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            unsafe = _unsafe_globals(path, e)
+            if not unsafe:  # a truncated or corrupt file, not a refusal: what torch said
+                raise UserError(f"{path}: cannot be read as a torch checkpoint ({_torch_said(e)})") from e
+            raise UserError(f"{path}: refused: it needs arbitrary Python objects to load ({', '.join(unsafe)}), "
+                            "and only weights_only=True loading is allowed; re-save its state dict alone") from e
+
+
+def _unsafe_globals(path: Path, error: Exception) -> list[str]:
+    """The globals outside the allowlist that `error` (torch's weights_only refusal) is about, or [] when it is not
+    a refusal. A zip checkpoint is disassembled to list them; in the legacy format a truncated file can stop the
+    unpickler inside a global's name ("Unsupported global: GLOBAL colle."), so a name counts only if it can name
+    an object: dotted identifiers, the attribute present where its module imports here."""
+    named = re.findall(r"Unsupported global: GLOBAL (\S+) was not an allowed global", str(error))
+    if not named:
+        return []
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # the legacy (non-zip) format
+        return [name for name in named if _names_a_global(name)]
+
+
+def _names_a_global(name: str) -> bool:
+    module, _, attr = name.rpartition(".")
+    if not module or not all(part.isidentifier() for part in name.split(".")):
+        return False
+    try:
+        found = __import__(module, fromlist=[attr])
+    except ImportError:
+        return True  # a class of a package not installed here (the seed's megatron): still code, still refused
+    return hasattr(found, attr)
+
+
+def _torch_said(error: Exception) -> str:
+    """torch's own words in one line: the unpickler's error alone where torch wraps it in weights_only advice."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    inner = re.search(r"WeightsUnpickler error: (.*?)(?:\n\n|$)", text, re.S)
+    text = " ".join((inner.group(1) if inner else text).split())
+    if isinstance(error, EOFError) and not text:
+        text = "the file ends too early"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def safe_load_file(path: Path) -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file`, a damaged file (truncated, not safetensors) reported with what safetensors said
+    and the file."""
+    try:
+        return load_file(path)
+    except Exception as e:  # SafetensorError (truncated, bad header) or OSError
+        raise UserError(f"{path}: cannot be read as safetensors ({cause_line(e)})") from e
 
 
 # --------------------------------------------------------------------------------------------- reading
 
 def _hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    for index_name, reader in (("model.safetensors.index.json", load_file),
+    for index_name, reader in (("model.safetensors.index.json", safe_load_file),
                                ("pytorch_model.bin.index.json", safe_torch_load)):
         if (folder / index_name).is_file():
             shards = sorted(set(_read_json(folder / index_name)["weight_map"].values()))
@@ -166,7 +207,7 @@ def _hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
                 sd.update(reader(folder / shard))
             return sd
     if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors")
+        return safe_load_file(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").is_file():
         return safe_torch_load(folder / "pytorch_model.bin")
     raise UserError(f"{folder}: HF folder without model.safetensors or pytorch_model.bin")
@@ -251,7 +292,7 @@ def _from_megatron(path: Path, where: str) -> tuple[dict[str, Any], dict[str, to
 
 def _from_native(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     meta = _read_json(folder / "config.json")
-    return meta["model"], load_file(folder / "model.safetensors")
+    return meta["model"], safe_load_file(folder / "model.safetensors")
 
 
 # --------------------------------------------------------------------------------------------- assembling
@@ -360,8 +401,8 @@ def _download_hub(hub_id: str) -> Path:
     try:
         return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt",
                                                                     "*.jinja", "mp_rank_*_model_states.pt"]))
-    except Exception as e:
-        raise UserError(f"{hub_id}: no such local path, and the HF hub download failed ({type(e).__name__})") from e
+    except Exception as e:  # offline, unknown or gated repo, full disk: one line that keeps the cause
+        raise UserError(f"{hub_id}: no such local path, and the HF hub download failed: {cause_line(e)}") from e
 
 
 # --------------------------------------------------------------------------------------------- writing

@@ -13,6 +13,7 @@ every micro-batch on every worker, and the chat template is saved with each chec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
 CHECKPOINT_TAG = "deepspeed"
 STATE_FILE = "train_state.json"
 METRICS_FILE = "metrics.jsonl"
+TRACE_ENV = "RUGPT_TRAIN_TRACE"
+"""Test-only: a folder where every rank appends one JSON line per step it runs (fingerprints of its batches and of
+the torch RNG state before and after, lr, losses, data position), so that tests can compare a resumed run with an
+uninterrupted one. Unset (always, for users): nothing is written."""
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; the first name found in the device name wins.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
 
@@ -219,8 +224,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     peak = _peak_flops()
     window_loss, window_tokens, started = [], 0, time.perf_counter()
     checkpoint_s = None  # how long the last checkpoint held training up, logged with the window it fell in
+    trace = _StepTrace.open(rank)  # None unless a test asks for it
     while state.step < steps:
         engine.train()
+        rng_before = torch.get_rng_state() if trace is not None else None
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         weights = (token_mean_weights(micro, pad_id, ctx.get_world_size(), device) if chat_template is not None
                    else [1.0] * len(micro))
@@ -229,6 +236,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window_loss.append(loss.item())
             window_tokens += tokens[:, :-1].numel()
         state.step += 1
+        if trace is not None:
+            trace.write(state, micro, rng_before, engine.lr_scheduler.get_last_lr()[0], window_loss[-len(micro):])
         last = state.step == steps
         metrics: dict[str, Any] = {}
         if state.step % cfg.log_interval == 0 or last:
@@ -384,6 +393,34 @@ def _save_weights(model, folder: Path, cfg: TrainConfig, base: BaseRef | None, c
     from rugpt_ray.lora import ADAPTER_DIR, save_adapter
 
     save_adapter(model, cfg.lora_config(), base, folder / ADAPTER_DIR, chat_template=chat_template)
+
+
+def fingerprint(tensor: torch.Tensor) -> str:
+    """A short hash of a tensor's bytes (the trace's batches and RNG states)."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+class _StepTrace:
+    """The test-only per-step trace of TRACE_ENV: one file per rank, appended across resumes and restarts."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def open(cls, rank: int) -> _StepTrace | None:
+        folder = os.environ.get(TRACE_ENV)
+        if not folder:
+            return None
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return cls(Path(folder) / f"rank{rank}.jsonl")
+
+    def write(self, state: TrainState, micro: list[tuple[torch.Tensor, torch.Tensor | None]],
+              rng_before: torch.Tensor, lr: float, losses: list[float]) -> None:
+        line = {"step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
+                "batches": [fingerprint(tokens) for tokens, _ in micro], "rng_before": fingerprint(rng_before),
+                "rng_after": fingerprint(torch.get_rng_state()), "lr": lr, "losses": losses}
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 class _MetricsLog:
@@ -546,5 +583,6 @@ def without_placement_group_cleaner(trainer) -> None:
 def _worker_env() -> dict[str, str]:
     """The driver's settings that workers need, and Train's print patch off: in Ray workers it logs every print
     twice (once teed to the redirected stdout, once through the root logger), so each progress line came twice."""
-    keys = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "RUGPT_DATA", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")
+    keys = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "RUGPT_DATA", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE",
+            TRACE_ENV)
     return {**{k: os.environ[k] for k in keys if k in os.environ}, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}

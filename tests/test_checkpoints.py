@@ -132,6 +132,32 @@ def test_sparse_export_to_hf_refused_unless_allowed(tmp_path, make_model):
     export_hf(model, tmp_path / "hf", allow_dense=True)
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
     assert hf.config.n_layer == 2
+    check_dense_export_logits(model, hf)
+
+
+def first_window(model) -> int:
+    """Tokens of the layout's first window, checked on the layout itself: within it every query block sees every
+    block up to its own (with j <= i per token, attention's rule), so the sparse layers attend as dense causal ones;
+    the first block past it does not see them all."""
+    sparse = model.config.sparse_attention
+    assert sparse["mode"] == "fixed" and sparse["num_global_blocks"] == 1  # what the claim is made for
+    blocks, layout = sparse["num_local_blocks"], model.sparse_layout.bool()
+    assert torch.equal(layout[:, :blocks, :blocks], torch.ones(blocks, blocks, dtype=torch.bool).tril().expand(
+        layout.shape[0], -1, -1))
+    assert not layout[:, blocks, :blocks].all(dim=-1).any()  # no head of the next row sees the whole first window
+    return blocks * sparse["block"]
+
+
+def check_dense_export_logits(sparse_model, hf, length: int = 200) -> None:
+    """An --allow-dense export (stock GPT2LMHeadModel) gives the sparse model's logits over the first window, to fp32
+    rounding, and other logits at every position past it."""
+    window = first_window(sparse_model)
+    assert window < length <= sparse_model.config.n_positions
+    ids = torch.randint(5, 50257, (2, length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf.eval()(ids).logits - sparse_model.eval()(ids)[0]).abs().amax(dim=(0, 2))
+    assert diff[:window].max().item() <= 1e-4, diff[:window].max().item()
+    assert diff[window:].min().item() > 1e-2, diff[window:].min().item()
 
 
 def test_export_refuses_to_overwrite(tmp_path, make_model):
@@ -203,3 +229,86 @@ def test_the_chat_template_travels_with_every_format(tmp_path, make_model, data_
     assert read_chat_template(tmp_path / "plain") == "{{ messages }}"  # where transformers 4 kept it
     torch.save({"module": megatron_state(model)}, tmp_path / "mp_rank_00_model_states.pt")
     assert read_chat_template(tmp_path / "mp_rank_00_model_states.pt") is None  # the seed's files have none
+
+
+# --------------------------------------------------------------------------------------------- damaged files
+
+def cut_in_half(path, at=None):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2 if at is None else at])
+    return path
+
+
+def load_error(path, **kwargs) -> UserError:
+    with pytest.raises(UserError) as info:
+        load_model(path, **kwargs)
+    assert "\n" not in str(info.value), str(info.value)
+    return info.value
+
+
+def test_a_truncated_file_is_reported_with_what_its_reader_said(tmp_path, make_model):
+    """A cut file is not "refused for needing arbitrary objects": the message names the file and says what torch or
+    safetensors said about it, in one line."""
+    model = make_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=50257))
+    seed = tmp_path / "seed.pt"  # the seed's DeepSpeed file (torch's zip format)
+    torch.save({"module": megatron_state(model), **seed_client_state()}, seed)
+    error = load_error(cut_in_half(seed), n_head=2)
+    assert str(error).startswith(f"{seed}: cannot be read as a torch checkpoint (RuntimeError: PytorchStreamReader "
+                                 "failed reading zip archive: failed finding central directory.")
+
+    export_hf(model, tmp_path / "hf")  # an HF folder's pytorch_model.bin
+    (tmp_path / "bin").mkdir()
+    torch.save(GPT2LMHeadModel.from_pretrained(tmp_path / "hf").state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    cut_in_half(tmp_path / "bin" / "pytorch_model.bin")
+    error = load_error(tmp_path / "bin")
+    assert str(error).startswith(f"{tmp_path / 'bin' / 'pytorch_model.bin'}: cannot be read as a torch checkpoint "
+                                 "(RuntimeError: PytorchStreamReader failed reading zip archive")
+
+    for folder in (save_native(model, tmp_path / "native"), tmp_path / "hf"):  # safetensors, native and HF
+        file = cut_in_half(folder / "model.safetensors")
+        assert str(load_error(folder)) == (f"{file}: cannot be read as safetensors (SafetensorError: Error while "
+                                           "deserializing header: incomplete metadata, file not fully covered)")
+
+
+def test_a_legacy_torch_file_cut_anywhere_is_corrupt_not_refused(tmp_path, make_model):
+    """torch's legacy (pre-zip) format is one pickle stream: cut inside a global's name, torch's weights_only unpickler
+    says "Unsupported global: GLOBAL colle." in its weights_only advice; that is a damaged file, not a refusal."""
+    model = make_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=50257))
+    whole = tmp_path / "whole.pt"
+    torch.save({"module": megatron_state(model)}, whole, _use_new_zipfile_serialization=False)
+    data = whole.read_bytes()
+    cut = tmp_path / "mp_rank_00_model_states.pt"
+    said_weights_only = 0
+    for at in [*range(1, 1200, 3), len(data) // 2, len(data) - 1]:  # the header and pickle, then into the storages
+        cut.write_bytes(data[:at])
+        error = load_error(cut, n_head=2)
+        assert str(error).startswith(f"{cut}: cannot be read as a torch checkpoint ("), (at, str(error))
+        assert "refused" not in str(error) and "arbitrary" not in str(error), (at, str(error))
+        said_weights_only += "weights_only" in str(error.__cause__)
+    assert said_weights_only > 0  # some cuts did hit the case that used to be misreported
+
+    torch.save({"module": {}, "args": argparse_namespace()}, cut, _use_new_zipfile_serialization=False)
+    with pytest.raises(UserError, match=r"refused: it needs arbitrary Python objects to load \(argparse.Namespace\)"):
+        load_model(cut, n_head=2)  # a real refusal still reads as one, in either format
+
+
+@pytest.mark.slow  # the hub client retries a refused connection for about 20 s before it gives up
+def test_an_unreachable_hub_is_reported_with_its_cause(tmp_path):
+    """A refused connection, a gated repo and a full disk must not read the same: the CLI's line keeps the cause."""
+    import os
+    import subprocess
+    import sys
+
+    from ports import free_port
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+           "HF_HOME": str(tmp_path)}  # nothing listens there
+    out = subprocess.run([sys.executable, "-m", "rugpt_ray.cli", "info", "org/name"], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    line = out.stderr.strip()
+    assert line.startswith("rugpt-ray info: error: org/name: no such local path, and the HF hub download failed: "), \
+        line
+    assert "ConnectError: [Errno 111] Connection refused" in line, line
+    assert "\n" not in line and "Traceback" not in line

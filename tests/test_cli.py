@@ -2,14 +2,16 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from rugpt_ray.checkpoints import save_native
+from rugpt_ray.checkpoints import load_model, save_native
 from rugpt_ray.config import ModelConfig, preset
+from rugpt_ray.generation import GenerationConfig, generate
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -22,11 +24,32 @@ def sparse_dir(tmp_path_factory, make_model):
     return save_native(make_model(preset("tiny")), tmp_path_factory.mktemp("cli") / "tiny")
 
 
-def test_generate_prints_the_continuation(sparse_dir, data_dir):
+@pytest.fixture(scope="module")
+def reference(sparse_dir, tokenizer):
+    """`rugpt_ray.generate` on the CLI's model: `reference(prompts, **GenerationConfig fields)` -> completions."""
+    model = load_model(sparse_dir)
+    return lambda prompts, **fields: generate(model, tokenizer, prompts, GenerationConfig(**fields))
+
+
+def sequences(stdout: str, prompts: list[str], n: int) -> list[str]:
+    """The continuations a several-sequence `generate` printed, in prompt x sequence order (its headers checked)."""
+    parts = re.split(r"(?m)^=== prompt (\d+) · sequence (\d+) ===\n", stdout)
+    assert parts[0] == "" and len(parts) == 1 + 3 * len(prompts) * n, stdout
+    heads = [(int(parts[i]), int(parts[i + 1])) for i in range(1, len(parts), 3)]
+    assert heads == [(p, k) for p in range(len(prompts)) for k in range(n)]
+    bodies = [parts[i] for i in range(3, len(parts), 3)]
+    assert all(body.startswith(prompts[p]) and body.endswith("\n") for body, (p, _) in zip(bodies, heads, strict=True))
+    return [body[len(prompts[p]):-1] for body, (p, _) in zip(bodies, heads, strict=True)]
+
+
+def test_generate_prints_the_continuation(sparse_dir, data_dir, reference):
     out = run("generate", "--model", str(sparse_dir), "--tokenizer", str(data_dir / "tokenizer"),
               "--prompt", "Однажды весною", "--max-new-tokens", "12", "--greedy")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("Однажды весною") and len(out.stdout.strip()) > len("Однажды весною")
+    greedy = reference("Однажды весною", greedy=True, max_new_tokens=12)[0]
+    assert out.stdout == "Однажды весною" + greedy.text + "\n"  # the library's greedy continuation, as printed
+    assert len(greedy.token_ids) == 12 and greedy.finish_reason == "length"
     again = run("generate", "--model", str(sparse_dir), "--prompt", "Однажды весною", "--max-new-tokens", "12",
                 "--greedy")  # tokenizer from $RUGPT_DATA by default
     assert again.stdout == out.stdout
@@ -38,6 +61,48 @@ def test_generate_several_sequences(sparse_dir):
               "--temperature", "0.8", "--repetition-penalty", "1.2")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("=== prompt") == 4
+
+
+def test_generate_flags_do_what_they_say(sparse_dir, reference):
+    """Every sampling flag reaches the generation: the CLI prints what `rugpt_ray.generate` gives with the same
+    GenerationConfig, and each flag, left at its default, would have given something else."""
+    prompt = "Однажды весною"
+    twelve = reference(prompt, greedy=True, max_new_tokens=12)[0]
+
+    out = run("generate", "--model", str(sparse_dir), "--prompt", prompt, "--greedy", "--max-new-tokens", "5")
+    five = reference(prompt, greedy=True, max_new_tokens=5)[0]
+    assert out.stdout == prompt + five.text + "\n"
+    assert len(five.token_ids) == 5 and five.token_ids == twelve.token_ids[:5] and len(five.text) < len(twelve.text)
+
+    # a stop string taken from the middle of the greedy continuation: the text is cut just before its first place
+    at = next(k for k in range(len(twelve.text) // 2, len(twelve.text) - 1)
+              if twelve.text.find(twelve.text[k:k + 2]) > 0 and twelve.text[k:k + 2].strip())
+    stop = twelve.text[at:at + 2]
+    out = run("generate", "--model", str(sparse_dir), "--prompt", prompt, "--greedy", "--max-new-tokens", "12",
+              "--stop", stop)
+    cut = twelve.text[:twelve.text.find(stop)]
+    assert out.stdout == prompt + cut + "\n" and cut
+    assert reference(prompt, greedy=True, max_new_tokens=12, stop=[stop])[0].text == cut
+
+    prompts = ["Раз", "Мороз и солнце"]
+    sampling = dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3)
+    flags = ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--repetition-penalty", "1.3"]
+    args = ["generate", "--model", str(sparse_dir), "--prompt", prompts[0], "--prompt", prompts[1],
+            "--num-return-sequences", "3", "--max-new-tokens", "8", *flags]
+    seeded = run(*args, "--seed", "3")
+    assert seeded.returncode == 0, seeded.stderr
+    texts = sequences(seeded.stdout, prompts, 3)  # 3 per prompt
+    want = [c.text for c in reference(prompts, num_return_sequences=3, max_new_tokens=8, seed=3, **sampling)]
+    assert texts == want
+    for name, default in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("repetition_penalty", 1.0)):
+        without = [c.text for c in reference(prompts, num_return_sequences=3, max_new_tokens=8, seed=3,
+                                             **{**sampling, name: default})]
+        assert without != texts, name  # so a CLI that dropped this flag would fail the comparison above
+    assert run(*args, "--seed", "3").stdout == seeded.stdout  # the same seed reproduces
+    other = sequences(run(*args, "--seed", "4").stdout, prompts, 3)
+    assert other != texts
+    assert other == [c.text for c in reference(prompts, num_return_sequences=3, max_new_tokens=8, seed=4,
+                                               **sampling)]
 
 
 def test_convert_info_and_evaluate(tmp_path, make_model, data_dir):
@@ -60,6 +125,11 @@ def test_convert_sparse_to_hf_needs_allow_dense(sparse_dir, tmp_path):
     assert out.returncode == 2 and "--allow-dense" in out.stderr
     ok = run("convert", str(sparse_dir), str(tmp_path / "hf"), "--to", "hf", "--allow-dense")
     assert ok.returncode == 0, ok.stderr
+    from test_checkpoints import check_dense_export_logits
+    from transformers import GPT2LMHeadModel
+
+    # stock transformers on the export: the sparse model's logits over the first window, others past it
+    check_dense_export_logits(load_model(sparse_dir), GPT2LMHeadModel.from_pretrained(tmp_path / "hf"))
 
 
 def write_seed_checkpoint(model, folder):

@@ -5,6 +5,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -16,7 +17,7 @@ from rugpt_ray.checkpoints import export_hf, load_model
 from rugpt_ray.config import TrainConfig, check_train_config, deepspeed_engine_config, load_train_config
 from rugpt_ray.errors import UserError
 from rugpt_ray.plotting import read_metrics
-from rugpt_ray.train import _MetricsLog, lr_at, train
+from rugpt_ray.train import TRACE_ENV, _MetricsLog, fingerprint, lr_at, train
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_XL_JSON = {  # the content of the seed's gpt3_xl_sparse_2048.json (= HF sberbank-ai/rugpt3xl)
@@ -52,8 +53,12 @@ def metrics(run_dir) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.long
 def test_two_workers_zero2_learn_resume_survive_a_killed_worker_and_export(tmp_path, tmp_path_factory, prepared,
-                                                                           ray_local):
+                                                                           ray_local, monkeypatch):
+    trace = tmp_path / "trace"  # every rank's steps: batches and RNG fingerprints, lr, losses (train.TRACE_ENV)
+    monkeypatch.setenv(TRACE_ENV, str(trace))
     result = train(base(tmp_path, prepared))
+    first = {rank: traced(trace, rank) for rank in (0, 1)}
+    assert saved_client_state(result.checkpoint)["torch_rng"] == first[0][-1]["rng_after"]
     rows = metrics(result.run_dir)
     valid = [r["valid_ppl"] for r in rows if "valid_ppl" in r]
     assert len(valid) == 2 and valid[1] < 0.7 * valid[0]  # 10 more steps cut validation perplexity clearly
@@ -62,14 +67,17 @@ def test_two_workers_zero2_learn_resume_survive_a_killed_worker_and_export(tmp_p
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= set(shards)
 
     # the same name again with a longer budget continues from step 20; a worker killed once the step-30 checkpoint
-    # is complete costs a restart from it (max_failures=1): no gap, no restart from 0, no step twice
-    killer, killed = kill_a_train_worker_after(tmp_path / "run" / "step_0000030" / "model",
-                                               str(tmp_path_factory.getbasetemp()))
+    # is complete and step 31 has run costs a restart from it (max_failures=1): no gap, no restart from 0, no step
+    # twice
+    killer, killed = kill_a_train_worker_after(
+        tmp_path / "run" / "step_0000030" / "model", str(tmp_path_factory.getbasetemp()),
+        also=lambda: all(any(line["step"] == 31 for line in traced(trace, rank)[20:]) for rank in (0, 1)))
     resumed = train(base(tmp_path, prepared, max_steps=50, max_failures=1))
     killer.join()
     assert killed, "no Ray Train worker process was found to kill"
     steps = [r["step"] for r in metrics(resumed.run_dir)]
     assert steps == list(range(5, 55, 5))
+    check_resumes_continue_the_run(tmp_path, trace, first, resumed.run_dir)
     assert Path(resumed.checkpoint).name == "step_0000050"
     kept = sorted(p.name for p in (tmp_path / "run").glob("step_*"))
     assert kept == ["step_0000040", "step_0000050"]  # num_to_keep=2; step 30 was restored from, then rotated
@@ -141,14 +149,68 @@ def test_chat_lora_run_learns_on_assistant_tokens_and_keeps_the_template(tmp_pat
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == prepared.chat_template
 
 
-def kill_a_train_worker_after(ready: Path, ray_dir: str) -> tuple[threading.Thread, list[int]]:
+def traced(folder: Path, rank: int) -> list[dict]:
+    """Rank `rank`'s step lines so far (train.TRACE_ENV), in the order it ran them, over every run and restart."""
+    path = folder / f"rank{rank}.jsonl"
+    text = path.read_text() if path.is_file() else ""
+    return [json.loads(line) for line in text.split("\n")[:-1]]  # a line still being written is left out
+
+
+def saved_client_state(checkpoint: str | Path) -> dict:
+    """What a checkpoint saved besides weights and optimizer (train._save's client state), the RNG fingerprinted."""
+    saved = torch.load(Path(checkpoint) / "deepspeed" / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)  # our own file: DeepSpeed pickles its config objects
+    return {"state": saved["state"], "torch_rng": fingerprint(saved["torch_rng"])}
+
+
+def check_resumes_continue_the_run(tmp_path: Path, trace: Path, first: dict[int, list[dict]], resumed_dir: str):
+    """What resuming restores besides weights and step: the LR schedule, the RNG and the data position.
+
+    The first run (20 of 20 steps) stopped; the second (budget 50) resumed from its step 20 and, killed after step 31,
+    restarted from its own step 30: its first attempt at steps 31.. is the uninterrupted run that the restart must
+    repeat (the same batches, RNG states, lr and losses, bit for bit), and every step's lr is the seed's schedule at
+    that step of the run's budget."""
+    cfg20, cfg50 = base(tmp_path, "unused"), base(tmp_path, "unused", max_steps=50)
+    second = {rank: traced(trace, rank)[20:] for rank in (0, 1)}
+    for rank in (0, 1):
+        assert [line["step"] for line in first[rank]] == list(range(1, 21))
+        assert [line["lr"] for line in first[rank]] == pytest.approx([lr_at(s, cfg20, 20) for s in range(1, 21)])
+        steps = [line["step"] for line in second[rank]]
+        restart = max(i for i, step in enumerate(steps) if step == 31)  # the restart's first step
+        assert steps[:restart] == list(range(21, 21 + restart)) and restart >= 11  # 21..31 at least, once each
+        assert steps[restart:] == list(range(31, 51))  # restarted from step 30, not 20 or 0
+        assert [line["lr"] for line in second[rank]] == pytest.approx([lr_at(s, cfg50, 50) for s in steps])
+        # resumed from step 20: the RNG where the first run left it, and the data: the batches after its last ones
+        end, start = first[rank][-1], second[rank][0]
+        assert start["rng_before"] == end["rng_after"]
+        assert (start["epoch"], start["batches_in_epoch"]) in ((end["epoch"], end["batches_in_epoch"] + 1),
+                                                              (end["epoch"] + 1, 1))
+        assert not set(start["batches"]) & {b for line in first[rank] if line["epoch"] == start["epoch"]
+                                            for b in line["batches"]}  # none of this epoch's batches again
+        # restarted from step 30: step for step what the attempt before the kill did
+        before = {line["step"]: line for line in second[rank][:restart]}
+        repeated = [line for line in second[rank][restart:] if line["step"] in before]
+        assert len(repeated) >= 1 and all(line == before[line["step"]] for line in repeated), (repeated, before)
+    assert [r["lr"] for r in metrics(resumed_dir)] == pytest.approx(  # the metrics say the same
+        [lr_at(s, cfg20, 20) for s in (5, 10, 15, 20)] + [lr_at(s, cfg50, 50) for s in range(25, 55, 5)])
+    # the RNG state each checkpoint saved is the one its step left (rank 0's, which every rank restores)
+    last = {line["step"]: line for line in second[0]}
+    for step in (40, 50):
+        assert saved_client_state(tmp_path / "run" / f"step_{step:07d}") == {
+            "state": {"step": step, "epoch": last[step]["epoch"], "batches_in_epoch": last[step]["batches_in_epoch"],
+                      "tokens": step * 2 * 8 * 64},
+            "torch_rng": last[step]["rng_after"]}
+
+
+def kill_a_train_worker_after(ready: Path, ray_dir: str,
+                              also: Callable[[], bool] = lambda: True) -> tuple[threading.Thread, list[int]]:
     """A started thread that SIGKILLs one Ray Train worker of the Ray whose temp dir is `ray_dir` (never another
-    Ray's) a second after `ready` exists, and the list it appends that worker's pid to."""
+    Ray's) a second after `ready` exists and `also()` holds, and the list it appends that worker's pid to."""
     killed: list[int] = []
 
     def kill() -> None:
         deadline = time.time() + 600
-        while time.time() < deadline and not ready.is_dir():
+        while time.time() < deadline and not (ready.is_dir() and also()):
             time.sleep(0.5)
         time.sleep(1.0)
         for proc in psutil.process_iter(["pid", "cmdline"]):
@@ -253,6 +315,68 @@ def test_bad_config_is_one_clear_error_before_ray(overrides, message, data_dir):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 dynamic loss scaling and nccl need a CUDA GPU")
-def test_fp16_loss_scaling_on_gpu(tmp_path, prepared, ray_local):
-    result = train(base(tmp_path, prepared, use_gpu=True, num_workers=1, precision="fp16", max_steps=10))
-    assert "loss_scale" in metrics(result.run_dir)[-1]
+def test_fp16_loss_scaling_on_gpu(tmp_path, prepared, ray_local, monkeypatch):
+    """The logged loss_scale is DeepSpeed's dynamic scale: 2**initial_scale_power from the recipe's DeepSpeed JSON
+    (1024 here; the tiny model's gradients, at most 1 unscaled, stay far from fp16's 65504 at that scale, so no step
+    overflows and the scale holds: DeepSpeed only raises it after loss_scale_window = 1000 clean steps)."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # the workers' DeepSpeed (the suite's default is cpu)
+    (tmp_path / "ds.json").write_text(json.dumps({"fp16": {"enabled": True, "initial_scale_power": 10}}))
+    result = train(base(tmp_path, prepared, use_gpu=True, num_workers=1, precision="fp16", max_steps=10,
+                        deepspeed_config=str(tmp_path / "ds.json")))
+    rows = metrics(result.run_dir)
+    assert "loss_scale" in rows[-1]
+    assert [r["loss_scale"] for r in rows] == [1024.0, 1024.0]  # steps 5 and 10
+
+
+def fp16_overflow_probe() -> dict:
+    """One rank's fp16 ZeRO-2 engine on the GPU, DeepSpeed's default dynamic loss scaling, fed three losses made
+    infinite through micro_step's weight (a real overflow: every gradient inf or nan). Runs in a fresh process with
+    DS_ACCELERATOR=cuda (test_fp16_overflow_skips_the_step_and_lowers_the_scale_on_gpu); returns what it saw."""
+    import torch.distributed as dist
+    from ports import free_port
+
+    from rugpt_ray.config import ModelConfig, deepspeed_engine_config
+    from rugpt_ray.model import GPT
+    from rugpt_ray.train import build_engine, micro_step
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    cfg = TrainConfig(micro_batch=2, seq_len=64, lr=3e-3, warmup=2, max_steps=10, precision="fp16", use_gpu=True,
+                      zero_stage=2)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)).train()
+    engine = build_engine(model, cfg, deepspeed_engine_config(cfg), steps=10)
+    tokens = torch.randint(5, 50257, (2, 65), generator=torch.Generator().manual_seed(0)).cuda()
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    seen = {"initial": float(engine.optimizer.cur_scale), "lr_before": engine.lr_scheduler.get_last_lr()[0],
+            "scales": []}
+    for _ in range(3):
+        micro_step(engine, tokens, pad_id=0, weight=float("inf"))
+        seen["scales"].append(float(engine.optimizer.cur_scale))  # what train_loop_per_worker logs as loss_scale
+    seen.update(skipped=engine.skipped_steps, lr_after=engine.lr_scheduler.get_last_lr()[0],
+                unchanged=all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters(), strict=True)))
+    dist.destroy_process_group()
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 dynamic loss scaling and nccl need a CUDA GPU")
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale_on_gpu():
+    """DeepSpeed 0.19.8's DynamicLossScaler (runtime/fp16/loss_scaler.py) as ZeRO-2 builds it from the fp16 defaults
+    (runtime/precision_config.py): it starts at 2**16 (initial_scale_power 16); an overflowing step is skipped (no
+    update, the LR schedule does not advance: engine._take_model_step) and, with hysteresis 2, the first overflow
+    only uses the hysteresis up, each later one halves the scale."""
+    import subprocess
+    import sys
+
+    code = "import json, test_train; print(json.dumps(test_train.fp16_overflow_probe()))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "DS_ACCELERATOR": "cuda"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["initial"] == 2.0**16
+    assert seen["scales"] == [2.0**16, 2.0**15, 2.0**14]
+    assert seen["skipped"] == 3 and seen["unchanged"]
+    assert seen["lr_after"] == seen["lr_before"] == pytest.approx(lr_at(0, TrainConfig(lr=3e-3, warmup=2,
+                                                                                        max_steps=10), 10))
