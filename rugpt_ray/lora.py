@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from rugpt_ray.chat import CHAT_TEMPLATE_FILE
-from rugpt_ray.checkpoints import LORA_ADAPTER_FILE, atomic_folder, load_model, write_chat_template
+from rugpt_ray.checkpoints import LORA_ADAPTER_FILE, atomic_folder, load_model, safe_load_file, write_chat_template
 from rugpt_ray.config import LoraConfig
 from rugpt_ray.errors import UserError
 from rugpt_ray.model import GPT
@@ -220,7 +220,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         raise UserError(f"{folder / CONFIG_FILE}: not a {ADAPTER_FORMAT} adapter (format {meta.get('format')!r})")
     lora = LoraConfig.from_dict(meta["lora"], where=f"{folder / CONFIG_FILE}: lora")
     template = folder / CHAT_TEMPLATE_FILE
-    return Adapter(lora, BaseRef(**meta["base"]), load_file(folder / WEIGHTS_FILE), folder,
+    return Adapter(lora, BaseRef(**meta["base"]), safe_load_file(folder / WEIGHTS_FILE), folder,
                    template.read_text(encoding="utf-8") if template.is_file() else None)
 
 

@@ -108,6 +108,14 @@ def test_the_chat_template_is_saved_with_the_adapter_and_kept_by_merged_exports(
     assert read_chat_template(tmp_path / "again") == template  # a plain export keeps it too
 
 
+def test_a_damaged_adapter_file_is_named_with_what_safetensors_said(make_adapter, tmp_path):
+    folder = make_adapter(preset("tiny"), 1, 2, tmp_path / "adapter")
+    weights = folder / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"adapter\.safetensors: cannot be read as safetensors \(SafetensorError: "):
+        load_adapter(folder)
+
+
 def test_an_adapter_refuses_another_base(make_model, make_adapted, tmp_path, capsys):
     base, model = adapted(make_adapted)
     run = write_run(tmp_path, base, model)
