@@ -143,7 +143,8 @@ def test_checkpoint_storage_is_s3_and_shared_paths_are_mounted(cluster):
     serve = yaml.safe_load((ROOT / "serve_configs" / "gpu.yaml").read_text())
     for app in serve["applications"]:
         for name, model in app["args"]["models"].items():
-            assert not model.startswith("/") or mounted(model), f"serve_configs/gpu.yaml model {name}: {model}"
+            path = model["path"] if isinstance(model, dict) else model  # `name: path` or `name: {path, chat_template}`
+            assert not path.startswith("/") or mounted(path), f"serve_configs/gpu.yaml model {name}: {path}"
 
 
 def test_auth_and_dashboard(cluster):
