@@ -15,6 +15,7 @@ from rugpt_ray.serving.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    ConstraintSpec,
     GenerateRequest,
     read_body,
 )
@@ -248,3 +249,85 @@ def test_chat_refusals_name_the_field_as_sent(fields, room, param, detail):
     error = body.refusal(refusal(lambda: body.generation_config(100, room)))
     assert (error.status, error.param) == (400, param) and error.message.startswith(f"{param}: {detail}")
     assert body.param("num_return_sequences") == "n" and body.param("logprobs") == "top_logprobs"
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("fields, kind, spec, field", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "A", "schema": SCHEMA, "strict": True}}},
+     "json", SCHEMA, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "A", "description": "d", "schema": SCHEMA,
+                                                                 "strict": None}}}, "json", SCHEMA, "response_format"),
+    ({"response_format": {"type": "json_object"}}, "json_object", None, "response_format"),
+    ({"structured_outputs": {"json": SCHEMA}}, "json", SCHEMA, "structured_outputs.json"),
+    ({"structured_outputs": {"json": json.dumps(SCHEMA)}}, "json", json.dumps(SCHEMA), "structured_outputs.json"),
+    ({"structured_outputs": {"regex": "[0-9]+", "disable_any_whitespace": False, "whitespace_pattern": None}},
+     "regex", "[0-9]+", "structured_outputs.regex"),
+    ({"structured_outputs": {"choice": ["да", "нет"]}}, "choice", ["да", "нет"], "structured_outputs.choice"),
+    ({"structured_outputs": {"grammar": "start: \"a\""}}, "grammar", "start: \"a\"", "structured_outputs.grammar"),
+    ({"structured_outputs": {"json_object": True, "json": None}}, "json_object", None,
+     "structured_outputs.json_object"),
+    ({"response_format": {"type": "text"}, "structured_outputs": {"regex": "a"}}, "regex", "a",
+     "structured_outputs.regex"),
+])
+@pytest.mark.parametrize("schema", [CompletionRequest, ChatCompletionRequest, GenerateRequest])
+def test_structured_output_fields_become_one_constraint_spec(schema, fields, kind, spec, field):
+    assert parse(schema, **fields).constraint_spec() == ConstraintSpec(kind, spec, field)
+
+
+def test_no_structured_output_field_is_no_constraint():
+    assert parse(CompletionRequest).constraint_spec() is None
+    assert parse(CompletionRequest, response_format={"type": "text"}).constraint_spec() is None
+    assert parse(CompletionRequest, response_format=None, structured_outputs=None).constraint_spec() is None
+
+
+ONE_KIND = "You can only use one kind of structured outputs constraint but multiple are specified: "
+
+
+@pytest.mark.parametrize("fields, param, detail", [
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", ONE_KIND + "regex, choice"),
+    ({"structured_outputs": {"json": {}, "json_object": True}}, "structured_outputs", ONE_KIND + "json, json_object"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs",
+     ONE_KIND + "response_format (json_object) and structured_outputs.regex"),
+    ({"structured_outputs": {}}, "structured_outputs", "You must use one kind of structured outputs constraint but "
+                                                       "none are specified"),
+    ({"structured_outputs": {"json_object": False}}, "structured_outputs", "You must use one kind"),
+    ({"structured_outputs": {"json": {}, "disable_any_whitespace": True}}, "structured_outputs.disable_any_whitespace",
+     "not supported"),
+    ({"structured_outputs": {"json": {}, "disable_additional_properties": True}},
+     "structured_outputs.disable_additional_properties", "not supported"),
+    ({"structured_outputs": {"json": {}, "whitespace_pattern": " "}}, "structured_outputs.whitespace_pattern",
+     "not supported"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", "not supported"),
+    ({"response_format": {"type": "json_schema"}}, "response_format",
+     "When response_format type is 'json_schema', the 'json_schema' field must be provided."),
+    ({"response_format": {"type": "json_object", "json_schema": {"name": "A", "schema": {}}}}, "response_format",
+     "json_schema is for type 'json_schema', not 'json_object'"),
+    ({"response_format": {"type": "structural_tag"}}, "response_format",
+     "type 'structural_tag' is not supported; one of 'text', 'json_object', 'json_schema'"),
+])
+def test_structured_output_refusals_name_the_field(fields, param, detail):
+    body = parse(ChatCompletionRequest, **fields)
+    error = body.refusal(refusal(body.constraint_spec))
+    assert (error.status, error.param) == (400, param) and error.message.startswith(f"{param}: {detail}")
+
+
+@pytest.mark.parametrize("fields, status, param, message", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "A"}}}, 422, "response_format",
+     "response_format: json_schema.schema: Field required"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "A", "schema": []}}}, 422, "response_format",
+     "response_format: json_schema.schema: Input should be an object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "name": ""}}}, 422, "response_format",
+     "response_format: json_schema.name: String should have at least 1 character"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "A", "schema": {}, "shema": {}}}}, 400,
+     "response_format", "response_format: has no field 'json_schema.shema'"),
+    ({"structured_outputs": {"choice": "да"}}, 422, "structured_outputs", "structured_outputs: choice: Input should be "
+                                                                          "a valid array"),
+    ({"structured_outputs": {"guided_json": {}}}, 400, "structured_outputs",
+     "structured_outputs: has no field 'guided_json'"),
+    ({"guided_json": {}}, 400, "guided_json", "guided_json: not a field of this endpoint"),
+])
+def test_malformed_structured_output_fields_say_where(fields, status, param, message):
+    error = refused(CompletionRequest, **fields)
+    assert (error.status, error.param) == (status, param) and error.message.startswith(message), error.message

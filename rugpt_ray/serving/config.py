@@ -85,6 +85,11 @@ class ServeConfig(BaseModel):
     """Streamed chunks go out at most this often; tokens in between are merged into one chunk (the first one and
     the end are never held). 0 = a chunk per token. Each chunk costs Serve a message, so some tens of ms save
     much CPU when many fast streams share a small machine."""
+    grammar_compile_timeout_s: float = Field(5.0, gt=0)
+    """Seconds a request's structured output (a JSON schema, regex, choice or grammar) may take to compile to a
+    grammar, in a thread off the event loop and before the request queues; past it the request is a 400 naming the
+    field. Typical schemas compile in milliseconds. The compile goes on in the background into the cache, its work
+    bounded by llguidance's limits. The default is `rugpt_ray.constraints.COMPILE_TIME_LIMIT`."""
     max_body_bytes: int = Field(1 << 20, ge=1)
     """Largest request body accepted (413 beyond)."""
     api_key_env: str | None = None

@@ -7,9 +7,10 @@ its own seeded generator, so a seeded request gives the same tokens alone or bat
 module only serves: it queues and admits requests while slots are free, enforces deadlines, drops cancelled
 requests and keeps counters (and, given an `EngineMetrics`, Prometheus metrics). Requests may name a LoRA
 adapter of the engine's model: they decode in the same steps as the others (see generation.py); an adapter
-is put into the model between steps by `hold_adapter` and stays while it is held or in use. Model work runs on one
-worker thread per engine that steps back to back, so neither waits for the other: the event loop accepts
-requests and streams tokens while a step computes.
+is put into the model between steps by `hold_adapter` and stays while it is held or in use. A request may follow a
+constraint (constraints.py; compiled by the caller, off the event loop): each of its rows gets its own matcher when
+it joins the decoder. Model work runs on one worker thread per engine that steps back to back, so neither waits for
+the other: the event loop accepts requests and streams tokens while a step computes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from rugpt_ray.constraints import Constraint
 from rugpt_ray.generation import Decoder, GenerationConfig, TokenEvent
 from rugpt_ray.lora import Adapter
 from rugpt_ray.model import GPT
@@ -61,8 +63,8 @@ class _Job:
     """One request inside the engine: its prompts and settings, its decoder slots, its event queue."""
 
     def __init__(self, prompts: list[list[int]], cfg: GenerationConfig, loop: asyncio.AbstractEventLoop,
-                 adapter: tuple[str, Adapter] | None):
-        self.prompts, self.cfg, self.adapter = prompts, cfg, adapter
+                 adapter: tuple[str, Adapter] | None, constraint: Constraint | None):
+        self.prompts, self.cfg, self.adapter, self.constraint = prompts, cfg, adapter, constraint
         self.rows = len(prompts) * cfg.num_return_sequences
         self.slots: list[int] = []  # decoder slot of each sequence, set on admission
         self.live: set[int] = set()  # slots of the sequences still decoding
@@ -125,9 +127,15 @@ class BatchEngine:
     def context(self) -> int:
         return self.decoder.capacity
 
-    def check(self, prompts: list[list[int]], cfg: GenerationConfig) -> None:
-        """Refuse what could never run (`RequestError` naming the field): too many rows, past the context."""
-        self.decoder.check(prompts, cfg)
+    @property
+    def rows(self) -> int:
+        """The model's vocabulary rows, which a constraint is compiled for."""
+        return self.decoder.rows
+
+    def check(self, prompts: list[list[int]], cfg: GenerationConfig, constraint: Constraint | None = None) -> None:
+        """Refuse what could never run (`RequestError` naming the field): too many rows, past the context, a
+        constraint compiled for another model or with `ignore_eos`."""
+        self.decoder.check(prompts, cfg, constraint)
 
     @property
     def kept_adapters(self) -> list[str]:
@@ -153,15 +161,16 @@ class BatchEngine:
                 self._kept.pop(name, None)
 
     async def generate(self, prompts: list[list[int]], cfg: GenerationConfig, timeout_s: float | None = None,
-                       adapter: tuple[str, Adapter] | None = None) -> AsyncIterator[list[TokenEvent]]:
+                       adapter: tuple[str, Adapter] | None = None,
+                       constraint: Constraint | None = None) -> AsyncIterator[list[TokenEvent]]:
         """Yield each step's events for this request (steps that were ready together come as one list), decoded
-        through `adapter` (a name and its weights) if given.
+        through `adapter` (a name and its weights) if given, every row following `constraint` if given.
 
         Leaving the iteration early (client gone, cancellation) drops the request's rows from the batch at
         the next step; so does `timeout_s`, checked between steps, which then raises TimeoutError here.
         """
-        self.check(prompts, cfg)
-        job = _Job(prompts, cfg, asyncio.get_running_loop(), adapter)
+        self.check(prompts, cfg, constraint)
+        job = _Job(prompts, cfg, asyncio.get_running_loop(), adapter, constraint)
         if timeout_s is not None:
             job.deadline, job.timeout_s = time.monotonic() + timeout_s, timeout_s
         with self._lock:
@@ -263,7 +272,8 @@ class BatchEngine:
         decoding_requests, decoding_rows = len(self._jobs), self.decoder.decoding_rows
         for job in new:
             try:
-                job.slots = self.decoder.add(job.prompts, job.cfg, owner=job, adapter=job.adapter)
+                job.slots = self.decoder.add(job.prompts, job.cfg, owner=job, adapter=job.adapter,
+                                             constraint=job.constraint)
             except Exception as e:  # an adapter that does not fit fails its request only
                 _deliver([(job, e)])
                 continue

@@ -2,13 +2,16 @@
 
 Each generating request converts itself to a `GenerationConfig` and takes its fields' ranges from it (widened or
 narrowed only where the API's differ), so a value the decoder would refuse is a 422 naming the field, never a 500.
+Its structured-output fields (OpenAI's `response_format`, vLLM's `structured_outputs`) become one `ConstraintSpec`,
+the (kind, spec) pair that `constraints.compile_constraint` takes: the server compiles it, off its event loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, ClassVar
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -22,6 +25,8 @@ DEFAULT_MAX_NEW_TOKENS = 64
 """`/generate`'s max_new_tokens when a request gives none (the server's limit when that is lower)."""
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per token a request may ask for (OpenAI's limit)."""
+ONE_KIND = "You can only use one kind of structured outputs constraint but multiple are specified"
+"""vLLM's words for a request with more than one constraint."""
 
 
 class ApiError(Exception):
@@ -84,17 +89,106 @@ class Body(BaseModel):
         if not errors[0]["loc"]:
             raise ApiError(422, f"body: {errors[0]['msg']}", "body")
         param = str(errors[0]["loc"][0])
-        messages = dict.fromkeys(err["msg"] for err in errors if err["loc"] and err["loc"][0] == param)
+        nested = cls._holds_objects(param)
+        messages = dict.fromkeys(f"{'.'.join(map(str, err['loc'][1:]))}: {err['msg']}" if nested and err["loc"][1:]
+                                 else err["msg"] for err in errors if err["loc"] and err["loc"][0] == param)
         raise ApiError(422, f"{param}: {'; '.join(messages)}", param)
+
+    @classmethod
+    def _holds_objects(cls, name: str) -> bool:
+        """Whether field `name` holds request objects (`response_format`, `messages`): its errors then say where
+        inside it they are."""
+        field = cls.model_fields.get(name)
+        kinds = (field.annotation, *get_args(field.annotation)) if field else ()
+        return any(isinstance(kind, type) and issubclass(kind, Body) for kind in kinds)
 
 
 class StreamOptions(Body):
     include_usage: bool = False
 
 
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """What a request's output must follow, as `constraints.compile_constraint` takes it (`kind`, `spec`), and the
+    request field it came from, which a refusal names (`response_format`, `structured_outputs.regex`)."""
+
+    kind: str
+    spec: Any
+    field: str
+
+
+class JsonSchemaFormat(Body):
+    """`response_format.json_schema`, as OpenAI's `parse` and LangChain send it. `strict` is accepted and changes
+    nothing, as in vLLM: the output always follows the schema as written (a strict schema itself says
+    `additionalProperties: false`)."""
+
+    name: NonEmpty
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool = False
+
+
+class ResponseFormat(Body):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON following a schema."""
+
+    TYPES: ClassVar[tuple[str, ...]] = ("text", "json_object", "json_schema")
+
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint_spec(self) -> ConstraintSpec | None:
+        if self.type not in self.TYPES:
+            raise RequestError("response_format", f"type {self.type!r} is not supported; one of "
+                                                  f"{', '.join(map(repr, self.TYPES))}")
+        if self.type != "json_schema":
+            if self.json_schema is not None:
+                raise RequestError("response_format", f"json_schema is for type 'json_schema', not {self.type!r}")
+            return None if self.type == "text" else ConstraintSpec("json_object", None, "response_format")
+        if self.json_schema is None:
+            raise RequestError("response_format", "When response_format type is 'json_schema', the 'json_schema' "
+                                                  "field must be provided.")
+        return ConstraintSpec("json", self.json_schema.schema_, "response_format")
+
+
+class StructuredOutputs(Body):
+    """vLLM's `structured_outputs`: exactly one of `json` (a JSON schema, or its text), `regex`, `choice`, `grammar`
+    (Lark or GBNF) and `json_object: true`. vLLM's other keys are refused by name unless they say what this server
+    does anyway (null, or false): whitespace between JSON tokens is capped by the server, and a schema's own
+    `additionalProperties` holds."""
+
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("disable_any_whitespace", "disable_additional_properties",
+                                              "whitespace_pattern", "structural_tag")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: Any = None
+
+    def constraint_spec(self) -> ConstraintSpec:
+        refused = next((name for name in self.UNSUPPORTED if getattr(self, name) not in (None, False)), None)
+        if refused:
+            raise RequestError(f"structured_outputs.{refused}", "not supported by this server")
+        given = {kind: spec for kind, spec in (("json", self.json_), ("regex", self.regex), ("choice", self.choice),
+                                               ("grammar", self.grammar)) if spec is not None}
+        if self.json_object:
+            given["json_object"] = None
+        if len(given) != 1:
+            raise RequestError("structured_outputs", f"{ONE_KIND}: {', '.join(given)}" if given else
+                               "You must use one kind of structured outputs constraint but none are specified "
+                               "(json, regex, choice, grammar or json_object)")
+        ((kind, spec),) = given.items()
+        return ConstraintSpec(kind, spec, f"structured_outputs.{kind}")
+
+
 class SamplingRequest(Body):
     """What every generating endpoint takes besides its input and its length: `GenerationConfig`'s sampling and
-    stopping fields (OpenAI's and vLLM's names are the same)."""
+    stopping fields (OpenAI's and vLLM's names are the same), and what the output must follow (`response_format`,
+    `structured_outputs`)."""
 
     API_NAMES: ClassVar[dict[str, str]] = {}
     """`GenerationConfig`'s field -> this endpoint's name for it, where they differ."""
@@ -115,6 +209,8 @@ class SamplingRequest(Body):
     ignore_eos: bool = False
     seed: int | None = None
     stream: bool = False
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def param(self, field: str | None) -> str | None:
         """This endpoint's name for `GenerationConfig`'s `field` (errors name what the client sent)."""
@@ -124,6 +220,16 @@ class SamplingRequest(Body):
         """The 400 for a request that could never run, naming the field as this endpoint does."""
         param = self.param(error.param)
         return ApiError(400, f"{param}: {error.detail}", param)
+
+    def constraint_spec(self) -> ConstraintSpec | None:
+        """What the output must follow (`response_format`'s or `structured_outputs`'), or None; `RequestError` for
+        more than one constraint or an option this server does not have."""
+        formatted = self.response_format.constraint_spec() if self.response_format else None
+        structured = self.structured_outputs.constraint_spec() if self.structured_outputs else None
+        if formatted and structured:
+            raise RequestError("structured_outputs", f"{ONE_KIND}: response_format ({formatted.kind}) and "
+                                                     f"{structured.field}")
+        return formatted or structured
 
     def generation_config(self, limit: int, room: int) -> GenerationConfig:
         """The decoder's settings: `RequestError` (GenerationConfig's field names) for a request that could never

@@ -1,6 +1,7 @@
 """The model server: a Serve deployment whose FastAPI routes stay thin. Each one reads its request (protocol.py),
-prepares it against the server's limits and the model, and hands the events to its endpoint's shaping
-(completions.py, chat_completions.py) and to streaming.py; the model work is the `BatchEngine`'s (engine.py)."""
+prepares it against the server's limits and the model (compiling its structured output in a thread), and hands the
+events to its endpoint's shaping (completions.py, chat_completions.py) and to streaming.py; the model work is the
+`BatchEngine`'s (engine.py)."""
 # No `from __future__ import annotations` here: FastAPI reads the route annotations at runtime.
 
 import asyncio
@@ -18,6 +19,7 @@ from ray import serve
 
 from rugpt_ray.chat import ChatTemplateError, chat_template_source, render_chat
 from rugpt_ray.checkpoints import load_model, read_chat_template
+from rugpt_ray.constraints import Constraint, compile_constraint, token_table
 from rugpt_ray.errors import UserError
 from rugpt_ray.generation import GenerationConfig, RequestError, Transcript
 from rugpt_ray.lora import Adapter, base_fingerprint, check_base, load_adapter
@@ -31,6 +33,7 @@ from rugpt_ray.serving.protocol import (
     Body,
     ChatCompletionRequest,
     CompletionRequest,
+    ConstraintSpec,
     DetokenizeRequest,
     GenerateRequest,
     Prompt,
@@ -123,6 +126,9 @@ class RuGPTServer:
             model = await asyncio.to_thread(self._load_weights, name)
             engine = self.engines[name] = BatchEngine(model, self.tokenizer, self.cfg.max_batch_size,
                                                       EngineMetrics(name))
+            # the grammar compiler's view of the vocabulary, built once here rather than within the first
+            # structured request's compile time limit
+            await asyncio.to_thread(token_table, self.tokenizer, engine.rows)
         return engine
 
     def _load_weights(self, name: str) -> torch.nn.Module:
@@ -176,9 +182,10 @@ class RuGPTServer:
             return [prompt]
         return self.tokenizer.encode_batch(prompt) if isinstance(prompt[0], str) else prompt
 
-    def _prepare(self, body: SamplingRequest, served: ServedModel,
-                 prompt: Prompt) -> tuple[list[list[int]], GenerationConfig]:
-        """The encoded prompts and the generation settings, after every limit check (400 naming the field)."""
+    async def _prepare(self, body: SamplingRequest, served: ServedModel,
+                       prompt: Prompt) -> tuple[list[list[int]], GenerationConfig, Constraint | None]:
+        """The encoded prompts, the generation settings and the compiled constraint, after every limit check (400
+        naming the field), before the request takes a slot."""
         try:
             encoded = self._encode(prompt)
             for i, ids in enumerate(encoded):
@@ -192,10 +199,21 @@ class RuGPTServer:
             if cfg.num_return_sequences > self.cfg.max_n:
                 raise RequestError("num_return_sequences", f"{cfg.num_return_sequences} is over the limit of "
                                                            f"{self.cfg.max_n}")
-            served.engine.check(encoded, cfg)
+            spec = body.constraint_spec()
+            constraint = None if spec is None else await self._compile(spec, served.engine)
+            served.engine.check(encoded, cfg, constraint)
         except RequestError as e:
             raise body.refusal(e) from None
-        return encoded, cfg
+        return encoded, cfg, constraint
+
+    async def _compile(self, spec: ConstraintSpec, engine: BatchEngine) -> Constraint:
+        """The constraint compiled for `engine`'s model in a thread, so that a slow compile stalls no other request;
+        a bad spec or a compile past `grammar_compile_timeout_s` is a 400 naming the request field it came from."""
+        try:
+            return await asyncio.to_thread(compile_constraint, spec.kind, spec.spec, self.tokenizer, engine.rows,
+                                           self.cfg.grammar_compile_timeout_s)
+        except RequestError as e:
+            raise ApiError(400, f"{spec.field}: {e.detail}", spec.field) from None
 
     def _chat_prompt(self, body: ChatCompletionRequest, name: str, served: ServedModel) -> str:
         """The conversation rendered by the request's template, else by the model's."""
@@ -210,10 +228,11 @@ class RuGPTServer:
             param = "chat_template" if body.chat_template else "messages"
             raise ApiError(400, f"{param}: {e}", param) from None
 
-    async def _respond(self, served: ServedModel, encoded: list[list[int]], cfg: GenerationConfig, streamed: bool,
+    async def _respond(self, served: ServedModel, encoded: list[list[int]], cfg: GenerationConfig,
+                       constraint: Constraint | None, streamed: bool,
                        responses: Responses) -> dict[str, Any] | StreamingResponse:
         """Generate, then answer in `responses`' shape: whole, or as server-sent events while it generates."""
-        events = served.engine.generate(encoded, cfg, self.cfg.request_timeout_s, served.adapter)
+        events = served.engine.generate(encoded, cfg, self.cfg.request_timeout_s, served.adapter, constraint)
         transcript = Transcript(encoded, cfg.num_return_sequences)
         if not streamed:
             return responses.whole(await collect(events, transcript))
@@ -303,27 +322,27 @@ class RuGPTServer:
     async def generate(self, request: Request) -> dict[str, Any] | StreamingResponse:
         body: GenerateRequest = await self._read(request, GenerateRequest)
         name, served = await self._served(body.model)
-        encoded, cfg = self._prepare(body, served, body.prompt)
+        encoded, cfg, constraint = await self._prepare(body, served, body.prompt)
         choices = Choices(self.tokenizer, encoded, cfg.num_return_sequences, body.echo, body.logprobs)
         responses = GenerateResponses(name, choices, body.num_return_sequences)
-        return await self._respond(served, encoded, cfg, body.stream, responses)
+        return await self._respond(served, encoded, cfg, constraint, body.stream, responses)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(self, request: Request) -> dict[str, Any] | StreamingResponse:
         body: CompletionRequest = await self._read(request, CompletionRequest)
         name, served = await self._served(body.model)
-        encoded, cfg = self._prepare(body, served, body.prompt)
+        encoded, cfg, constraint = await self._prepare(body, served, body.prompt)
         choices = Choices(self.tokenizer, encoded, cfg.num_return_sequences, body.echo, body.logprobs)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         responses = CompletionResponses(name, choices, body.n, include_usage)
-        return await self._respond(served, encoded, cfg, body.stream, responses)
+        return await self._respond(served, encoded, cfg, constraint, body.stream, responses)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(self, request: Request) -> dict[str, Any] | StreamingResponse:
         body: ChatCompletionRequest = await self._read(request, ChatCompletionRequest)
         name, served = await self._served(body.model)
-        encoded, cfg = self._prepare(body, served, self._chat_prompt(body, name, served))
+        encoded, cfg, constraint = await self._prepare(body, served, self._chat_prompt(body, name, served))
         choices = ChatChoices(self.tokenizer, encoded[0], body.n, body.alternatives)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         responses = ChatResponses(name, choices, body.n, body.echoed, include_usage)
-        return await self._respond(served, encoded, cfg, body.stream, responses)
+        return await self._respond(served, encoded, cfg, constraint, body.stream, responses)
