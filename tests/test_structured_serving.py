@@ -5,6 +5,7 @@ bad specs and slow compiles are 400s naming the field; the OpenAI client's `pars
 `with_structured_output` get parsed objects back from a random-weight model."""
 
 import asyncio
+import dataclasses
 import json
 import re
 from typing import Literal
@@ -157,7 +158,7 @@ def test_regex_choice_grammar_and_json_object_on_every_endpoint(server, models, 
         count = "num_return_sequences" if path == "/generate" else "n"
         out = post(server, path, model="base", **fields, **{length: 150, count: 4}, temperature=1.0, seed=seed)
         got = endings(out.get("completions") or out["choices"])
-        cfg = GenerationConfig(**{**sampled(150, seed, 4).__dict__, "logit_bias": fields.get("logit_bias", {})})
+        cfg = dataclasses.replace(sampled(150, seed, 4), logit_bias=fields.get("logit_bias", {}))
         assert got == [(c.text, c.finish_reason) for c in decoded(models["base"], tokenizer, prompt, cfg, kind, spec)]
         finished = [text for text, reason in got if reason == "stop"]
         assert finished and all(valid(text) for text in finished), got
