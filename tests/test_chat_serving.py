@@ -6,10 +6,9 @@ import json
 import subprocess
 import sys
 
-import httpx
 import pytest
 import torch
-from ports import free_port
+from app_client import app_client
 from test_serving import DENSE, sse
 
 from rugpt_ray.chat import CHAT_TEMPLATE_FILE, DEFAULT_CHAT_TEMPLATE, chat_template_source, render_chat
@@ -47,11 +46,6 @@ def checkpoints(tmp_path_factory, make_model, make_adapter) -> dict:
 
 @pytest.fixture(scope="module")
 def server(ray_local, checkpoints, data_dir):
-    from ray import serve
-
-    from rugpt_ray.serving.app import build_app
-
-    port = free_port()
     cfg = ServeConfig.from_dict({
         "models": {"chat": str(checkpoints["chat"]), "plain": str(checkpoints["plain"]),
                    "configured": {"path": str(checkpoints["configured"]),
@@ -59,11 +53,8 @@ def server(ray_local, checkpoints, data_dir):
         "adapters": {"tuned": {"path": str(checkpoints["tuned"]), "base": "plain"},
                      "inherits": {"path": str(checkpoints["inherits"]), "base": "configured"}},
         "tokenizer": str(data_dir / "tokenizer"), "max_new_tokens": 200, "max_n": 3, "max_models_per_replica": 5})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name="chat", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+    with app_client(cfg, "chat") as client:
         yield client
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")

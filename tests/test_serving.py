@@ -13,6 +13,7 @@ import httpx
 import pytest
 import torch
 import yaml
+from app_client import app_client
 from polling import poll
 from ports import free_port
 from reference_decoding import reference_decode
@@ -80,20 +81,12 @@ def checkpoints(tmp_path_factory, make_model) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def server(ray_local, checkpoints, data_dir):
     """One app with three models (two kept per replica) and small limits so that each one can be hit."""
-    from ray import serve
-
-    from rugpt_ray.serving.app import build_app
-
-    port = free_port()
     cfg = ServeConfig(models={name: str(path) for name, path in checkpoints.items()},
                       tokenizer=str(data_dir / "tokenizer"), max_new_tokens=1000, max_prompt_tokens=200, max_n=3,
                       max_batch_size=16, max_models_per_replica=2, max_ongoing_requests=4, max_queued_requests=4,
                       max_body_bytes=64 * 1024)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name="main", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+    with app_client(cfg, "main") as client:
         yield client
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")

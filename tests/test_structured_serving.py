@@ -13,7 +13,7 @@ from typing import Literal
 import httpx
 import jsonschema
 import pytest
-from ports import free_port
+from app_client import app_client
 from pydantic import BaseModel, ConfigDict, Field
 from schemas import SCHEMAS
 from test_serving import DENSE, sse
@@ -50,21 +50,13 @@ def checkpoints(tmp_path_factory, make_model, make_adapter) -> dict:
 
 @pytest.fixture(scope="module")
 def server(ray_local, checkpoints, data_dir):
-    from ray import serve
-
-    from rugpt_ray.serving.app import build_app
-
-    port = free_port()
     cfg = ServeConfig.from_dict({
         "models": {"base": str(checkpoints["base"])},
         "adapters": {"tuned": {"path": str(checkpoints["tuned"]), "base": "base"}},
         "tokenizer": str(data_dir / "tokenizer"), "max_new_tokens": 300, "max_n": 4,
         "grammar_compile_timeout_s": COMPILE_LIMIT_S})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name="structured", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+    with app_client(cfg, "structured") as client:
         yield client
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")
