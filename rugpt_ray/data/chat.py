@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from rugpt_ray.data.text import read_piece
-from rugpt_ray.errors import UserError
 from rugpt_ray.storage import filesystem
 
 if TYPE_CHECKING:
@@ -90,7 +89,7 @@ def tokenize_chat_piece(tokenizer: RuGPTTokenizer, template: str, path: str, sta
             conv_ids, conv_mask, how, lost = fit_conversation(tokenizer, template, parse_line(line), block_len)
         except UnicodeDecodeError as e:
             return _stopped(f"{path}:{_lines_before(fs, fs_path, offset) + number}: not valid UTF-8 (byte {e.start})")
-        except (ValueError, UserError) as e:  # UserError: the template cannot render this conversation
+        except ValueError as e:  # not a conversation, or (ChatTemplateError) one the template cannot render
             return _stopped(f"{path}:{_lines_before(fs, fs_path, offset) + number}: {e}")
         ids += conv_ids
         mask += conv_mask
