@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from rugpt_ray.checkpoints import export_hf, load_model
+from rugpt_ray.checkpoints import export_hf, load_model, safe_torch_load
 from rugpt_ray.config import TrainConfig, check_train_config, deepspeed_engine_config, load_train_config
 from rugpt_ray.errors import UserError
 from rugpt_ray.plotting import read_metrics
@@ -158,8 +158,7 @@ def traced(folder: Path, rank: int) -> list[dict]:
 
 def saved_client_state(checkpoint: str | Path) -> dict:
     """What a checkpoint saved besides weights and optimizer (train._save's client state), the RNG fingerprinted."""
-    saved = torch.load(Path(checkpoint) / "deepspeed" / "mp_rank_00_model_states.pt", map_location="cpu",
-                       weights_only=False)  # our own file: DeepSpeed pickles its config objects
+    saved = safe_torch_load(Path(checkpoint) / "deepspeed" / "mp_rank_00_model_states.pt")
     return {"state": saved["state"], "torch_rng": fingerprint(saved["torch_rng"])}
 
 
