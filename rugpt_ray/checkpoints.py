@@ -112,8 +112,8 @@ def read_chat_template(path_or_hub_id: str | os.PathLike) -> str | None:
         path = _download_hub(source)
     elif detected == "training":
         path = latest_checkpoint(path) / "model"
-    if (path / CHAT_TEMPLATE_FILE).is_file():
-        return (path / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    if (saved := saved_chat_template(path)) is not None:
+        return saved
     if (path / "tokenizer_config.json").is_file():
         template = _read_json(path / "tokenizer_config.json").get("chat_template")
         return template if isinstance(template, str) else None
@@ -423,6 +423,12 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
+
+
+def saved_chat_template(folder: Path) -> str | None:
+    """The template `write_chat_template` left in a model or adapter folder, or None."""
+    path = folder / CHAT_TEMPLATE_FILE
+    return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
 def write_chat_template(folder: Path, chat_template: str | None) -> None:

@@ -27,8 +27,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from rugpt_ray.chat import CHAT_TEMPLATE_FILE
-from rugpt_ray.checkpoints import LORA_ADAPTER_FILE, atomic_folder, load_model, safe_load_file, write_chat_template
+from rugpt_ray.checkpoints import (
+    LORA_ADAPTER_FILE,
+    atomic_folder,
+    load_model,
+    safe_load_file,
+    saved_chat_template,
+    write_chat_template,
+)
 from rugpt_ray.config import LoraConfig
 from rugpt_ray.errors import UserError
 from rugpt_ray.model import GPT
@@ -219,9 +225,8 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     if meta.get("format") != ADAPTER_FORMAT:
         raise UserError(f"{folder / CONFIG_FILE}: not a {ADAPTER_FORMAT} adapter (format {meta.get('format')!r})")
     lora = LoraConfig.from_dict(meta["lora"], where=f"{folder / CONFIG_FILE}: lora")
-    template = folder / CHAT_TEMPLATE_FILE
     return Adapter(lora, BaseRef(**meta["base"]), safe_load_file(folder / WEIGHTS_FILE), folder,
-                   template.read_text(encoding="utf-8") if template.is_file() else None)
+                   saved_chat_template(folder))
 
 
 def merged_model(path: str | os.PathLike, base: str | None = None) -> GPT:
