@@ -202,6 +202,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = engine.device
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config["start_from"]:  # a new run from a copied checkpoint (a PBT exploit)
+        checkpoint = ray.train.Checkpoint(config["start_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             if base is not None:
@@ -211,6 +213,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _, client = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_module_strict=base is None)
         state = TrainState(**client["state"])
         torch.set_rng_state(client["torch_rng"])
+        take_hyperparameters(engine, cfg, steps)
         if rank == 0:
             print(f"resumed from step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})", flush=True)
     log = _MetricsLog(run_dir if rank == 0 else None, resume_step=state.step)
@@ -283,6 +286,19 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, deepspeed_config: dic
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config, dist_init_required=False)
     return engine
+
+
+def take_hyperparameters(engine, cfg: TrainConfig, steps: int) -> None:
+    """A resumed run trains with its config's lr peak and weight decay, not the checkpoint's (which loading the
+    optimizer and schedule restored): a PBT exploit resumes a copy of another trial's checkpoint with perturbed
+    values. The schedule goes on at the checkpoint's step with the new peak: lr = lr_at(step, cfg)."""
+    schedule = engine.lr_scheduler
+    lr = lr_at(schedule.last_epoch, cfg, steps)
+    schedule.base_lrs = [cfg.lr] * len(schedule.base_lrs)
+    schedule._last_lr = [lr] * len(schedule.base_lrs)
+    wanted = param_groups(engine.module, cfg.weight_decay)
+    for group, want in zip(engine.optimizer.param_groups, wanted, strict=True):
+        group.update(lr=lr, initial_lr=cfg.lr, weight_decay=want["weight_decay"])
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -505,9 +521,10 @@ def run_folder(cfg: TrainConfig) -> str:
     return f"{storage.rstrip('/')}/{cfg.name}"
 
 
-def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None) -> TrainResult:
+def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None, start_from: str | None = None) -> TrainResult:
     """Check, prepare data, fit; the run folder is storage_path/name. `callbacks`: Ray Train run callbacks
-    (a Tune sweep forwards the reports to Tune with one)."""
+    (a Tune sweep forwards the reports to Tune with one). `start_from`: a checkpoint folder (or URI) a run with no
+    checkpoint of its own starts from, with its config's lr and weight decay (`take_hyperparameters`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -537,7 +554,7 @@ def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None) -> TrainR
     steps = cfg.total_steps()
     loop_config = {"train": cfg.to_dict(), "model": plan.model, "deepspeed": plan.deepspeed,
                    "steps": steps, "pad_id": ingest.pad_id, "run_dir": run_dir, "valid_blocks": valid_blocks,
-                   "valid_mask": valid_mask, "chat_template": prepared.chat_template}
+                   "valid_mask": valid_mask, "chat_template": prepared.chat_template, "start_from": start_from}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
