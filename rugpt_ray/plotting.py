@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,23 +68,36 @@ def plot_sweep(plan: SweepPlan, rows: list[dict[str, Any]], best: dict[str, Any]
 
 
 def sweep_figure(plan: SweepPlan, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> Figure:
-    """Left: the metric against step, one line per trial (dashed: stopped early). Right: the first two searched
-    keys (lr × weight decay) coloured by each trial's best metric, the best one starred."""
+    """Left: the metric against step, one line per trial (dashed: stopped early); after a PBT exploit (a row's
+    `lineage`) the trial's line goes on from its donor's point, the jump drawn dotted in the donor's colour. Right:
+    the first two searched keys (lr × weight decay) coloured by each trial's best metric, the best one starred."""
     plt = _pyplot()
     from matplotlib.ticker import NullFormatter
 
     metric = plan.spec.metric
     fig, (curves, scatter) = plt.subplots(1, 2, figsize=(12, 4.5))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {row["trial"]: cycle[i % len(cycle)] for i, row in enumerate(rows)}
+    drawn = {row["trial"]: dict((m["step"], m[metric]) for m in read_metrics(f"{plan.runs}/{row['trial']}")
+                                if metric in m) if row["steps"] else {} for row in rows}
     for row in rows:
-        run_dir = f"{plan.runs}/{row['trial']}"
-        points = [(m["step"], m[metric]) for m in read_metrics(run_dir) if metric in m] if row["steps"] else []
-        if points:
-            label = ", ".join(f"{k} {short_value(row[k])}" for k in plan.space)
-            curves.plot(*zip(*points, strict=True), marker="o", linestyle="--" if row["status"] == "stopped early"
-                        else "-", label=label)
+        points = sorted(drawn[row["trial"]].items())
+        style = {"marker": "o", "color": colour[row["trial"]],
+                 "linestyle": "--" if row["status"] == "stopped early" else "-"}
+        label = ", ".join(f"{k} {short_value(row[k])}" for k in plan.space)
+        for start, end, exploit in _segments(row.get("lineage", [])):
+            segment = [p for p in points if start < p[0] <= end]
+            donor_point = drawn.get(exploit["donor"], {}).get(exploit["step"]) if exploit else None
+            if donor_point is not None and segment:  # the copy goes on from the donor's point
+                curves.plot([exploit["step"], segment[0][0]], [donor_point, segment[0][1]], linestyle=":",
+                            color=colour[exploit["donor"]])
+            if segment:
+                curves.plot(*zip(*segment, strict=True), label=label, **style)
+                label = "_nolegend_"
     curves.set_xlabel("step")
     curves.set_ylabel(metric)
-    curves.set_title(f"{metric} per trial (dashed: stopped early)")
+    title = "dashed: stopped early" + ("\ndotted: a PBT exploit, in the donor's colour" if plan.mutations else "")
+    curves.set_title(f"{metric} per trial ({title})", fontsize=10)
     if curves.get_legend_handles_labels()[0]:
         curves.legend(fontsize=7)
 
@@ -109,6 +123,13 @@ def sweep_figure(plan: SweepPlan, rows: list[dict[str, Any]], best: dict[str, An
     fig.suptitle(f"sweep {plan.spec.name}")
     fig.tight_layout()
     return fig
+
+
+def _segments(lineage: list[dict[str, Any]]) -> list[tuple[float, float, dict[str, Any] | None]]:
+    """A trial's steps split at its exploits: (after step, up to step, the exploit that began it or None)."""
+    starts = [(-math.inf, None), *((event["step"], event) for event in lineage)]
+    ends = [event["step"] for event in lineage] + [math.inf]
+    return [(start, end, event) for (start, event), end in zip(starts, ends, strict=True)]
 
 
 def _pyplot():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from matplotlib.colors import to_hex
 
 from rugpt_ray.config import TrainConfig
 from rugpt_ray.errors import UserError
@@ -79,3 +80,30 @@ def test_plot_sweep_draws_every_trial_and_the_best(tmp_path):
     assert dots.get_offsets().tolist() == [[1e-3, 0.0], [3e-3, 0.0]]
     assert dots.get_array().tolist() == [rows[0]["best_valid_loss"], rows[1]["best_valid_loss"]]
     assert star.get_offsets().tolist() == [[1e-3, 0.0]]
+
+
+def test_sweep_figure_draws_a_pbt_exploit_from_the_donor_s_point(tmp_path):
+    spec = SweepConfig(name="pbt", scheduler="pbt", grace_period=None, perturbation_interval=20,
+                       space={"lr": {"loguniform": [1e-4, 1e-2]}}, mutations={"lr": {"loguniform": [1e-4, 1e-2]}})
+    plan = SweepPlan(spec, TrainConfig(), {"lr": ("loguniform", [1e-4, 1e-2])}, steps=60, folder=str(tmp_path),
+                     mutations={"lr": ("loguniform", [1e-4, 1e-2])})
+    write_run(tmp_path / "runs" / "good", [20, 40, 60])
+    (tmp_path / "runs" / "taker").mkdir(parents=True)
+    taken = [{"step": 20, "valid_loss": 3.0}, {"step": 40, "valid_loss": 0.4}, {"step": 60, "valid_loss": 0.3}]
+    (tmp_path / "runs" / "taker" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in taken))
+    exploit = {"step": 20, "donor": "good", "old": {"lr": 1e-5}, "new": {"lr": 3.6e-3}}
+    rows = [{"trial": "good", "lr": 3e-3, "steps": 60, "best_valid_loss": 0.15, "status": "finished", "lineage": []},
+            {"trial": "taker", "lr": 3.6e-3, "steps": 60, "best_valid_loss": 0.3, "status": "finished",
+             "lineage": [exploit]}]
+    curves = sweep_figure(plan, rows, best=rows[0]).axes[0]
+    lines = [(list(zip(line.get_xdata(), line.get_ydata(), strict=True)), to_hex(line.get_color()),
+              line.get_linestyle()) for line in curves.get_lines()]
+    good, taker = "#1f77b4", "#ff7f0e"  # the first two colours of the cycle
+    assert lines == [
+        ([(20, 9.0 / 20), (40, 9.0 / 40), (60, 9.0 / 60)], good, "-"),
+        ([(20, 3.0)], taker, "-"),  # its own points up to the exploit
+        ([(20, 9.0 / 20), (40, 0.4)], good, ":"),  # the jump from the donor's point, in the donor's colour
+        ([(40, 0.4), (60, 0.3)], taker, "-"),  # then its own line again
+    ]
+    assert [line.get_label() for line in curves.get_lines()][:2] == ["lr 0.003", "lr 0.0036"]
+    assert "dotted: a PBT exploit, in the donor's colour" in curves.get_title()

@@ -1,6 +1,7 @@
 """Sweeps through real Ray Tune over real Ray Train + DeepSpeed on CPU: ASHA stops laggards, the results name the
-best trial and its config trains, an interrupted sweep resumes without re-running finished trials, bad specs fail
-before any trial starts."""
+best trial and its config trains, an interrupted sweep resumes without re-running finished trials and an unfinished
+one continues from its checkpoint, PBT copies a better trial's checkpoint and perturbs its lr, Optuna's search is
+seeded and resumes, bad specs fail before any trial starts."""
 
 import csv
 import dataclasses
@@ -17,9 +18,9 @@ import yaml
 from rugpt_ray.cli import main
 from rugpt_ray.config import load_train_config
 from rugpt_ray.errors import UserError
-from rugpt_ray.train import train
+from rugpt_ray.train import lr_at, train
 from rugpt_ray.tuning.plan import load_sweep_config, plan_sweep
-from rugpt_ray.tuning.trials import run_sweep
+from rugpt_ray.tuning.trials import FAIL_ENV, param_space, run_sweep, search_algorithm
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_ONLY = {"CPU": 2.0}  # the shared test Ray's CPUs, and no GPU whatever the host has
@@ -148,7 +149,29 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     ({"space": {"learning_rate": {"choice": [1e-3]}}}, "space.learning_rate: not a training config key"),
     ({"space": {"seq_len": {"choice": [32, 64]}}}, "space.seq_len: cannot be searched (the data is prepared once"),
     ({"space": {"lr": {"choice": [1e-6]}}}, "space.lr value 1e-06: train config: need lr > 0 and 0 <= min_lr <= lr"),
-    ({"scheduler": "hyperband"}, "scheduler 'hyperband' is not one of asha, none"),
+    ({"scheduler": "hyperband"}, "scheduler 'hyperband' is not one of asha, pbt, none"),
+    ({"search": "hyperopt"}, "search 'hyperopt' is not one of random, optuna"),
+    ({"search": "optuna", "space": {"lr": {"grid": [1e-3, 2e-3]}}},
+     "space.lr: grid is not for this sweep: search optuna draws each value from a range or list (use choice)"),
+    ({"scheduler": "pbt", "perturbation_interval": 5, "mutations": {"lr": {"uniform": [1e-3, 2e-3]}}},
+     "grace_period is ASHA's, not scheduler pbt's; remove it"),
+    ({"scheduler": "asha", "perturbation_interval": 5, "quantile_fraction": 0.5},
+     "perturbation_interval, quantile_fraction are PBT's, not scheduler asha's; remove them"),
+    ({"scheduler": "pbt", "grace_period": None, "mutations": {"lr": {"uniform": [1e-3, 2e-3]}}},
+     "scheduler pbt needs perturbation_interval"),
+    ({"scheduler": "pbt", "grace_period": None, "perturbation_interval": 4,
+      "mutations": {"lr": {"uniform": [1e-3, 2e-3]}}},
+     "perturbation_interval 4 is shorter than the checkpoint interval (save_interval 5)"),
+    ({"scheduler": "pbt", "grace_period": None, "perturbation_interval": 10},
+     "scheduler pbt needs mutations, the keys it perturbs"),
+    ({"scheduler": "pbt", "grace_period": None, "perturbation_interval": 10, "mutations": {"lr": {"grid": [0.1]}}},
+     "mutations.lr: grid is not for this sweep: PBT perturbs values within a range or list"),
+    ({"scheduler": "pbt", "grace_period": None, "perturbation_interval": 10, "search": "optuna",
+      "space": {"lr": {"uniform": [1e-3, 2e-3]}}, "mutations": {"lr": {"uniform": [1e-3, 2e-3]}}},
+     "search optuna cannot go with it"),
+    ({"scheduler": "pbt", "grace_period": None, "perturbation_interval": 10, "train": {"eval_interval": 10},
+      "mutations": {"lr": {"uniform": [1e-3, 2e-3]}}},
+     "save_interval 5 must be a multiple of eval_interval 10"),
     ({"metric": "accuracy"}, "the trainer never reports metric 'accuracy'"),
     ({"train": {"valid_data": None}}, "metric valid_loss needs validation data"),
     ({"resources_per_trial": {"gpus": 1}}, "resources_per_trial: unknown keys ['gpus']"),
@@ -191,7 +214,8 @@ def test_a_sweep_folder_resumes_only_with_its_own_spec(tmp_path, data_dir):
         run_sweep(load_sweep_config(spec))
     for spec_path in sorted((REPO / "tune").glob("*.yaml")):  # the shipped specs pass every check
         plan = plan_sweep(load_sweep_config(str(spec_path)))
-        assert set(plan.space) in ({"lr", "weight_decay"}, {"lr", "lora.r"}) and plan.spec.scheduler == "asha"
+        assert set(plan.space) in ({"lr", "weight_decay"}, {"lr", "lora.r"})
+        assert plan.spec.scheduler in ("asha", "pbt") and plan.spec.search in ("random", "optuna")
 
 
 def test_gpu_trials_on_a_cluster_without_gpus_wait_only_when_asked(tmp_path, data_dir, capsys):
@@ -210,3 +234,106 @@ def test_gpu_trials_on_a_cluster_without_gpus_wait_only_when_asked(tmp_path, dat
                                         "has 2 CPUs, 0 GPUs"):
         _concurrent_trials(plan_sweep(load_sweep_config(spec)), CPU_ONLY)
     assert _concurrent_trials(plan_sweep(load_sweep_config(spec)), {"CPU": 16.0, "GPU": 2.0}) == 2  # one per GPU
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_pbt_exploit_continues_the_donor_s_checkpoint_with_the_perturbed_lr(tmp_path, prepared, ray_local):
+    # 2 trials (a good lr and a hopeless one), synchronous PBT at step 5 of 8: the hopeless one copies the good one's
+    # step-5 checkpoint and goes on with a perturbation of its lr; a training loss logged at every step
+    spec = spec_file(tmp_path, prepared, scheduler="pbt", grace_period=None, num_samples=1, perturbation_interval=5,
+                     quantile_fraction=0.5, space={"lr": {"grid": [3e-3, 1e-5]}},
+                     mutations={"lr": {"loguniform": [1e-4, 1e-2]}},
+                     train={"max_steps": 8, "log_interval": 1, "eval_interval": 5, "save_interval": 5})
+    result = run_sweep(load_sweep_config(spec))
+    assert not result.interrupted
+    folder = tmp_path / "sweeps" / "sweep"
+    with open(folder / "trials.csv") as f:
+        rows = {r["trial"]: r for r in csv.DictReader(f)}
+    assert sorted(r["exploits"] for r in rows.values()) == ["0", "1"] and all(r["steps"] == "8" for r in rows.values())
+    (taker,) = [t for t, r in rows.items() if r["exploits"] == "1"]
+    (donor,) = set(rows) - {taker}
+    assert rows[taker]["donors"] == f"{donor}@5" and rows[donor]["donors"] == ""
+
+    lineage = json.loads((folder / "runs" / taker / "lineage.json").read_text())
+    (event,) = lineage["exploits"]
+    assert (event["step"], event["donor"], event["old"]["lr"]) == (5, donor, 1e-5)
+    assert event["donor_checkpoint"] == str(folder / "runs" / donor / "step_0000005")
+    assert lineage["initial"] == {"lr": 1e-5} and event["new"]["lr"] != 3e-3  # perturbed from the donor's
+    assert float(rows[taker]["lr"]) == event["new"]["lr"]
+    assert sorted(p.name for p in (folder / "runs" / taker).glob("step_*")) == ["step_0000005", "step_0000008"]
+
+    def metrics(trial):
+        return {m["step"]: m for m in map(json.loads, (folder / "runs" / trial / "metrics.jsonl").open())}
+
+    took, gave = metrics(taker), metrics(donor)
+    assert sorted(took) == list(range(1, 9))  # its own steps 1-5, then the copy's step count goes on
+    assert took[5]["valid_loss"] > gave[5]["valid_loss"] + 0.3  # before: its own hopeless weights
+    assert took[6]["loss"] == pytest.approx(gave[6]["loss"], rel=1e-5)  # the donor's weights, batch and RNG
+    cfg = plan_sweep(load_sweep_config(spec)).base
+    for step in (6, 7, 8):  # the schedule goes on at the copied step with the new peak
+        assert took[step]["lr"] == pytest.approx(lr_at(step, dataclasses.replace(cfg, lr=event["new"]["lr"]), 8))
+        assert gave[step]["lr"] == pytest.approx(lr_at(step, dataclasses.replace(cfg, lr=3e-3), 8))
+
+    best = load_train_config(str(folder / "best.yaml"))
+    schedule = [line for line in (folder / "best.yaml").read_text().splitlines() if line.startswith("#   from step")]
+    if result.best["trial"] == taker:
+        assert schedule == ["#   from step 0: lr 0.003", f"#   from step 5: lr {event['new']['lr']:.3g}"]
+    else:
+        assert schedule == ["#   from step 0: lr 0.003"]
+    assert best.lr == float(rows[result.best["trial"]]["lr"])
+    assert (folder / "trials.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_an_unfinished_trial_continues_from_its_checkpoint_on_resume(tmp_path, prepared, ray_local, monkeypatch):
+    # Optuna's search; each trial's first run fails right after its step-5 checkpoint (the test seam FAIL_ENV), as
+    # an interrupted sweep leaves them; the second run of the sweep resumes them from step 5, not from step 0
+    spec = spec_file(tmp_path, prepared, scheduler="none", search="optuna", num_samples=2, max_concurrent_trials=2,
+                     space={"lr": {"loguniform": [1e-3, 5e-3]}, "weight_decay": {"uniform": [0.0, 0.1]}},
+                     train={"max_steps": 10, "eval_interval": 5, "save_interval": 5, "log_interval": 5})
+    monkeypatch.setenv(FAIL_ENV, "5")
+    first = run_sweep(load_sweep_config(spec))
+    assert [r["status"] for r in first.rows] == ["failed", "failed"] and all(r["steps"] >= 5 for r in first.rows)
+    runs = tmp_path / "sweeps" / "sweep" / "runs"
+    kept = {r["trial"]: (runs / r["trial"] / "step_0000005" / "train_state.json").stat().st_mtime_ns
+            for r in first.rows}
+
+    second = run_sweep(load_sweep_config(spec))
+    assert not second.interrupted and [r["status"] for r in second.rows] == ["finished", "finished"]
+    assert {r["trial"]: (r["lr"], r["weight_decay"]) for r in second.rows} == {
+        r["trial"]: (r["lr"], r["weight_decay"]) for r in first.rows}  # the same trials: no new draws
+    for trial, mtime in kept.items():
+        assert (runs / trial / "step_0000005" / "train_state.json").stat().st_mtime_ns == mtime  # not saved again
+        assert (runs / trial / "step_0000010").is_dir()
+        results = [json.loads(line) for line in next((tmp_path / "sweeps" / "sweep").glob(f"*{trial}*/result.json"))
+                   .open()]
+        assert [r["step"] for r in results] == [5, 10]  # step 5 reported once: the second run began at step 6
+        steps = [json.loads(line)["step"] for line in (runs / trial / "metrics.jsonl").open()]
+        assert steps == [5, 10]
+
+
+def test_optuna_search_is_seeded_and_resumes(tmp_path, data_dir):
+    corpus = data_dir / "corpus"
+    spec = spec_file(tmp_path, str(corpus / "train"), search="optuna", scheduler="none", grace_period=None,
+                     space={"lr": {"loguniform": [1e-4, 1e-2]}, "weight_decay": {"choice": [0.0, 0.05, 0.1]}},
+                     train={"valid_data": str(corpus / "valid")})
+    plan = plan_sweep(load_sweep_config(spec))
+
+    def searcher():
+        algorithm = search_algorithm(plan, concurrent=2)
+        algorithm.set_search_properties(plan.spec.metric, plan.spec.mode, param_space(plan))
+        return algorithm
+
+    one, two = searcher(), searcher()
+    first = [one.suggest(f"t{i}") for i in range(2)]
+    assert [two.suggest(f"t{i}") for i in range(2)] == first  # the same seed proposes the same values
+    assert first[0] != first[1] and all(1e-4 <= s["lr"] <= 1e-2 for s in first)
+    assert one.suggest("t2") is None  # 2 at a time
+    for i, loss in enumerate([5.0, 4.0]):
+        one.on_trial_complete(f"t{i}", {"valid_loss": loss, "step": 10})
+    one.save(str(tmp_path / "searcher.pkl"))
+    restored = searcher()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.suggest("t2") == one.suggest("t2")  # a resumed sweep proposes what the first would have

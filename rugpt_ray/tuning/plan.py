@@ -25,7 +25,10 @@ from rugpt_ray.errors import UserError
 from rugpt_ray.storage import is_uri, read_text
 
 KINDS = ("loguniform", "uniform", "choice", "grid")
-SCHEDULERS = ("asha", "none")
+SCHEDULERS = ("asha", "pbt", "none")
+SEARCHES = ("random", "optuna")
+ASHA_KEYS = ("grace_period", "reduction_factor")
+PBT_KEYS = ("perturbation_interval", "mutations", "quantile_fraction")
 METRICS = ("valid_loss", "valid_ppl", "loss", "ppl")
 """What the trainer reports that a sweep can rank by: validation loss/perplexity (every eval_interval) or the
 training ones (every log_interval)."""
@@ -71,16 +74,29 @@ class SweepConfig(Config):
     (one drawn per trial) or {grid: [values]} (every value, num_samples times each)."""
     num_samples: int = option(8, ge=1)
     """Trials drawn from the space (times the grid's size when it has grid keys)."""
+    search: str = option("random", choices=SEARCHES)
+    """How each trial's values are drawn: random (and every grid value) or optuna (Optuna's TPE, seeded: each new
+    trial's values come from what the finished ones showed; no grid keys)."""
     scheduler: str = option("asha", choices=SCHEDULERS)
-    """asha (stop trials that fall behind at each rung of evaluations) or none (every trial runs to the end)."""
+    """asha (stop trials that fall behind at each rung of evaluations), pbt (population-based training: at every
+    perturbation_interval the worst trials continue from a copy of a better one's checkpoint with perturbed values)
+    or none (every trial runs to the end)."""
     metric: str = "valid_loss"
     """What trials are ranked by: valid_loss, valid_ppl (need validation data), loss or ppl."""
     mode: str = option("min", choices=("min", "max"))
     """min or max of the metric is best."""
     grace_period: int | None = option(None, ge=1)
     """ASHA: training steps before a trial can be stopped (default: the first evaluation, eval_interval)."""
-    reduction_factor: float = option(2.0, gt=1)
-    """ASHA: at each rung only the best 1/reduction_factor of the trials that reached it go on."""
+    reduction_factor: float | None = option(None, gt=1)
+    """ASHA: at each rung only the best 1/reduction_factor of the trials that reached it go on (default 2)."""
+    perturbation_interval: int | None = option(None, ge=1)
+    """PBT: training steps between exploits; at least the recipe's save_interval (a trial continues from a
+    checkpoint)."""
+    mutations: dict[str, Any] = option(factory=dict)
+    """PBT: the keys it perturbs, in the space's form ({loguniform: [low, high]}, {uniform: ...}, {choice: ...});
+    a key not in `space` draws its first value from here."""
+    quantile_fraction: float | None = option(None, gt=0, le=0.5)
+    """PBT: the worst fraction of the trials copy one of the best fraction at each exploit (default 0.25)."""
     max_concurrent_trials: int | None = option(None, ge=1)
     """Trials running at once; at most (and by default) as many as the cluster fits with one CPU left for Ray Data's
     reads (more would starve them: the trials' training would wait forever). Give it on an autoscaling cluster
@@ -91,16 +107,19 @@ class SweepConfig(Config):
     seed: int = 0
     """Seed of the search (which values are drawn); every trial trains with the recipe's seed."""
 
-    def __post_init__(self) -> None:
-        if self.scheduler == "pbt":
-            raise UserError(f"{self.where}: scheduler 'pbt' is not one of {', '.join(SCHEDULERS)} (PBT needs a resumed "
-                            "run to take new lr/weight_decay values, which the trainer does not do yet)")
-        super().__post_init__()
-
     def check(self) -> None:
         if self.metric not in METRICS:
             raise UserError(f"{self.where}: the trainer never reports metric {self.metric!r}; "
                             f"rank trials by one of {', '.join(METRICS)}")
+        others = ASHA_KEYS if self.scheduler == "pbt" else PBT_KEYS
+        mixed = [key for key in others if getattr(self, key) not in (None, {})]
+        if mixed:
+            owner = "ASHA's" if self.scheduler == "pbt" else "PBT's"
+            raise UserError(f"{self.where}: {', '.join(mixed)} {'is' if len(mixed) == 1 else 'are'} {owner}, not "
+                            f"scheduler {self.scheduler}'s; remove {'it' if len(mixed) == 1 else 'them'}")
+        if self.scheduler == "pbt" and self.search != "random":
+            raise UserError(f"{self.where}: scheduler pbt draws its first values at random and then perturbs them; "
+                            f"search {self.search} cannot go with it (use search: random)")
 
 
 def load_sweep_config(path: str, overrides: list[str] | None = None, out: str | None = None) -> SweepConfig:
@@ -124,6 +143,8 @@ class SweepPlan:
     steps: int
     folder: str
     """The sweep folder: an absolute local path or a URI."""
+    mutations: dict[str, tuple[str, list]] = dataclasses.field(default_factory=dict)
+    """PBT's perturbed keys, checked as `space` is."""
 
     @property
     def runs(self) -> str:
@@ -152,11 +173,43 @@ def plan_sweep(spec: SweepConfig) -> SweepPlan:
             raise UserError(f"sweep spec: metric {spec.metric} needs validation data (valid_data, or a prepared "
                             "train_data folder with a valid split); without it rank by loss")
     space = _check_space(spec.space, base)
+    if spec.search == "optuna":
+        _refuse_grid(space, "search optuna draws each value from a range or list (use choice)")
     if spec.grace_period is not None and not 1 <= spec.grace_period <= steps:
         raise UserError(f"sweep spec: grace_period must be between 1 and the trials' {steps} steps, "
                         f"got {spec.grace_period}")
+    mutations = _check_pbt(spec, base, steps) if spec.scheduler == "pbt" else {}
     storage = spec.storage_path.rstrip("/") if is_uri(spec.storage_path) else str(Path(spec.storage_path).resolve())
-    return SweepPlan(spec, base, space, steps, f"{storage}/{spec.name}")
+    return SweepPlan(spec, base, space, steps, f"{storage}/{spec.name}", mutations)
+
+
+def _check_pbt(spec: SweepConfig, base: TrainConfig, steps: int) -> dict[str, tuple[str, list]]:
+    """PBT's keys: an interval that falls on checkpoints that carry the metric, and mutations as a space."""
+    interval = spec.perturbation_interval
+    if interval is None:
+        raise UserError("sweep spec: scheduler pbt needs perturbation_interval (training steps between exploits)")
+    if interval < base.save_interval:
+        raise UserError(f"sweep spec: perturbation_interval {interval} is shorter than the checkpoint interval "
+                        f"(save_interval {base.save_interval}): a trial continues from a checkpoint")
+    if interval > steps:
+        raise UserError(f"sweep spec: perturbation_interval {interval} is past the trials' {steps} steps")
+    every, name = ((base.eval_interval, "eval_interval") if spec.metric.startswith("valid_")
+                   else (base.log_interval, "log_interval"))
+    if base.save_interval % every:
+        raise UserError(f"sweep spec: scheduler pbt compares trials at their checkpoints: save_interval "
+                        f"{base.save_interval} must be a multiple of {name} {every} ({spec.metric} is reported then)")
+    if not spec.mutations:
+        raise UserError("sweep spec: scheduler pbt needs mutations, the keys it perturbs; "
+                        "e.g. mutations: {lr: {loguniform: [1.0e-4, 1.0e-2]}}")
+    mutations = _check_space(spec.mutations, base, "mutations")
+    _refuse_grid(mutations, "PBT perturbs values within a range or list (use choice)", "mutations")
+    return mutations
+
+
+def _refuse_grid(space: dict[str, tuple[str, list]], why: str, name: str = "space") -> None:
+    grid = [key for key, (kind, _) in space.items() if kind == "grid"]
+    if grid:
+        raise UserError(f"sweep spec: {name}.{grid[0]}: grid is not for this sweep: {why}")
 
 
 def _base_config(spec: SweepConfig) -> TrainConfig:
@@ -178,7 +231,7 @@ def _base_config(spec: SweepConfig) -> TrainConfig:
     return TrainConfig.from_dict(values, where="sweep spec: recipe + train + resources_per_trial")
 
 
-def _check_space(space: Any, base: TrainConfig) -> dict[str, tuple[str, list]]:
+def _check_space(space: Any, base: TrainConfig, name: str = "space") -> dict[str, tuple[str, list]]:
     """{key: (kind, values)}; every bound and every listed value must make a config that passes every check."""
     example = "e.g. space: {lr: {loguniform: [1.0e-4, 1.0e-2]}, weight_decay: {uniform: [0.0, 0.1]}}"
     if not isinstance(space, dict) or not space:
@@ -186,7 +239,7 @@ def _check_space(space: Any, base: TrainConfig) -> dict[str, tuple[str, list]]:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     out = {}
     for key, entry in space.items():
-        where = f"sweep spec: space.{key}"
+        where = f"sweep spec: {name}.{key}"
         field, dot, _ = key.partition(".")
         if field not in known or (dot and field not in DICT_KEYS):
             raise UserError(f"{where}: not a training config key (nor {' or '.join(DICT_KEYS)}.KEY)")

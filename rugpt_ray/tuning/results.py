@@ -14,6 +14,7 @@ from rugpt_ray.errors import UserError
 from rugpt_ray.plotting import plot_sweep, read_metrics, short_value
 from rugpt_ray.storage import read_text, subfolders, write_file
 from rugpt_ray.train import STATE_FILE
+from rugpt_ray.tuning.pbt import read_lineage, schedule
 from rugpt_ray.tuning.plan import TRIAL_FILE, SweepPlan
 
 
@@ -59,6 +60,10 @@ def trial_rows(plan: SweepPlan, status: dict[str, str]) -> list[dict[str, Any]]:
             state = "finished" if row["steps"] >= plan.steps else "stopped early"
         row["status"] = "failed" if state != "unfinished" and not evals else state
         row["checkpoint"] = _best_checkpoint(run_dir, plan.spec.metric, better)
+        if plan.spec.scheduler == "pbt":
+            exploits = (read_lineage(run_dir) or {"exploits": []})["exploits"]
+            row.update(lineage=exploits, exploits=len(exploits),
+                       donors=" ".join(f"{e['donor']}@{e['step']}" for e in exploits))
         rows.append(row)
     return rows
 
@@ -86,8 +91,9 @@ def best_row(rows: list[dict[str, Any]], plan: SweepPlan) -> dict[str, Any] | No
 
 def table_columns(plan: SweepPlan) -> list[str]:
     loss, ppl = plan.metric_pair()
-    return ["trial", *plan.space, "steps", f"final_{loss}", f"best_{loss}", f"final_{ppl}", f"best_{ppl}",
-            "best_step", "status"]
+    lineage = ["exploits", "donors"] if plan.spec.scheduler == "pbt" else []
+    return ["trial", *plan.space, *(k for k in plan.mutations if k not in plan.space), "steps", f"final_{loss}",
+            f"best_{loss}", f"final_{ppl}", f"best_{ppl}", "best_step", *lineage, "status"]
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -124,11 +130,22 @@ def _write_best_config(plan: SweepPlan, best: dict[str, Any]) -> str:
     metric = plan.spec.metric
     header = (f"# The best trial of sweep {plan.folder}: {best['trial']}, best {metric} "
               f"{best[f'best_{metric}']:.4g} at step {best['best_step']}\n"
-              f"# ({', '.join(f'{k} {params[k]!r}' for k in plan.space)}). Its checkpoint: {best['checkpoint']}\n"
+              f"# ({', '.join(f'{k} {params[k]!r}' for k in params)}). Its checkpoint: {best['checkpoint']}\n"
               f"# train_data is the prepared data the sweep trained on. Train: rugpt-ray train --config THIS_FILE\n")
+    if plan.spec.scheduler == "pbt":
+        header += _schedule_comment(plan, best["trial"])
     out = f"{plan.folder}/best.yaml"
     write_file(out, header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
     return out
+
+
+def _schedule_comment(plan: SweepPlan, trial: str) -> str:
+    """PBT's winning schedule: the values the best trial's weights were trained with, from which step (through its
+    donors); the recipe below holds the last ones, and its checkpoint resumes with them."""
+    lines = [f"#   from step {step}: " + ", ".join(f"{k} {short_value(v)}" for k, v in values.items())
+             for step, values in schedule(plan.runs, trial)]
+    return ("# PBT schedule (the values over time, through the donors whose checkpoints it continued):\n"
+            + "\n".join(lines) + "\n")
 
 
 def describe(result: SweepResult) -> str:

@@ -1,8 +1,10 @@
 """Running a sweep: each trial is a Tune function that trains the base recipe with its sampled values.
 
 Ray 2.60 runs Train V2, where `Tuner(trainer)` fails; each trial is therefore a Tune function that builds its
-TrainConfig (the base recipe plus the trial's sampled values) and calls `train()`, whose TorchTrainer forwards
-every report that carries the sweep's metric (each evaluation) to Tune, so ASHA can stop bad trials at its rungs.
+TrainConfig (the base recipe plus the trial's sampled values) and runs `train()` in a thread, whose TorchTrainer
+forwards every report that carries the sweep's metric (each evaluation) to the function, which reports it to Tune
+(with a pointer to the Train checkpoint, `pbt.pointer_checkpoint`, where the report has one): ASHA stops bad
+trials at its rungs, Optuna learns from the results, PBT exploits through the pointers.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import threading
 import time
 from typing import Any
 
@@ -19,16 +22,19 @@ import ray
 import ray.tune
 import yaml
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
+from ray.train.v2.api.callback import UserCallback
+from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.queue import Queue
 
 from rugpt_ray.config import TrainConfig, default_tokenizer
 from rugpt_ray.errors import UserError
 from rugpt_ray.ray_start import ray_connection, start_ray
-from rugpt_ray.storage import write_file
+from rugpt_ray.storage import read_text, write_file
 from rugpt_ray.train import prepare_training_data, train
+from rugpt_ray.tuning.pbt import exploit, pointer_checkpoint, read_pointer, start_lineage
 from rugpt_ray.tuning.plan import (
     METRICS,
     SPEC_FILE,
@@ -43,24 +49,67 @@ from rugpt_ray.tuning.plan import (
 )
 from rugpt_ray.tuning.results import SweepResult, best_row, describe, trial_rows, write_results
 
-
-def _report_callback(metric: str):
-    """Tune's report callback for Train, keeping only reports with the metric (Tune refuses results without it)."""
-    class ReportEvaluations(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if metric in metrics[0]:
-                super().after_report(run_context, metrics, checkpoint)
-
-    return ReportEvaluations()
+FAIL_ENV = "RUGPT_SWEEP_FAIL_AT"
+"""Test-only: a step. Each trial's first run fails once it has reported its checkpoint at that step or later (the
+run folder keeps a marker, so the trial's next run goes on), as an interrupted sweep leaves its trials. Unset
+(always, for users): nothing happens."""
+FAILED_ONCE = "injected_failure"
 
 
-def _run_trial(params: dict[str, Any], *, base: dict[str, Any], runs: str, metric: str) -> None:
-    """One trial, in Tune's trial actor: its training run is runs/TRIAL_ID (a restarted trial resumes it)."""
+class _ForwardReports(UserCallback):
+    """Train's reports that carry the metric (Tune refuses results without it), to the trial function through a
+    queue; with `checkpoints_only`, only those with a checkpoint too (PBT compares trials where they can be copied)."""
+
+    def __init__(self, queue: Queue, metric: str, checkpoints_only: bool):
+        self.queue, self.metric, self.checkpoints_only = queue, metric, checkpoints_only
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if self.metric in metrics[0] and (checkpoint is not None or not self.checkpoints_only):
+            self.queue.put((metrics[0], checkpoint.path if checkpoint is not None else None))
+
+
+def _run_trial(params: dict[str, Any], *, base: dict[str, Any], runs: str, metric: str, pbt: bool,
+               fail_at: int | None) -> None:
+    """One trial, in Tune's trial actor: its training run is runs/TRIAL_ID (a restarted trial resumes it, an
+    exploited one starts it again from a copy of the donor's checkpoint)."""
     trial_id = ray.tune.get_context().get_trial_id()
+    run_dir = f"{runs}/{trial_id}"
     cfg = TrainConfig.from_dict({**trial_values(base, params), "name": trial_id, "storage_path": runs})
-    trial = {"trial_id": trial_id, "params": params, "config": cfg.to_dict()}
-    write_file(f"{runs}/{trial_id}/{TRIAL_FILE}", json.dumps(trial, indent=2))
-    train(cfg, callbacks=[_report_callback(metric)])
+    pointer, start_from = read_pointer(ray.tune.get_checkpoint()), None
+    if pbt:
+        start_lineage(run_dir, params)
+    if pointer is not None and pointer["trial"] != trial_id:  # PBT exploits another trial's checkpoint
+        old = json.loads(read_text(f"{run_dir}/{TRIAL_FILE}"))["params"]
+        start_from = exploit(run_dir, pointer, old, params)
+        print(f"trial {trial_id} continues from {start_from} (trial {pointer['trial']}): "
+              + ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in params.items() if old.get(k) != v), flush=True)
+    write_file(f"{run_dir}/{TRIAL_FILE}", json.dumps({"trial_id": trial_id, "params": params,
+                                                      "config": cfg.to_dict()}, indent=2))
+    reports, failure = Queue(actor_options={"num_cpus": 0}), []
+
+    def fit() -> None:
+        try:
+            train(cfg, callbacks=[_ForwardReports(reports, metric, checkpoints_only=pbt)], start_from=start_from)
+        except BaseException as e:  # raised again in the trial's thread, where Tune sees it
+            failure.append(e)
+        finally:
+            reports.put(None)
+
+    threading.Thread(target=fit, name=f"train-{trial_id}", daemon=True).start()
+    while (report := reports.get()) is not None:
+        metrics, checkpoint = report
+        ray.tune.report(metrics, checkpoint=pointer_checkpoint(trial_id, run_dir, checkpoint) if checkpoint else None)
+        if fail_at is not None and checkpoint and metrics["step"] >= fail_at:
+            _fail_once(run_dir, metrics["step"])
+    if failure:
+        raise failure[0]
+
+
+def _fail_once(run_dir: str, step: int) -> None:
+    """FAIL_ENV's failure: the first time only."""
+    if read_text(f"{run_dir}/{FAILED_ONCE}") is None:
+        write_file(f"{run_dir}/{FAILED_ONCE}", str(step))
+        raise RuntimeError(f"{FAIL_ENV}: injected failure after the checkpoint at step {step}")
 
 
 def _release_orphaned_placement_groups(wait_s: float = 0.0) -> int:
@@ -124,6 +173,37 @@ def _tune_space(space: dict[str, tuple[str, list]]) -> dict[str, Any]:
     return {key: make[kind](values) for key, (kind, values) in space.items()}
 
 
+def param_space(plan: SweepPlan) -> dict[str, Any]:
+    """The space, and PBT's mutated keys that are not in it (their first values drawn as they mutate)."""
+    return _tune_space({**plan.mutations, **plan.space})
+
+
+def search_algorithm(plan: SweepPlan, concurrent: int):
+    """random: Tune's random draws and grids; optuna: Optuna's TPE seeded with the spec's seed, `concurrent` trials
+    at a time (each new one learns from the results so far)."""
+    spec = plan.spec
+    if spec.search == "optuna":
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(sampler=TPESampler(seed=spec.seed), metric=spec.metric,
+                                               mode=spec.mode), max_concurrent=concurrent)
+    return BasicVariantGenerator(max_concurrent=concurrent, random_state=spec.seed)
+
+
+def scheduler(plan: SweepPlan):
+    """ASHA, PBT (synchronous: every trial reaches the interval before the worst copy the best), or none."""
+    spec = plan.spec
+    if spec.scheduler == "asha":
+        return ASHAScheduler(time_attr="step", max_t=plan.steps, reduction_factor=spec.reduction_factor or 2.0,
+                             grace_period=spec.grace_period or min(plan.base.eval_interval, plan.steps))
+    if spec.scheduler == "pbt":
+        return PopulationBasedTraining(time_attr="step", perturbation_interval=spec.perturbation_interval,
+                                       hyperparam_mutations=_tune_space(plan.mutations),
+                                       quantile_fraction=spec.quantile_fraction or 0.25, synch=True)
+    return None
+
+
 def _concurrent_trials(plan: SweepPlan, resources: dict[str, float]) -> int:
     """The spec's max_concurrent_trials, at most the trials the cluster's `resources` hold with one CPU left for
     Ray Data (see data.train_ingest). A cluster with no room for one trial yet (an autoscaling one before its GPU
@@ -160,24 +240,22 @@ def run_sweep(spec: SweepConfig) -> SweepResult:
     if threads is None and not base.use_gpu:  # oversubscribed cores run torch several times slower
         threads = max(1, (os.cpu_count() or 1) // (concurrent * base.num_workers))
     trial_base = {**base.to_dict(), "train_data": prepared.path, "valid_data": None, "threads_per_worker": threads}
+    fail_at = int(os.environ[FAIL_ENV]) if os.environ.get(FAIL_ENV) else None
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, base=trial_base, runs=plan.runs, metric=spec.metric), TRIAL_DRIVER)
+        tune.with_parameters(_run_trial, base=trial_base, runs=plan.runs, metric=spec.metric,
+                             pbt=spec.scheduler == "pbt", fail_at=fail_at), TRIAL_DRIVER)
     write_file(f"{plan.folder}/{SPEC_FILE}", yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
 
     if tune.Tuner.can_restore(plan.folder):
         print(f"resuming sweep {plan.folder}", flush=True)
         tuner = tune.Tuner.restore(plan.folder, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        scheduler = None
-        if spec.scheduler == "asha":
-            scheduler = ASHAScheduler(time_attr="step", max_t=plan.steps, reduction_factor=spec.reduction_factor,
-                                      grace_period=spec.grace_period or min(base.eval_interval, plan.steps))
         tuner = tune.Tuner(
             trainable,
-            param_space=_tune_space(plan.space),
+            param_space=param_space(plan),
             tune_config=tune.TuneConfig(
-                metric=spec.metric, mode=spec.mode, scheduler=scheduler, num_samples=spec.num_samples,
-                search_alg=BasicVariantGenerator(max_concurrent=concurrent, random_state=spec.seed)),
+                metric=spec.metric, mode=spec.mode, scheduler=scheduler(plan), num_samples=spec.num_samples,
+                search_alg=search_algorithm(plan, concurrent)),
             run_config=tune.RunConfig(name=spec.name, storage_path=plan.folder.rpartition("/")[0], verbose=1,
                                       callbacks=[_sweep_callback()]),
         )

@@ -1,0 +1,104 @@
+"""Population-based training over Train runs: the Tune checkpoint of a trial is a pointer to its Train run's
+checkpoint, and an exploit starts the trial's run again from a copy of the donor's.
+
+Ray 2.60's Train V2 cannot be handed another run's checkpoint by Tune, so each trial reports a small Tune
+checkpoint (`pointer_checkpoint`: trial, run folder, step) with every Train checkpoint. When PBT exploits, Tune
+restarts the trial with the donor's pointer and perturbed values; `exploit` then replaces the trial's own
+checkpoints (and Train's record of them) with a copy of the donor's, which the trial's next Train run starts from
+(`train(start_from=...)`) with its new lr and weight decay: the schedule goes on at the copied step with the new
+peak. Each trial's run folder keeps its lineage (lineage.json): its first values and every exploit.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rugpt_ray.storage import filesystem, read_text, subfolders, write_file
+from rugpt_ray.train import STATE_FILE
+
+POINTER_FILE = "pointer.json"
+LINEAGE_FILE = "lineage.json"
+TRAIN_RUN_STATE = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of a run's checkpoints (what a re-run of the same name resumes from): removed on exploit, so
+that the trial's next run starts from the copy."""
+
+
+def pointer_checkpoint(trial_id: str, run_dir: str, checkpoint_path: str):
+    """A Tune checkpoint that names a Train checkpoint (run folder step_NNNNNNN) of this trial."""
+    from ray.tune import Checkpoint
+
+    folder = Path(tempfile.mkdtemp(prefix="rugpt-pointer-"))
+    step = int(checkpoint_path.rstrip("/").rpartition("_")[2])
+    pointer = {"trial": trial_id, "run": run_dir, "step": step, "checkpoint": checkpoint_path}
+    (folder / POINTER_FILE).write_text(json.dumps(pointer))
+    return Checkpoint.from_directory(str(folder))
+
+
+def read_pointer(checkpoint) -> dict[str, Any] | None:
+    """The pointer of a Tune checkpoint (None: there is none, the trial starts)."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return json.loads((Path(folder) / POINTER_FILE).read_text())
+
+
+def donor_checkpoint(pointer: dict[str, Any]) -> str:
+    """The pointed checkpoint while the donor keeps it, else the donor's newest complete one (num_to_keep may have
+    removed the pointed one since)."""
+    if read_text(f"{pointer['checkpoint']}/{STATE_FILE}") is not None:
+        return pointer["checkpoint"]
+    complete = [name for name in subfolders(pointer["run"], "step_*")
+                if read_text(f"{pointer['run']}/{name}/{STATE_FILE}") is not None]
+    if not complete:
+        raise RuntimeError(f"PBT: donor trial {pointer['trial']} has no complete checkpoint in {pointer['run']}")
+    return f"{pointer['run']}/{complete[-1]}"
+
+
+def exploit(run_dir: str, pointer: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The trial's run starts again from a copy of the donor's checkpoint: its own checkpoints and Train's record of
+    them go, the copy takes their place, and lineage.json records the exploit. Returns the copy."""
+    import pyarrow.fs as pafs
+
+    source = donor_checkpoint(pointer)
+    name = source.rstrip("/").rpartition("/")[2]
+    fs, inner = filesystem(run_dir)
+    for own in subfolders(run_dir, "step_*"):
+        fs.delete_dir(f"{inner}/{own}")
+    if fs.get_file_info(f"{inner}/{TRAIN_RUN_STATE}").type != pafs.FileType.NotFound:
+        fs.delete_file(f"{inner}/{TRAIN_RUN_STATE}")
+    copy = f"{run_dir}/{name}"
+    source_fs, source_inner = filesystem(source)
+    pafs.copy_files(source_inner, f"{inner}/{name}", source_filesystem=source_fs, destination_filesystem=fs)
+    lineage = read_lineage(run_dir) or {"initial": old, "exploits": []}
+    lineage["exploits"].append({"step": int(name.rpartition("_")[2]), "donor": pointer["trial"],
+                                "donor_checkpoint": source, "old": old, "new": new})
+    write_file(f"{run_dir}/{LINEAGE_FILE}", json.dumps(lineage, indent=2))
+    return copy
+
+
+def start_lineage(run_dir: str, params: dict[str, Any]) -> None:
+    """A trial's first values, once (before any exploit)."""
+    if read_lineage(run_dir) is None:
+        write_file(f"{run_dir}/{LINEAGE_FILE}", json.dumps({"initial": params, "exploits": []}, indent=2))
+
+
+def read_lineage(run_dir: str) -> dict[str, Any] | None:
+    text = read_text(f"{run_dir}/{LINEAGE_FILE}")
+    return json.loads(text) if text is not None else None
+
+
+def schedule(runs: str, trial: str, before: int | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """The values a trial's weights were trained with, as (from step, values): its donors' up to each exploit,
+    then the exploit's new values. `before`: only what happened before that step."""
+    lineage = read_lineage(f"{runs}/{trial}")
+    if lineage is None:
+        return []
+    points = [(0, lineage["initial"])]
+    for event in lineage["exploits"]:
+        if before is not None and event["step"] >= before:
+            break
+        points = [*schedule(runs, event["donor"], event["step"]), (event["step"], event["new"])]
+    return points
