@@ -288,22 +288,22 @@ def test_pbt_exploit_continues_the_donor_s_checkpoint_with_the_perturbed_lr(tmp_
 @pytest.mark.slow
 @pytest.mark.long
 def test_an_unfinished_trial_continues_from_its_checkpoint_on_resume(tmp_path, prepared, ray_local, monkeypatch):
-    # Optuna's search; each trial's first run fails right after its step-5 checkpoint (the test seam FAIL_ENV), as
-    # an interrupted sweep leaves them; the second run of the sweep resumes them from step 5, not from step 0
-    spec = spec_file(tmp_path, prepared, scheduler="none", search="optuna", num_samples=2, max_concurrent_trials=2,
+    # Optuna's search; the trial's first run fails right after its step-5 checkpoint (the test seam FAIL_ENV), as
+    # an interrupted sweep leaves it; the second run of the sweep resumes it from step 5, not from step 0
+    spec = spec_file(tmp_path, prepared, scheduler="none", search="optuna", num_samples=1, max_concurrent_trials=1,
                      space={"lr": {"loguniform": [1e-3, 5e-3]}, "weight_decay": {"uniform": [0.0, 0.1]}},
                      train={"max_steps": 10, "eval_interval": 5, "save_interval": 5, "log_interval": 5})
     monkeypatch.setenv(FAIL_ENV, "5")
     first = run_sweep(load_sweep_config(spec))
-    assert [r["status"] for r in first.rows] == ["failed", "failed"] and all(r["steps"] >= 5 for r in first.rows)
+    assert [r["status"] for r in first.rows] == ["failed"] and first.rows[0]["steps"] >= 5
     runs = tmp_path / "sweeps" / "sweep" / "runs"
     kept = {r["trial"]: (runs / r["trial"] / "step_0000005" / "train_state.json").stat().st_mtime_ns
             for r in first.rows}
 
     second = run_sweep(load_sweep_config(spec))
-    assert not second.interrupted and [r["status"] for r in second.rows] == ["finished", "finished"]
-    assert {r["trial"]: (r["lr"], r["weight_decay"]) for r in second.rows} == {
-        r["trial"]: (r["lr"], r["weight_decay"]) for r in first.rows}  # the same trials: no new draws
+    assert not second.interrupted and [r["status"] for r in second.rows] == ["finished"]
+    assert [(r["trial"], r["lr"], r["weight_decay"]) for r in second.rows] == [
+        (r["trial"], r["lr"], r["weight_decay"]) for r in first.rows]  # the same trial, values: no new draw
     for trial, mtime in kept.items():
         assert (runs / trial / "step_0000005" / "train_state.json").stat().st_mtime_ns == mtime  # not saved again
         assert (runs / trial / "step_0000010").is_dir()

@@ -27,12 +27,14 @@ that the trial's next run starts from the copy."""
 
 
 def pointer_checkpoint(trial_id: str, run_dir: str, checkpoint_path: str):
-    """A Tune checkpoint that names a Train checkpoint (run folder step_NNNNNNN) of this trial."""
+    """A Tune checkpoint that names a Train checkpoint (run folder step_NNNNNNN) of this trial. The checkpoint is
+    named in the run folder's terms (Train's path of one behind a URI has no scheme)."""
     from ray.tune import Checkpoint
 
     folder = Path(tempfile.mkdtemp(prefix="rugpt-pointer-"))
-    step = int(checkpoint_path.rstrip("/").rpartition("_")[2])
-    pointer = {"trial": trial_id, "run": run_dir, "step": step, "checkpoint": checkpoint_path}
+    name = checkpoint_path.rstrip("/").rpartition("/")[2]
+    pointer = {"trial": trial_id, "run": run_dir, "step": int(name.rpartition("_")[2]),
+               "checkpoint": f"{run_dir}/{name}"}
     (folder / POINTER_FILE).write_text(json.dumps(pointer))
     return Checkpoint.from_directory(str(folder))
 
