@@ -11,13 +11,17 @@ Heads and sparse settings cannot be read off seed weights: they come from a pres
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import posixpath
 import re
 import shutil
 import tempfile
+import time
+import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ from rugpt_ray.chat import CHAT_TEMPLATE_FILE
 from rugpt_ray.config import CHECKPOINT_FORMATS, ModelConfig, check_preset
 from rugpt_ray.errors import UserError, cause_line
 from rugpt_ray.model import GPT
+from rugpt_ray.storage import filesystem, is_uri, read_text, subfolders, write_file
 
 NATIVE_FORMAT = "rugpt-ray"
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -87,14 +92,18 @@ def detect_format(path: Path) -> str:
 
 
 def latest_checkpoint(path: str | os.PathLike) -> Path:
-    """A training checkpoint folder (step_*) as it is, or the newest one of a training run folder."""
+    """A training checkpoint folder (step_*), which must be complete, or the newest complete one of a training run
+    folder (`complete_checkpoint`); the weights are what is hashed, the other files only measured."""
     path = Path(path)
     if (path / "model" / "config.json").is_file():
-        return path
-    steps = sorted(p for p in path.glob("step_*") if (p / "model" / "config.json").is_file())
-    if not steps:
+        return Path(complete_checkpoint(str(path), hashed=_weights_only))
+    if not any(path.glob("step_*/model/config.json")):
         raise UserError(f"{path}: neither a training checkpoint (model/config.json) nor a run folder with step_* ones")
-    return steps[-1]
+    return Path(complete_checkpoint(str(path), hashed=_weights_only))
+
+
+def _weights_only(name: str) -> bool:
+    return name.startswith("model/")
 
 
 def read_chat_template(path_or_hub_id: str | os.PathLike) -> str | None:
@@ -102,6 +111,9 @@ def read_chat_template(path_or_hub_id: str | os.PathLike) -> str | None:
     checkpoint, a step_* one, a hub id), or None when it has none (the seed's files never do). An HF folder written
     before transformers kept it in its own file has it in tokenizer_config.json."""
     source = str(path_or_hub_id)
+    if is_uri(source):
+        with local_copy(source) as local:
+            return read_chat_template(local)
     path = Path(source).expanduser()
     detected = detect_format(path)
     if detected == "lora":
@@ -320,8 +332,13 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> GPT:
-    """Load any supported checkpoint as a `GPT`; settings not stored in it come from `preset` or arguments."""
+    """Load any supported checkpoint as a `GPT` (a local path, a hub id, or a URI such as s3://...); settings not
+    stored in it come from `preset` or arguments."""
     source = str(path_or_hub_id)
+    if is_uri(source):
+        with local_copy(source) as local:
+            return load_model(local, preset=preset, sparse_config=sparse_config, sparse_mode=sparse_mode,
+                              n_head=n_head, vocab_size=vocab_size, fmt=fmt, device=device, dtype=dtype)
     path = Path(source).expanduser()
     if fmt not in CHECKPOINT_FORMATS:
         raise UserError(f"unknown checkpoint format {fmt!r}; known: {', '.join(CHECKPOINT_FORMATS)}")
@@ -393,6 +410,28 @@ def _load_state(model: GPT, sd: dict[str, torch.Tensor], source: str) -> None:
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=False)
 
 
+@contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """A local copy of what `load_model` reads behind a URI (s3://..., gs://...), deleted after: a run folder's
+    newest complete checkpoint's weights, a step_* checkpoint's (which must be complete), or a whole model folder."""
+    import pyarrow.fs as pafs
+
+    uri = uri.rstrip("/")
+    tmp = tempfile.mkdtemp(prefix="rugpt-fetch-")
+    try:
+        if subfolders(uri, "step_*") or subfolders(uri, "model"):
+            uri = f"{complete_checkpoint(uri, hashed=_weights_only)}/model"
+        fs, inner = filesystem(uri)
+        if fs.get_file_info(inner).type != pafs.FileType.Directory:
+            raise UserError(f"{uri}: no such folder")
+        pafs.copy_files(inner, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield tmp
+    except OSError as e:  # a missing bucket, refused credentials, an unreachable endpoint
+        raise UserError(f"{uri}: cannot be read: {cause_line(e)}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _download_hub(hub_id: str) -> Path:
     if hub_id.count("/") != 1 or hub_id.startswith(("/", ".", "~")):
         raise UserError(f"{hub_id}: no such file or folder (and not a hub id like 'org/name')")
@@ -403,6 +442,136 @@ def _download_hub(hub_id: str) -> Path:
                                                                     "*.jinja", "mp_rank_*_model_states.pt"]))
     except Exception as e:  # offline, unknown or gated repo, full disk: one line that keeps the cause
         raise UserError(f"{hub_id}: no such local path, and the HF hub download failed: {cause_line(e)}") from e
+
+
+# --------------------------------------------------------------------------------------------- integrity
+
+MANIFEST_FILE = "manifest.json"
+"""A training checkpoint's commit marker, written last: every file's size and SHA-256. A step_* folder without it
+(a save cut short) or with a file that differs from it (truncated, flipped) is never loaded."""
+_PART_FILE = "manifest.{token}.rank{rank}.json"  # one worker's files, written last by it; rank 0 merges them
+_CHUNK = 8 << 20
+
+
+def upload_checkpoint(local: Path, dest: str, rank: int, world: int, token: str, *,
+                      after_file: Callable[[int], None] | None = None, wait_s: float = 3600.0) -> None:
+    """Copy one worker's part of a training checkpoint to `dest` (a local folder or a URI) file by file, hashing
+    as it copies, then that worker's list of files; rank 0 waits for every other worker's list (named by this
+    save's `token`, the same on every worker: a list left by an earlier attempt at the same step is not taken)
+    and writes the manifest last. `after_file(k)` runs after the k-th file (the tests' kill seam)."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(dest)
+    if rank == 0 and fs.get_file_info(f"{root}/{MANIFEST_FILE}").type == pafs.FileType.File:
+        fs.delete_file(f"{root}/{MANIFEST_FILE}")  # an earlier attempt's: this one is not complete yet
+    digests = {}
+    for k, path in enumerate(sorted(p for p in local.rglob("*") if p.is_file()), 1):
+        name = path.relative_to(local).as_posix()
+        digests[name] = _copy_hashed(path, fs, f"{root}/{name}")
+        if after_file is not None:
+            after_file(k)
+    if rank != 0:
+        write_file(f"{dest}/{_PART_FILE.format(token=token, rank=rank)}", json.dumps(digests))
+        return
+    parts = [f"{dest}/{_PART_FILE.format(token=token, rank=other)}" for other in range(1, world)]
+    for part in parts:
+        for name, digest in _wait_for(part, wait_s).items():
+            if digests.setdefault(name, digest) != digest:
+                raise RuntimeError(f"checkpoint {dest}: two workers wrote {name} with different contents")
+    write_file(f"{dest}/{MANIFEST_FILE}", json.dumps({"files": dict(sorted(digests.items()))}, indent=1) + "\n")
+    for part in parts:
+        fs.delete_file(filesystem(part)[1])
+
+
+def new_save_token() -> str:
+    """A fresh name for one save's worker lists (`upload_checkpoint`); rank 0 draws it and broadcasts it."""
+    return uuid.uuid4().hex[:12]
+
+
+def write_manifest(folder: str | os.PathLike) -> None:
+    """The manifest of a checkpoint folder written in one place (all workers' files already there): what
+    `upload_checkpoint` leaves, for folders put together by hand."""
+    fs, root = filesystem(str(folder))
+    import pyarrow.fs as pafs
+
+    entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    digests = {posixpath.relpath(e.path, root): _digest(fs, e.path) for e in entries
+               if e.type == pafs.FileType.File and posixpath.basename(e.path) != MANIFEST_FILE}
+    write_file(f"{str(folder).rstrip('/')}/{MANIFEST_FILE}",
+               json.dumps({"files": dict(sorted(digests.items()))}, indent=1) + "\n")
+
+
+def _copy_hashed(src: Path, fs, dest: str) -> dict[str, Any]:
+    sha, size = hashlib.sha256(), 0
+    fs.create_dir(posixpath.dirname(dest), recursive=True)
+    with src.open("rb") as f, fs.open_output_stream(dest) as out:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": sha.hexdigest()}
+
+
+def _digest(fs, path: str) -> dict[str, Any]:
+    sha, size = hashlib.sha256(), 0
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": sha.hexdigest()}
+
+
+def _wait_for(path: str, wait_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + wait_s
+    while (text := read_text(path)) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path}: a worker's part of the checkpoint did not arrive within {wait_s:.0f} s")
+        time.sleep(0.1)
+    return json.loads(text)
+
+
+def checkpoint_problem(folder: str, hashed: Callable[[str], bool] = lambda name: True) -> str | None:
+    """What makes a training checkpoint (local or a URI) incomplete or corrupt, naming the file; None when its
+    manifest is there and every file in it has its size and, where `hashed` says so, its SHA-256."""
+    import pyarrow.fs as pafs
+
+    text = read_text(f"{folder.rstrip('/')}/{MANIFEST_FILE}")
+    if text is None:
+        return f"{MANIFEST_FILE} is missing: the save did not finish"
+    try:
+        files = json.loads(text)["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"{MANIFEST_FILE} is not a manifest"
+    fs, root = filesystem(folder)
+    infos = fs.get_file_info([f"{root}/{name}" for name in files])
+    for (name, want), info in zip(files.items(), infos, strict=True):
+        if info.type != pafs.FileType.File:
+            return f"{name} is missing"
+        if info.size != want["size"]:
+            return f"{name} has {info.size} bytes, the manifest says {want['size']}"
+        if hashed(name) and _digest(fs, info.path)["sha256"] != want["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def complete_checkpoint(path: str, hashed: Callable[[str], bool] = lambda name: True,
+                        newest: str | None = None) -> str:
+    """A complete checkpoint: `path` itself when it is a step_* folder (an error saying what is wrong when it is
+    not complete), or the newest complete step_* of the run folder `path` (no newer than `newest`, a step_* name),
+    with one warning per newer one skipped, naming it and its bad file."""
+    path = path.rstrip("/")
+    steps = [name for name in subfolders(path, "step_*") if newest is None or name <= newest]
+    if not steps:
+        problem = checkpoint_problem(path, hashed)
+        if problem is not None:
+            raise UserError(f"{path}: incomplete or corrupt checkpoint: {problem}")
+        return path
+    for name in reversed(steps):
+        problem = checkpoint_problem(f"{path}/{name}", hashed)
+        if problem is None:
+            return f"{path}/{name}"
+        warnings.warn(f"{path}/{name}: skipped, incomplete or corrupt: {problem}", stacklevel=2)
+    raise UserError(f"{path}: no complete checkpoint among {', '.join(steps)}")
 
 
 # --------------------------------------------------------------------------------------------- writing

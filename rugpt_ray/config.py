@@ -328,6 +328,9 @@ class TrainConfig(Config):
     """Checkpoints kept (oldest deleted first)."""
     max_failures: int = option(0, ge=-1)
     """Worker-group restarts from the last checkpoint before the run fails (-1: no limit)."""
+    max_nonfinite_steps: int = option(3, ge=1)
+    """A step whose loss or gradient norm is not finite (bf16, fp32) is skipped and counted (`skipped_steps`);
+    after this many in a row the run stops, its last checkpoint still the newest."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON (the seed's work as they are); its values win over the fields above."""
     lora: dict[str, Any] | None = None

@@ -18,8 +18,10 @@ import json
 import logging
 import math
 import os
+import signal
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,9 +30,9 @@ import torch
 
 from rugpt_ray.config import ModelConfig, TrainConfig, TrainPlan, check_train_config, default_tokenizer
 from rugpt_ray.errors import UserError
-from rugpt_ray.progress import follow_progress
+from rugpt_ray.progress import follow_progress, quiet_ray
 from rugpt_ray.ray_start import start_ray
-from rugpt_ray.storage import is_uri, read_text, write_file
+from rugpt_ray.storage import filesystem, is_uri, read_text, write_file
 
 if TYPE_CHECKING:
     from rugpt_ray.lora import BaseRef
@@ -39,6 +41,13 @@ CHECKPOINT_TAG = "deepspeed"
 STATE_FILE = "train_state.json"
 METRICS_FILE = "metrics.jsonl"
 TRACE_ENV = "RUGPT_TRAIN_TRACE"
+NAN_ENV = "RUGPT_TRAIN_NAN_STEPS"
+"""Test-only: comma-separated steps at which rank 0 multiplies its loss by NaN (a real non-finite loss and
+gradients, for the skip-and-stop handling). Unset (always, for users): nothing changes."""
+KILL_ENV = "RUGPT_CHECKPOINT_KILL"
+"""Test-only: `STEP:RANK:K` makes that worker SIGKILL itself inside the save of that step once it has copied K
+files to storage (0: before the first), or with K `commit` once its list of files (rank 0: the manifest) is
+written. Unset (always, for users): nothing happens."""
 """Test-only: a folder where every rank appends one JSON line per step it runs (fingerprints of its batches and of
 the torch RNG state before and after, lr, losses, data position), so that tests can compare a resumed run with an
 uninterrupted one. Unset (always, for users): nothing is written."""
@@ -86,6 +95,9 @@ class TrainState:
     epoch: int = 0
     batches_in_epoch: int = 0
     tokens: int = 0
+    skipped_steps: int = 0
+    """Steps not applied because their loss or gradient norm was not finite (fp16 overflows are the loss
+    scaler's and not counted)."""
 
 
 def base_load_args(cfg: TrainConfig, model_values: dict[str, Any] | None) -> dict[str, Any]:
@@ -181,8 +193,6 @@ def token_mean_weights(micro_batches: list[tuple[torch.Tensor, torch.Tensor | No
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs in each Ray Train worker."""
-    import warnings
-
     import ray.train
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's API use
@@ -201,7 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = build_engine(model, cfg, config["deepspeed"], steps)
     device = engine.device
     state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = _complete_checkpoint(ray.train.get_checkpoint(), run_dir, rank)
     if checkpoint is None and config["start_from"]:  # a new run from a copied checkpoint (a PBT exploit)
         checkpoint = ray.train.Checkpoint(config["start_from"])
     if checkpoint is not None:
@@ -228,29 +238,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window_loss, window_tokens, started = [], 0, time.perf_counter()
     checkpoint_s = None  # how long the last checkpoint held training up, logged with the window it fell in
     trace = _StepTrace.open(rank)  # None unless a test asks for it
+    poisoned = _nan_steps() if rank == 0 else set()
+    nonfinite_run = 0  # non-finite steps in a row
     while state.step < steps:
         engine.train()
         rng_before = torch.get_rng_state() if trace is not None else None
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         weights = (token_mean_weights(micro, pad_id, ctx.get_world_size(), device) if chat_template is not None
                    else [1.0] * len(micro))
+        if state.step + 1 in poisoned:
+            weights = [w * float("nan") for w in weights]
+        skipped_before, losses = engine.skipped_steps, []
         for (tokens, mask), weight in zip(micro, weights, strict=True):
             loss = micro_step(engine, tokens.to(device), pad_id, None if mask is None else mask.to(device), weight)
-            window_loss.append(loss.item())
+            losses.append(loss.item())
             window_tokens += tokens[:, :-1].numel()
         state.step += 1
+        # a non-finite loss on any worker makes every worker's (averaged) gradients non-finite, and every optimizer
+        # the engine runs then skips the step alike: the workers agree without another collective
+        if engine.skipped_steps > skipped_before and cfg.precision != "fp16":
+            state.skipped_steps += 1
+            nonfinite_run += 1
+        else:
+            window_loss.extend(losses)
+            nonfinite_run = 0
         if trace is not None:
-            trace.write(state, micro, rng_before, engine.lr_scheduler.get_last_lr()[0], window_loss[-len(micro):])
+            trace.write(state, micro, rng_before, engine.lr_scheduler.get_last_lr()[0], losses)
         last = state.step == steps
         metrics: dict[str, Any] = {}
         if state.step % cfg.log_interval == 0 or last:
             elapsed = time.perf_counter() - started
-            loss_mean, tok_s = _all_reduce_mean([sum(window_loss) / len(window_loss), window_tokens / elapsed], device)
+            loss_mean, tok_s = _all_reduce_mean([sum(window_loss) / len(window_loss) if window_loss else math.nan,
+                                                 window_tokens / elapsed], device)
             tok_s *= ctx.get_world_size()
             state.tokens += int(window_tokens * ctx.get_world_size())
             metrics.update(step=state.step, loss=loss_mean, ppl=math.exp(min(loss_mean, 30)),
-                           lr=engine.lr_scheduler.get_last_lr()[0], grad_norm=_grad_norm(engine), tokens=state.tokens,
-                           tokens_per_s=tok_s)
+                           lr=engine.lr_scheduler.get_last_lr()[0], **_grad_norm(engine), tokens=state.tokens,
+                           tokens_per_s=tok_s, skipped_steps=state.skipped_steps)
             if engine.fp16_enabled():
                 metrics["loss_scale"] = float(engine.optimizer.cur_scale)
             if peak:
@@ -258,16 +282,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if checkpoint_s is not None:
                 metrics["checkpoint_s"], checkpoint_s = checkpoint_s, None
             window_loss, window_tokens, started = [], 0, time.perf_counter()
+        if nonfinite_run >= cfg.max_nonfinite_steps:  # stop before any checkpoint: the last good one stays newest
+            stop = {"step": state.step, "skipped_steps": state.skipped_steps, "stopped_nonfinite": nonfinite_run}
+            ray.train.report(stop)
+            log.write(stop)
+            return
         if valid_batches is not None and (state.step % cfg.eval_interval == 0 or last):
             metrics.update(_evaluate(engine, valid_batches, pad_id), step=state.step)
         if state.step % cfg.save_interval == 0 or last:
             saving = time.perf_counter()
-            _save(engine, state, metrics, rank, cfg, base, chat_template)
+            _save(engine, state, metrics, cfg, base, chat_template, run_dir)
             checkpoint_s = time.perf_counter() - saving
         elif metrics:
             ray.train.report(metrics)
         if metrics:
             log.write(metrics)
+
+
+def _nan_steps() -> set[int]:
+    return {int(step) for step in os.environ.get(NAN_ENV, "").split(",") if step.strip()}
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, deepspeed_config: dict[str, Any], steps: int):
@@ -282,6 +315,8 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, deepspeed_config: dic
     # An op marked incompatible is not built.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     optimizer = build_optimizer(model, cfg)
+    if isinstance(optimizer, CheckedAdamW):  # it clips itself: DeepSpeed's clip would discard the norm
+        deepspeed_config = {**deepspeed_config, "gradient_clipping": 0.0}
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, steps) / cfg.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config, dist_init_required=False)
@@ -308,12 +343,41 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, adamw_mode=True)
+    if cfg.zero_stage == 0 and cfg.precision == "fp32":  # DeepSpeed steps this optimizer as it is
+        return CheckedAdamW(groups, max_norm=cfg.grad_clip, lr=cfg.lr, betas=betas, eps=cfg.adam_eps,
+                            fused=cfg.use_gpu or None)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, fused=cfg.use_gpu or None)
 
 
-def _grad_norm(engine) -> float:
+class CheckedAdamW(torch.optim.AdamW):
+    """AdamW that clips the gradients itself and skips a step whose gradient norm is not finite, telling DeepSpeed
+    through the attributes its own optimizers have (`_global_grad_norm`, `overflow`: the engine then counts the step
+    in `skipped_steps` and does not advance the LR schedule). With ZeRO stage 0 in fp32 DeepSpeed steps a torch
+    optimizer directly: it computes no gradient norm (the metrics said `grad_norm nan`) and would apply NaN
+    gradients. The gradients are whole and already averaged over the workers there, so the norm is global."""
+
+    def __init__(self, params, *, max_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+        self._global_grad_norm = float("nan")
+        self.overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(grads, self.max_norm or float("inf"), foreach=None)
+        self._global_grad_norm = float(norm)
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def _grad_norm(engine) -> dict[str, float]:
+    """DeepSpeed's global gradient norm of the last step, as a metric; none where the engine has none (ZeRO 1/2 with
+    its norm computation turned off): a made-up nan would read as exploding gradients."""
     norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
+    return {} if norm is None else {"grad_norm": float(norm)}
 
 
 def _train_batches(shard, cfg: TrainConfig, state: TrainState):
@@ -365,13 +429,47 @@ def _evaluate(engine, batches: list[tuple[torch.Tensor, torch.Tensor | None]], p
     return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 30))}
 
 
-def _save(engine, state: TrainState, metrics: dict[str, Any], rank: int, cfg: TrainConfig,
-          base: BaseRef | None, chat_template: str | None) -> None:
+def _complete_checkpoint(checkpoint, run_dir: str, rank: int):
+    """What to resume from when Ray has a checkpoint: the run folder's newest complete one (`complete_checkpoint`:
+    Ray's own, or a newer one whose save finished after Ray last recorded one; an incomplete or corrupt newer one is
+    skipped with a warning from rank 0)."""
+    from ray.train import Checkpoint
+
+    from rugpt_ray.checkpoints import complete_checkpoint
+
+    if checkpoint is None:
+        return None
+    with warnings.catch_warnings():
+        if rank != 0:
+            warnings.simplefilter("ignore")
+        fs, inner = filesystem(complete_checkpoint(run_dir))
+    return Checkpoint(path=inner, filesystem=fs)
+
+
+def _save(engine, state: TrainState, metrics: dict[str, Any], cfg: TrainConfig, base: BaseRef | None,
+          chat_template: str | None, run_dir: str) -> None:
     """Every rank writes its DeepSpeed shards; rank 0 adds the native weights, or for LoRA the adapter with its
-    base's reference (the frozen base is left out everywhere), and the chat template; Ray merges the folders into
-    storage, in the background with checkpoint_upload async, and deletes the local copy."""
+    base's reference (the frozen base is left out everywhere), and the chat template. Each rank copies its files
+    into the step's folder in storage (`upload_checkpoint`: rank 0 writes the manifest, the commit marker, last),
+    in the background with checkpoint_upload async, and deletes the local copy."""
     import ray.train
+    import torch.distributed as dist
     from ray.train import Checkpoint, CheckpointUploadMode
+
+    from rugpt_ray.checkpoints import new_save_token, upload_checkpoint
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    token = [new_save_token()]
+    if dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    seam = _kill_seam(state.step, rank)
+
+    def upload(local: Checkpoint, dir_name: str) -> Checkpoint:
+        dest = f"{run_dir}/{dir_name}"
+        upload_checkpoint(Path(local.path), dest, rank, world, token[0], after_file=seam)
+        fs, inner = filesystem(dest)
+        return Checkpoint(path=inner, filesystem=fs)
 
     folder = Path(tempfile.mkdtemp(prefix="rugpt-checkpoint-"))
     client = {"state": state.__dict__.copy(), "torch_rng": torch.get_rng_state()}
@@ -384,7 +482,20 @@ def _save(engine, state: TrainState, metrics: dict[str, Any], rank: int, cfg: Tr
     mode = CheckpointUploadMode.ASYNC if cfg.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
     ray.train.report({**metrics, "step": state.step}, checkpoint=Checkpoint.from_directory(str(folder)),
                      checkpoint_dir_name=f"step_{state.step:07d}", checkpoint_upload_mode=mode,
-                     delete_local_checkpoint_after_upload=True)
+                     delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload)
+
+
+def _kill_seam(step: int, rank: int):
+    """KILL_ENV's self-kill for this save on this worker, or None."""
+    spec = os.environ.get(KILL_ENV, "").split(":")
+    if len(spec) != 3 or (int(spec[0]), int(spec[1])) != (step, rank):
+        return None
+
+    def after_file(copied: int | str) -> None:
+        if str(copied) == spec[2]:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return after_file
 
 
 def _gathered(params: list[torch.nn.Parameter], engine):
@@ -540,8 +651,7 @@ def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None, start_fro
         check_inputs(data_cfg)  # every missing path, mixed chat and text, a bad template: one error before Ray
 
     start_ray()
-    if cfg.log_level != "debug":  # Ray Data's INFO lines ("Dataset ... execution finished") on the driver
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    quiet_ray(cfg.log_level)
     prepared = prepare_training_data(cfg, run_dir, tokenizer_path)
     ingest = train_ingest(prepared, cfg.num_workers, seed=cfg.seed, splits=["train"])
     valid_rows = cfg.eval_iters * cfg.micro_batch * cfg.num_workers
@@ -575,6 +685,10 @@ def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None, start_fro
     with follow_progress(f"{run_dir}/{METRICS_FILE}", steps, cfg.tokens_per_step(), quiet=cfg.log_level == "warning"):
         result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint else None
+    if "stopped_nonfinite" in (result.metrics or {}):
+        raise UserError(f"training stopped at step {result.metrics['step']}: {result.metrics['stopped_nonfinite']} "
+                        f"steps in a row had a non-finite loss or gradient norm (skipped, not applied); the newest "
+                        f"checkpoint is {checkpoint or 'none'}")
     return TrainResult(run_dir=run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}))
 
 
@@ -601,5 +715,5 @@ def _worker_env() -> dict[str, str]:
     """The driver's settings that workers need, and Train's print patch off: in Ray workers it logs every print
     twice (once teed to the redirected stdout, once through the root logger), so each progress line came twice."""
     keys = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "RUGPT_DATA", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE",
-            TRACE_ENV)
+            TRACE_ENV, NAN_ENV, KILL_ENV)
     return {**{k: os.environ[k] for k in keys if k in os.environ}, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}

@@ -10,7 +10,14 @@ from safetensors.torch import save_file
 from transformers import GPT2LMHeadModel
 
 from rugpt_ray.chat import chat_template_source
-from rugpt_ray.checkpoints import CONV1D_WEIGHTS, export_hf, load_model, read_chat_template, save_native
+from rugpt_ray.checkpoints import (
+    CONV1D_WEIGHTS,
+    export_hf,
+    load_model,
+    read_chat_template,
+    save_native,
+    write_manifest,
+)
 from rugpt_ray.config import ModelConfig, preset
 from rugpt_ray.errors import UserError
 
@@ -216,6 +223,8 @@ def test_the_chat_template_travels_with_every_format(tmp_path, make_model, data_
     run = tmp_path / "run"
     save_native(model, run / "step_0000002" / "model")  # an older checkpoint, trained without one
     save_native(model, run / "step_0000004" / "model", chat_template=template)
+    for step in ("step_0000002", "step_0000004"):  # what training's commit marker would say (checkpoints.MANIFEST_FILE)
+        write_manifest(run / step)
     assert (run / "step_0000004" / "model" / "chat_template.jinja").read_text(encoding="utf-8") == template
     assert read_chat_template(run) == template  # the newest checkpoint's
     assert read_chat_template(run / "step_0000004") == read_chat_template(run / "step_0000004" / "model") == template

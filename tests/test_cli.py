@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from rugpt_ray.checkpoints import load_model, save_native
+from rugpt_ray.checkpoints import load_model, save_native, write_manifest
 from rugpt_ray.config import ModelConfig, preset
 from rugpt_ray.generation import GenerationConfig, generate
 
@@ -190,6 +190,7 @@ def test_export_takes_a_run_folders_newest_checkpoint(tmp_path, make_model):
     for step, seed in ((10, 1), (20, 2)):
         save_native(make_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=50257),
                                seed=seed), tmp_path / "run" / f"step_{step:07d}" / "model", chat_template=template)
+        write_manifest(tmp_path / "run" / f"step_{step:07d}")  # the commit marker training writes last
     out = run("export", str(tmp_path / "run"), str(tmp_path / "hf"), "--to", "hf")
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "hf" / "chat_template.jinja").read_text(encoding="utf-8") == template
