@@ -470,6 +470,7 @@ def upload_checkpoint(local: Path, dest: str, rank: int, world: int, token: str,
         digests[name] = _copy_hashed(path, fs, f"{root}/{name}")
         if after_file is not None:
             after_file(k)
+    after_file("copied")
     if rank != 0:
         write_file(f"{dest}/{_PART_FILE.format(token=token, rank=rank)}", json.dumps(digests))
         return

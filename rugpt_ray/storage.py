@@ -11,6 +11,8 @@ import os
 import posixpath
 from typing import TYPE_CHECKING
 
+from rugpt_ray.errors import UserError, cause_line
+
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
@@ -56,3 +58,26 @@ def subfolders(path: str, pattern: str = "*") -> list[str]:
     entries = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
     return sorted(e.base_name for e in entries
                   if e.type == pafs.FileType.Directory and fnmatch.fnmatch(e.base_name, pattern))
+
+
+def check_writable(path: str, what: str) -> None:
+    """One line naming `what` before any work when the URI `path` cannot be written: a bucket that does not exist,
+    credentials the store refuses, an endpoint that does not answer, a query key pyarrow does not know (local
+    paths: nothing to check)."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(path):
+        return
+    try:
+        fs, inner = filesystem(path)
+        bucket = inner.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise UserError(f"{what} {path}: bucket {bucket!r} does not exist (create it first)")
+        probe = f"{inner.rstrip('/')}/.rugpt-write-probe"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{what} {path}: not writable: {cause_line(e)}") from e

@@ -32,7 +32,7 @@ from rugpt_ray.config import ModelConfig, TrainConfig, TrainPlan, check_train_co
 from rugpt_ray.errors import UserError
 from rugpt_ray.progress import follow_progress, quiet_ray
 from rugpt_ray.ray_start import start_ray
-from rugpt_ray.storage import filesystem, is_uri, read_text, write_file
+from rugpt_ray.storage import check_writable, filesystem, is_uri, read_text, write_file
 
 if TYPE_CHECKING:
     from rugpt_ray.lora import BaseRef
@@ -41,16 +41,16 @@ CHECKPOINT_TAG = "deepspeed"
 STATE_FILE = "train_state.json"
 METRICS_FILE = "metrics.jsonl"
 TRACE_ENV = "RUGPT_TRAIN_TRACE"
+"""Test-only: a folder where every rank appends one JSON line per step it runs (fingerprints of its batches and of
+the torch RNG state before and after, lr, losses, data position), so that tests can compare a resumed run with an
+uninterrupted one. Unset (always, for users): nothing is written."""
 NAN_ENV = "RUGPT_TRAIN_NAN_STEPS"
 """Test-only: comma-separated steps at which rank 0 multiplies its loss by NaN (a real non-finite loss and
 gradients, for the skip-and-stop handling). Unset (always, for users): nothing changes."""
 KILL_ENV = "RUGPT_CHECKPOINT_KILL"
 """Test-only: `STEP:RANK:K` makes that worker SIGKILL itself inside the save of that step once it has copied K
-files to storage (0: before the first), or with K `commit` once its list of files (rank 0: the manifest) is
-written. Unset (always, for users): nothing happens."""
-"""Test-only: a folder where every rank appends one JSON line per step it runs (fingerprints of its batches and of
-the torch RNG state before and after, lr, losses, data position), so that tests can compare a resumed run with an
-uninterrupted one. Unset (always, for users): nothing is written."""
+files to storage (0: before the first; `copied`: after the last), or with K `commit` once its list of files
+(rank 0: the manifest) is written. Unset (always, for users): nothing happens."""
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; the first name found in the device name wins.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
 
@@ -650,6 +650,7 @@ def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None, start_fro
     if data_cfg is not None:
         check_inputs(data_cfg)  # every missing path, mixed chat and text, a bad template: one error before Ray
 
+    check_writable(run_dir, "storage_path")  # a missing bucket, refused credentials: one line before Ray
     start_ray()
     quiet_ray(cfg.log_level)
     prepared = prepare_training_data(cfg, run_dir, tokenizer_path)

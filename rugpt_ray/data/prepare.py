@@ -34,7 +34,7 @@ from rugpt_ray.data.inputs import CHAT_SUFFIX, Inputs, resolve_splits
 from rugpt_ray.data.text import piece_ranges, tokenize_piece
 from rugpt_ray.errors import UserError
 from rugpt_ray.ray_start import start_ray
-from rugpt_ray.storage import filesystem, is_uri
+from rugpt_ray.storage import check_writable, filesystem, is_uri
 
 log = logging.getLogger("rugpt_ray.data")
 
@@ -420,6 +420,7 @@ def _check_out(cfg: DataConfig, tokenizer, inputs: dict[str, dict[str, int]], ch
     """Before any work: a matching cache is reused (returned), a different one refused unless --overwrite."""
     import pyarrow.fs as pafs
 
+    check_writable(cfg.out, "--out")
     fs, root = filesystem(cfg.out)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
