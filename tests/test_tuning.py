@@ -149,7 +149,10 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     ({"space": {"learning_rate": {"choice": [1e-3]}}}, "space.learning_rate: not a training config key"),
     ({"space": {"seq_len": {"choice": [32, 64]}}}, "space.seq_len: cannot be searched (the data is prepared once"),
     ({"space": {"lr": {"choice": [1e-6]}}}, "space.lr value 1e-06: train config: need lr > 0 and 0 <= min_lr <= lr"),
-    ({"scheduler": "hyperband"}, "scheduler 'hyperband' is not one of asha, pbt, none"),
+    ({"scheduler": "hyperband"}, "scheduler 'hyperband' is not one of asha, pbt, pb2, none"),
+    ({"scheduler": "pb2", "grace_period": None, "perturbation_interval": 10,
+      "mutations": {"weight_decay": {"choice": [0.0, 0.1]}}},
+     "mutations.weight_decay: PB2 draws new values within a range: give {uniform: [low, high]}"),
     ({"search": "hyperopt"}, "search 'hyperopt' is not one of random, optuna"),
     ({"search": "optuna", "space": {"lr": {"grid": [1e-3, 2e-3]}}},
      "space.lr: grid is not for this sweep: search optuna draws each value from a range or list (use choice)"),
@@ -337,3 +340,17 @@ def test_optuna_search_is_seeded_and_resumes(tmp_path, data_dir):
     restored = searcher()
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert restored.suggest("t2") == one.suggest("t2")  # a resumed sweep proposes what the first would have
+
+
+def test_pb2_is_synchronous_pbt_within_the_mutations_ranges(tmp_path, data_dir):
+    from ray.tune.schedulers.pb2 import PB2
+
+    from rugpt_ray.tuning.trials import scheduler
+
+    corpus = data_dir / "corpus"
+    spec = spec_file(tmp_path, str(corpus / "train"), scheduler="pb2", grace_period=None, perturbation_interval=10,
+                     mutations={"lr": {"loguniform": [1e-4, 1e-2]}, "weight_decay": {"uniform": [0.0, 0.2]}},
+                     train={"valid_data": str(corpus / "valid")})
+    pb2 = scheduler(plan_sweep(load_sweep_config(spec)))
+    assert isinstance(pb2, PB2) and pb2._synch and pb2._perturbation_interval == 10
+    assert pb2._hyperparam_bounds == {"lr": [1e-4, 1e-2], "weight_decay": [0.0, 0.2]}

@@ -25,7 +25,7 @@ from rugpt_ray.errors import UserError
 from rugpt_ray.storage import is_uri, read_text
 
 KINDS = ("loguniform", "uniform", "choice", "grid")
-SCHEDULERS = ("asha", "pbt", "none")
+SCHEDULERS = ("asha", "pbt", "pb2", "none")
 SEARCHES = ("random", "optuna")
 ASHA_KEYS = ("grace_period", "reduction_factor")
 PBT_KEYS = ("perturbation_interval", "mutations", "quantile_fraction")
@@ -80,6 +80,7 @@ class SweepConfig(Config):
     scheduler: str = option("asha", choices=SCHEDULERS)
     """asha (stop trials that fall behind at each rung of evaluations), pbt (population-based training: at every
     perturbation_interval the worst trials continue from a copy of a better one's checkpoint with perturbed values)
+    pb2 (PBT whose new values come from a Gaussian-process bandit over the results, within the mutations' ranges)
     or none (every trial runs to the end)."""
     metric: str = "valid_loss"
     """What trials are ranked by: valid_loss, valid_ppl (need validation data), loss or ppl."""
@@ -111,15 +112,20 @@ class SweepConfig(Config):
         if self.metric not in METRICS:
             raise UserError(f"{self.where}: the trainer never reports metric {self.metric!r}; "
                             f"rank trials by one of {', '.join(METRICS)}")
-        others = ASHA_KEYS if self.scheduler == "pbt" else PBT_KEYS
+        others = ASHA_KEYS if self.population_based else PBT_KEYS
         mixed = [key for key in others if getattr(self, key) not in (None, {})]
         if mixed:
-            owner = "ASHA's" if self.scheduler == "pbt" else "PBT's"
+            owner = "ASHA's" if self.population_based else "PBT's"
             raise UserError(f"{self.where}: {', '.join(mixed)} {'is' if len(mixed) == 1 else 'are'} {owner}, not "
                             f"scheduler {self.scheduler}'s; remove {'it' if len(mixed) == 1 else 'them'}")
-        if self.scheduler == "pbt" and self.search != "random":
-            raise UserError(f"{self.where}: scheduler pbt draws its first values at random and then perturbs them; "
-                            f"search {self.search} cannot go with it (use search: random)")
+        if self.population_based and self.search != "random":
+            raise UserError(f"{self.where}: scheduler {self.scheduler} draws its first values at random and then "
+                            f"perturbs them; search {self.search} cannot go with it (use search: random)")
+
+    @property
+    def population_based(self) -> bool:
+        """PBT or PB2: trials exploit each other's checkpoints (`tuning.pbt`)."""
+        return self.scheduler in ("pbt", "pb2")
 
 
 def load_sweep_config(path: str, overrides: list[str] | None = None, out: str | None = None) -> SweepConfig:
@@ -178,16 +184,18 @@ def plan_sweep(spec: SweepConfig) -> SweepPlan:
     if spec.grace_period is not None and not 1 <= spec.grace_period <= steps:
         raise UserError(f"sweep spec: grace_period must be between 1 and the trials' {steps} steps, "
                         f"got {spec.grace_period}")
-    mutations = _check_pbt(spec, base, steps) if spec.scheduler == "pbt" else {}
+    mutations = _check_pbt(spec, base, steps) if spec.population_based else {}
     storage = spec.storage_path.rstrip("/") if is_uri(spec.storage_path) else str(Path(spec.storage_path).resolve())
     return SweepPlan(spec, base, space, steps, f"{storage}/{spec.name}", mutations)
 
 
 def _check_pbt(spec: SweepConfig, base: TrainConfig, steps: int) -> dict[str, tuple[str, list]]:
-    """PBT's keys: an interval that falls on checkpoints that carry the metric, and mutations as a space."""
-    interval = spec.perturbation_interval
+    """PBT's keys: an interval that falls on checkpoints that carry the metric, and mutations as a space (ranges
+    only for PB2, which draws within them)."""
+    interval, scheduler = spec.perturbation_interval, spec.scheduler
     if interval is None:
-        raise UserError("sweep spec: scheduler pbt needs perturbation_interval (training steps between exploits)")
+        raise UserError(f"sweep spec: scheduler {scheduler} needs perturbation_interval (training steps between "
+                        "exploits)")
     if interval < base.save_interval:
         raise UserError(f"sweep spec: perturbation_interval {interval} is shorter than the checkpoint interval "
                         f"(save_interval {base.save_interval}): a trial continues from a checkpoint")
@@ -196,13 +204,17 @@ def _check_pbt(spec: SweepConfig, base: TrainConfig, steps: int) -> dict[str, tu
     every, name = ((base.eval_interval, "eval_interval") if spec.metric.startswith("valid_")
                    else (base.log_interval, "log_interval"))
     if base.save_interval % every:
-        raise UserError(f"sweep spec: scheduler pbt compares trials at their checkpoints: save_interval "
+        raise UserError(f"sweep spec: scheduler {scheduler} compares trials at their checkpoints: save_interval "
                         f"{base.save_interval} must be a multiple of {name} {every} ({spec.metric} is reported then)")
     if not spec.mutations:
-        raise UserError("sweep spec: scheduler pbt needs mutations, the keys it perturbs; "
+        raise UserError(f"sweep spec: scheduler {scheduler} needs mutations, the keys it perturbs; "
                         "e.g. mutations: {lr: {loguniform: [1.0e-4, 1.0e-2]}}")
     mutations = _check_space(spec.mutations, base, "mutations")
     _refuse_grid(mutations, "PBT perturbs values within a range or list (use choice)", "mutations")
+    listed = [key for key, (kind, _) in mutations.items() if kind == "choice"]
+    if scheduler == "pb2" and listed:
+        raise UserError(f"sweep spec: mutations.{listed[0]}: PB2 draws new values within a range: give "
+                        "{uniform: [low, high]} or {loguniform: [low, high]}")
     return mutations
 
 

@@ -60,7 +60,7 @@ def trial_rows(plan: SweepPlan, status: dict[str, str]) -> list[dict[str, Any]]:
             state = "finished" if row["steps"] >= plan.steps else "stopped early"
         row["status"] = "failed" if state != "unfinished" and not evals else state
         row["checkpoint"] = _best_checkpoint(run_dir, plan.spec.metric, better)
-        if plan.spec.scheduler == "pbt":
+        if plan.spec.population_based:
             exploits = (read_lineage(run_dir) or {"exploits": []})["exploits"]
             row.update(lineage=exploits, exploits=len(exploits),
                        donors=" ".join(f"{e['donor']}@{e['step']}" for e in exploits))
@@ -91,7 +91,7 @@ def best_row(rows: list[dict[str, Any]], plan: SweepPlan) -> dict[str, Any] | No
 
 def table_columns(plan: SweepPlan) -> list[str]:
     loss, ppl = plan.metric_pair()
-    lineage = ["exploits", "donors"] if plan.spec.scheduler == "pbt" else []
+    lineage = ["exploits", "donors"] if plan.spec.population_based else []
     return ["trial", *plan.space, *(k for k in plan.mutations if k not in plan.space), "steps", f"final_{loss}",
             f"best_{loss}", f"final_{ppl}", f"best_{ppl}", "best_step", *lineage, "status"]
 
@@ -132,7 +132,7 @@ def _write_best_config(plan: SweepPlan, best: dict[str, Any]) -> str:
               f"{best[f'best_{metric}']:.4g} at step {best['best_step']}\n"
               f"# ({', '.join(f'{k} {params[k]!r}' for k in params)}). Its checkpoint: {best['checkpoint']}\n"
               f"# train_data is the prepared data the sweep trained on. Train: rugpt-ray train --config THIS_FILE\n")
-    if plan.spec.scheduler == "pbt":
+    if plan.spec.population_based:
         header += _schedule_comment(plan, best["trial"])
     out = f"{plan.folder}/best.yaml"
     write_file(out, header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))

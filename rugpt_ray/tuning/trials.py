@@ -192,7 +192,8 @@ def search_algorithm(plan: SweepPlan, concurrent: int):
 
 
 def scheduler(plan: SweepPlan):
-    """ASHA, PBT (synchronous: every trial reaches the interval before the worst copy the best), or none."""
+    """ASHA, PBT or PB2 (synchronous: every trial reaches the interval before the worst copy the best), or none.
+    PB2 fits a Gaussian process to the results within the mutations' ranges (linear, even for loguniform ones)."""
     spec = plan.spec
     if spec.scheduler == "asha":
         return ASHAScheduler(time_attr="step", max_t=plan.steps, reduction_factor=spec.reduction_factor or 2.0,
@@ -201,6 +202,12 @@ def scheduler(plan: SweepPlan):
         return PopulationBasedTraining(time_attr="step", perturbation_interval=spec.perturbation_interval,
                                        hyperparam_mutations=_tune_space(plan.mutations),
                                        quantile_fraction=spec.quantile_fraction or 0.25, synch=True)
+    if spec.scheduler == "pb2":
+        from ray.tune.schedulers.pb2 import PB2  # imports scikit-learn
+
+        return PB2(time_attr="step", perturbation_interval=spec.perturbation_interval,
+                   hyperparam_bounds={key: values for key, (_, values) in plan.mutations.items()},
+                   quantile_fraction=spec.quantile_fraction or 0.25, synch=True)
     return None
 
 
@@ -243,7 +250,7 @@ def run_sweep(spec: SweepConfig) -> SweepResult:
     fail_at = int(os.environ[FAIL_ENV]) if os.environ.get(FAIL_ENV) else None
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=trial_base, runs=plan.runs, metric=spec.metric,
-                             pbt=spec.scheduler == "pbt", fail_at=fail_at), TRIAL_DRIVER)
+                             pbt=spec.population_based, fail_at=fail_at), TRIAL_DRIVER)
     write_file(f"{plan.folder}/{SPEC_FILE}", yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
 
     if tune.Tuner.can_restore(plan.folder):
