@@ -23,6 +23,7 @@ from rugpt_ray.constraints import Constraint, compile_constraint, token_table
 from rugpt_ray.errors import UserError
 from rugpt_ray.generation import GenerationConfig, RequestError, Transcript
 from rugpt_ray.lora import Adapter, base_fingerprint, check_base, load_adapter
+from rugpt_ray.serving import playground
 from rugpt_ray.serving.chat_completions import ChatChoices, ChatResponses
 from rugpt_ray.serving.completions import Choices, CompletionResponses, GenerateResponses
 from rugpt_ray.serving.config import ServeConfig
@@ -81,9 +82,12 @@ async def _api_error(request: Request, error: ApiError) -> JSONResponse:
     return error_response(error)
 
 
+app.include_router(playground.router)  # the page at / (playground.py)
+
+
 @serve.deployment(name="RuGPTServer")
 @serve.ingress(app)
-class RuGPTServer:
+class RuGPTServer(playground.PlaygroundRoutes):
     """The endpoints, one `BatchEngine` per loaded base and the adapters on it; reached through `RuGPTRouter`."""
 
     async def __init__(self, cfg: ServeConfig):
