@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -18,6 +20,8 @@ from rugpt_ray.storage import read_text
 
 POLL_S = 1.0
 BAR_WIDTH = 24
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+"""Ray Train's switch for its PreemptionWatcher actor (read on the driver and passed to the run's controller)."""
 
 
 def progress_line(row: dict[str, Any], steps: int, tokens_per_step: int) -> str:
@@ -108,3 +112,21 @@ def follow_progress(metrics_file: str, steps: int, tokens_per_step: int, *, quie
         stop.set()
         thread.join()
         printer.close()
+
+
+def quiet_ray(log_level: str) -> None:
+    """Below `debug`, leave out on the driver what Ray prints that reads like a failure to a newcomer, at its source
+    (Ray is connected): Ray Data's INFO lines, its bars (`read_parquet`'s "Parquet dataset sampling") and its note
+    that bars are off; and on a one-node cluster Ray Train's PreemptionWatcher, whose creation logs a core_worker
+    error in Ray 2.60 (ray#53727) and which watches for other nodes being drained, where there are none. A
+    variable the user set wins. Warnings and errors of Ray's otherwise still show; `debug` keeps everything."""
+    import ray
+    import ray.data
+
+    if log_level == "debug":
+        return
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if sum(node["Alive"] for node in ray.nodes()) == 1:
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")

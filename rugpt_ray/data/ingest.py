@@ -184,7 +184,10 @@ def train_ingest(prepared: PreparedData, num_workers: int, *, seed: int | None =
             ds = _configure(ds.union(ray.data.from_arrow(padding)))
         datasets[split] = ds
         rows[split] = (n + pad) // num_workers
-    options = RayDataConfig.default_ingest_options()
-    options.preserve_order = True  # Train replaces each dataset's options with these
+    # Train replaces each dataset's options with these. Not RayDataConfig.default_ingest_options(): in Ray 2.60 it
+    # passes the deprecated exclude_resources on, and every run printed the RayDeprecationWarning for it.
+    current = ray.data.DataContext.get_current().execution_options
+    options = ray.data.ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
+                                        verbose_progress=current.verbose_progress)
     return TrainIngest(datasets, RayDataConfig(datasets_to_split="all", execution_options=options), rows,
                        {"CPU": per_worker}, prepared.pad_id)
