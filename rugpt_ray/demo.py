@@ -6,10 +6,14 @@ print validation perplexity before and after, generate a Russian continuation, a
 
 from __future__ import annotations
 
+import glob
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
+import yaml
 
 from rugpt_ray.checkpoints import load_model
 from rugpt_ray.config import ModelConfig, check_train_config, default_tokenizer, load_train_config
@@ -23,6 +27,7 @@ from rugpt_ray.tokenizer import load_tokenizer
 from rugpt_ray.train import train
 
 PROMPT = "Александр Сергеевич Пушкин родился в"
+SERVE_CONFIG = Path("serve_configs/local.yaml")
 
 
 def main(argv: list[str]) -> int:
@@ -51,8 +56,19 @@ def main(argv: list[str]) -> int:
     print(f"loss plot: {plot_run(result.run_dir)}")
     print(f"\nnext: rugpt-ray generate --model {result.run_dir} --prompt '{PROMPT}'\n"
           f"      rugpt-ray export {result.run_dir} exported --to native")
+    print(playground_hint(result.run_dir))
     print(result.run_dir)
     return 0
+
+
+def playground_hint(run_dir: str) -> str:
+    """How to try the trained model in the browser: serve it with the local Serve config (which serves the newest
+    runs/demo-* unless RUGPT_SERVE_MODEL names another checkpoint), then open the playground."""
+    http = yaml.safe_load(SERVE_CONFIG.read_text())["http_options"]
+    newest = max(glob.glob("runs/demo-*"), key=os.path.getmtime, default=None)
+    served = "" if newest and Path(newest).resolve() == Path(run_dir).resolve() else f"RUGPT_SERVE_MODEL={run_dir} "
+    return (f"play:  {served}serve run {SERVE_CONFIG}      (Ctrl-C stops it)\n"
+            f"       then open http://{http['host']}:{http['port']}/ : generate, and hover the tokens")
 
 
 if __name__ == "__main__":
