@@ -28,7 +28,9 @@ def serve_app(cfg: ServeConfig, **server_options: Any) -> Application:
     config's `deployments:` entry for it sets them, for apps built in Python."""
     cfg = cfg.resolved()
     server = RuGPTServer.options(**{"max_ongoing_requests": cfg.max_ongoing_requests,
-                                    "max_queued_requests": cfg.max_queued_requests, **server_options}).bind(cfg)
+                                    "max_queued_requests": cfg.max_queued_requests,
+                                    "backpressure_config": {"retry_after_s": cfg.retry_after_s},
+                                    **server_options}).bind(cfg)
     if len(cfg.models) + len(cfg.adapters) == 1:
         return server  # every replica holds the one model: nothing to route, the server is the ingress
     return RuGPTRouter.bind(server, cfg)

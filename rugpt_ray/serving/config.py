@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rugpt_ray.chat import BUILTIN_FOLDER, chat_template_source
 from rugpt_ray.config import DTYPES, close_matches
 from rugpt_ray.errors import UserError
+from rugpt_ray.generation_config import GenerationConfig, RequestError
+from rugpt_ray.serving.protocol import MAX_TOP_LOGPROBS
 
 _COMPARISONS = (("greater than or equal to", ">="), ("less than or equal to", "<="), ("greater than", ">"),
                 ("less than", "<"))
@@ -92,9 +94,29 @@ class ServeConfig(BaseModel):
     bounded by llguidance's limits. The default is `rugpt_ray.constraints.COMPILE_TIME_LIMIT`."""
     max_body_bytes: int = Field(1 << 20, ge=1)
     """Largest request body accepted (413 beyond)."""
+    max_prompts: int = Field(32, ge=1)
+    """Most prompts in one completion request (a list of texts or of token id lists); 400 naming `prompt` beyond."""
+    max_stop_strings: int = Field(8, ge=0)
+    """Most stop strings in one request (`stop`); 400 naming it beyond."""
+    max_stop_chars: int = Field(256, ge=1)
+    """Longest stop string, in characters; 400 naming `stop` beyond."""
+    max_logit_bias: int = Field(300, ge=0)
+    """Most `logit_bias` entries in one request (OpenAI's limit); 400 naming it beyond."""
+    max_top_logprobs: int = Field(MAX_TOP_LOGPROBS, ge=0, le=MAX_TOP_LOGPROBS)
+    """Most alternatives per token (`logprobs` of completions, `top_logprobs` of chats); 400 naming the field
+    beyond. Past the API's own limit of 20 a request is a 422."""
+    max_total_tokens: int = Field(1 << 16, ge=1)
+    """Most tokens one request may make the engine hold: the sum over its prompts of rows per prompt (n, or
+    best_of) x (prompt tokens + max new tokens); 400 naming the length field beyond."""
     api_key_env: str | None = None
-    """Name of an environment variable holding the API key; when set, requests need `Authorization: Bearer
-    <key>` (except /healthz). The key is read in the replica and never travels in the config."""
+    """Name of an environment variable holding the API key; when set, every endpoint but /healthz, /openapi.json
+    and /docs needs `Authorization: Bearer <key>`. The key is read in the replica and never travels in the
+    config."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Origins (`https://app.example.com`, or `*`) whose browser pages may call the API; none by default (CORS
+    off)."""
+    retry_after_s: int = Field(1, ge=0)
+    """`Retry-After` (seconds) of a 503: queues full, or the server stopping."""
 
     @field_validator("models", mode="before")
     @classmethod
@@ -142,6 +164,41 @@ class ServeConfig(BaseModel):
     @property
     def default_model(self) -> str:
         return next(iter(self.models))
+
+    def check_prompts(self, prompts: list[list[int]]) -> None:
+        """Refuse (`RequestError` naming `prompt`) more prompts, or a longer one, than the server takes."""
+        if len(prompts) > self.max_prompts:
+            raise RequestError("prompt", f"{len(prompts)} prompts; the limit is {self.max_prompts}")
+        for i, ids in enumerate(prompts):
+            if len(ids) > self.max_prompt_tokens:
+                raise RequestError("prompt", f"prompt {i} has {len(ids)} tokens; the limit is "
+                                             f"{self.max_prompt_tokens}")
+
+    def check_generation(self, prompts: list[list[int]], gen: GenerationConfig) -> None:
+        """Refuse (`RequestError` naming `GenerationConfig`'s field) settings past the server's limits, as TGI
+        caps every request parameter: a request's size is bounded before it takes a slot."""
+        if gen.max_new_tokens > self.max_new_tokens:
+            raise RequestError("max_new_tokens", f"{gen.max_new_tokens} is over the limit of {self.max_new_tokens}")
+        if gen.num_return_sequences > self.max_n:
+            raise RequestError("num_return_sequences", f"{gen.num_return_sequences} is over the limit of "
+                                                       f"{self.max_n}")
+        if len(gen.stop) > self.max_stop_strings:
+            raise RequestError("stop", f"{len(gen.stop)} stop strings; the limit is {self.max_stop_strings}")
+        long = next((i for i, stop in enumerate(gen.stop) if len(stop) > self.max_stop_chars), None)
+        if long is not None:
+            raise RequestError("stop", f"stop string {long} has {len(gen.stop[long])} characters; the limit is "
+                                       f"{self.max_stop_chars}")
+        if len(gen.logit_bias) > self.max_logit_bias:
+            raise RequestError("logit_bias", f"{len(gen.logit_bias)} entries; the limit is {self.max_logit_bias}")
+        alternatives = max(gen.logprobs or 0, gen.prompt_logprobs or 0)
+        if alternatives > self.max_top_logprobs:
+            raise RequestError("logprobs", f"{alternatives} alternatives per token; the limit is "
+                                           f"{self.max_top_logprobs}")
+        total = sum(gen.num_return_sequences * (len(ids) + gen.max_new_tokens) for ids in prompts)
+        if total > self.max_total_tokens:
+            raise RequestError("max_new_tokens", f"the request holds {total} tokens (prompts x "
+                                                 f"{gen.num_return_sequences} rows x (prompt + "
+                                                 f"{gen.max_new_tokens} new)); the limit is {self.max_total_tokens}")
 
     def resolved(self) -> ServeConfig:
         """A copy whose paths are expanded and checked, so every replica loads the same files."""

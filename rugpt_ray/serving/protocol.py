@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 from rugpt_ray.chat import ROLES
 from rugpt_ray.config import close_matches
@@ -21,9 +21,24 @@ from rugpt_ray.generation_config import MAX_LOGIT_BIAS, GenerationConfig, Reques
 
 NonEmpty = Annotated[str, Field(min_length=1)]
 Prompt = str | list[str] | list[int] | list[list[int]]
+PROMPT_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
+                           {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                           {"type": "array", "minItems": 1, "items": {"type": "integer"}},
+                           {"type": "array", "minItems": 1,
+                            "items": {"type": "array", "minItems": 1, "items": {"type": "integer"}}}]}
+"""`Prompt` with the rule of `PromptedRequest._not_empty`, for the OpenAPI document."""
+TOKEN_ID_KEYS = {"pattern": "^-?[0-9]+$"}
+"""`logit_bias` keys: token ids as JSON object keys, for the OpenAPI document."""
 DEFAULT_MAX_NEW_TOKENS = 64
 """`/generate`'s max_new_tokens when a request gives none (the server's limit when that is lower)."""
 MAX_TOP_LOGPROBS = 20
+"""Most alternatives per token a request may ask for (OpenAI's limit)."""
+GREEDY_BELOW = 1e-5
+"""A temperature below this decodes greedily, as in vLLM (its _SAMPLING_EPS): dividing float32 logits by a tinier
+one overflows them to infinities, whose softmax is NaN."""
+MIN_REPETITION_PENALTY = 0.01
+"""The smallest repetition_penalty taken: a tinier one overflows a seen token's logit to infinity (Schemathesis
+sent 5e-324; the NaNs then let a grammar-masked token be drawn: a 500)."""
 """Most alternatives per token a request may ask for (OpenAI's limit)."""
 ONE_KIND = "You can only use one kind of structured outputs constraint but multiple are specified"
 """vLLM's words for a request with more than one constraint."""
@@ -68,7 +83,11 @@ class Body(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_is_default(cls, body: Any) -> Any:
-        return {k: v for k, v in body.items() if v is not None} if isinstance(body, dict) else body
+        """`null` is the field's default; a whole number written as a float (`2.0`) is that integer, as JSON
+        Schema counts it (integer fields are strict otherwise: "2" stays a type error)."""
+        if not isinstance(body, dict):
+            return body
+        return {k: _whole_numbers(v) for k, v in body.items() if v is not None}
 
     @classmethod
     def parse(cls, body: bytes) -> Body:
@@ -101,6 +120,14 @@ class Body(BaseModel):
         field = cls.model_fields.get(name)
         kinds = (field.annotation, *get_args(field.annotation)) if field else ()
         return any(isinstance(kind, type) and issubclass(kind, Body) for kind in kinds)
+
+
+def _whole_numbers(value: Any) -> Any:
+    """`value` with each float that is a whole number, alone or in (nested) lists, made an int; a float field takes
+    it back as the same float."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return [_whole_numbers(v) for v in value] if isinstance(value, list) else value
 
 
 class StreamOptions(Body):
@@ -197,12 +224,12 @@ class SamplingRequest(Body):
     temperature: float = ranged("temperature", 1.0)
     top_k: int = ranged("top_k", 0, ge=-1)  # vLLM's -1 and 0 both mean all tokens
     top_p: float = ranged("top_p", 1.0)
-    repetition_penalty: float = ranged("repetition_penalty", 1.0)
+    repetition_penalty: float = ranged("repetition_penalty", 1.0, ge=MIN_REPETITION_PENALTY)
     presence_penalty: float = ranged("presence_penalty", 0.0)
     frequency_penalty: float = ranged("frequency_penalty", 0.0)
     logit_bias: dict[Annotated[int, Field(strict=False)],
                      Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] = Field(
-        default_factory=dict)  # JSON keys are strings: "50256" is id 50256
+        default_factory=dict, json_schema_extra={"propertyNames": TOKEN_ID_KEYS})  # "50256" is id 50256
     stop: NonEmpty | list[NonEmpty] | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     include_stop_str_in_output: bool = False
@@ -239,7 +266,8 @@ class SamplingRequest(Body):
 
     def _config(self, **fields: Any) -> GenerationConfig:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return GenerationConfig(temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
+        temperature = self.temperature if self.temperature >= GREEDY_BELOW else 0.0
+        return GenerationConfig(temperature=temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
                                 repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                                 frequency_penalty=self.frequency_penalty, logit_bias=dict(self.logit_bias),
                                 stop=stop, stop_token_ids=list(self.stop_token_ids),
@@ -250,7 +278,7 @@ class SamplingRequest(Body):
 class PromptedRequest(SamplingRequest):
     """A text completion: prompts as text or token ids, OpenAI's `logprobs`, `echo` and `best_of`."""
 
-    prompt: Prompt
+    prompt: Annotated[Prompt, WithJsonSchema(PROMPT_SCHEMA)]
     logprobs: int | None = ranged("logprobs", le=MAX_TOP_LOGPROBS)
     echo: bool = False
     best_of: int | None = ranged("num_return_sequences")
@@ -317,7 +345,7 @@ class CompletionRequest(PromptedRequest):
     max_tokens: int = ranged("max_new_tokens", 16)
     min_tokens: int = ranged("min_new_tokens", 0)
     n: int = ranged("num_return_sequences", 1)
-    suffix: str | None = None  # refused when given: text is only completed left to right
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})  # refused when given: left to right only
     stream_options: StreamOptions | None = None
     user: str | None = None  # OpenAI's end-user id: accepted, not used
 
@@ -342,7 +370,7 @@ class ContentPart(Body):
 
 
 class ChatMessage(Body):
-    role: str
+    role: str = Field(json_schema_extra={"enum": list(ROLES)})  # checked by `conversation`: a 400 naming the message
     content: str | list[ContentPart]
 
     def text(self, index: int) -> str:
@@ -380,8 +408,9 @@ class ChatCompletionRequest(SamplingRequest):
     echo: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
-    tools: list[Any] | None = None  # refused when given: no function calling
-    functions: list[Any] | None = None  # refused when given: no function calling
+    # refused when given (no function calling); the OpenAPI document says so
+    tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
+    functions: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
 
     def param(self, field: str | None) -> str | None:
         if field == "max_new_tokens":

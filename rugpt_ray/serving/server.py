@@ -10,12 +10,16 @@ import os
 import time
 import weakref
 from collections.abc import AsyncIterator
-from typing import Any
+from importlib.metadata import version
+from typing import Any, ClassVar
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rugpt_ray.chat import ChatTemplateError, chat_template_source, render_chat
 from rugpt_ray.checkpoints import load_model, read_chat_template
@@ -29,6 +33,7 @@ from rugpt_ray.serving.completions import Choices, CompletionResponses, Generate
 from rugpt_ray.serving.config import ServeConfig
 from rugpt_ray.serving.engine import BatchEngine
 from rugpt_ray.serving.metrics import EngineMetrics, model_loaded
+from rugpt_ray.serving.openapi import openapi_document
 from rugpt_ray.serving.protocol import (
     ApiError,
     Body,
@@ -70,7 +75,29 @@ class ServedModel:
             self.engine.release_adapter(self.adapter[0])
 
 
-app = FastAPI(title="rugpt-ray")
+app = FastAPI(title="rugpt-ray", version=version("rugpt-ray"), openapi_url=None, docs_url=None, redoc_url=None)
+"""Its OpenAPI document and /docs are the replica's routes: they depend on its config (a key or none)."""
+
+
+class CorsWhenConfigured:
+    """CORS for the origins in the replica's `ServeConfig.cors_origins`, none by default (CORS off). Serve runs a
+    frozen copy of `app`, so the replica sets `origins` here instead of adding middleware to it."""
+
+    origins: ClassVar[list[str]] = []
+
+    def __init__(self, app: ASGIApp):
+        self.app, self.cors = app, None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.origins:
+            return await self.app(scope, receive, send)
+        if self.cors is None:
+            self.cors = CORSMiddleware(self.app, allow_origins=self.origins, allow_methods=["GET", "POST"],
+                                       allow_headers=["Authorization", "Content-Type"])
+        await self.cors(scope, receive, send)
+
+
+app.add_middleware(CorsWhenConfigured)
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -97,6 +124,8 @@ class RuGPTServer(playground.PlaygroundRoutes):
             self.api_key = os.environ.get(cfg.api_key_env)
             if not self.api_key:
                 raise UserError(f"api_key_env={cfg.api_key_env}: that environment variable is not set in the replica")
+        CorsWhenConfigured.origins = list(cfg.cors_origins)
+        self.openapi = openapi_document(app.routes, app.title, app.version, secured=self.api_key is not None)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.created = int(time.time())
         self.engines: weakref.WeakValueDictionary[str, BatchEngine] = weakref.WeakValueDictionary()  # by base
@@ -192,17 +221,9 @@ class RuGPTServer(playground.PlaygroundRoutes):
         naming the field), before the request takes a slot."""
         try:
             encoded = self._encode(prompt)
-            for i, ids in enumerate(encoded):
-                if len(ids) > self.cfg.max_prompt_tokens:
-                    raise RequestError("prompt", f"prompt {i} has {len(ids)} tokens; the limit is "
-                                                 f"{self.cfg.max_prompt_tokens}")
+            self.cfg.check_prompts(encoded)
             cfg = body.generation_config(self.cfg.max_new_tokens, served.engine.context - max(map(len, encoded)))
-            if cfg.max_new_tokens > self.cfg.max_new_tokens:
-                raise RequestError("max_new_tokens", f"{cfg.max_new_tokens} is over the limit of "
-                                                     f"{self.cfg.max_new_tokens}")
-            if cfg.num_return_sequences > self.cfg.max_n:
-                raise RequestError("num_return_sequences", f"{cfg.num_return_sequences} is over the limit of "
-                                                           f"{self.cfg.max_n}")
+            self.cfg.check_generation(encoded, cfg)
             spec = body.constraint_spec()
             constraint = None if spec is None else await self._compile(spec, served.engine)
             served.engine.check(encoded, cfg, constraint)
@@ -275,6 +296,18 @@ class RuGPTServer(playground.PlaygroundRoutes):
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(self) -> dict[str, Any]:
+        """The API's document (openapi.py), open like /healthz: it holds no key and no model."""
+        return self.openapi
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        """Swagger UI over /openapi.json; "Authorize" takes the key when the server has one."""
+        return get_swagger_ui_html(openapi_url=f"{request.scope.get('root_path', '')}/openapi.json",
+                                   title=f"{app.title} API")
+
 
     @app.get("/stats")
     async def stats(self, request: Request) -> dict[str, Any]:
