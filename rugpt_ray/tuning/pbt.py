@@ -12,12 +12,10 @@ peak. Each trial's run folder keeps its lineage (lineage.json): its first values
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from rugpt_ray.storage import filesystem, read_text, subfolders, write_file
-from rugpt_ray.train import STATE_FILE
 
 POINTER_FILE = "pointer.json"
 LINEAGE_FILE = "lineage.json"
@@ -26,17 +24,17 @@ TRAIN_RUN_STATE = "checkpoint_manager_snapshot.json"
 that the trial's next run starts from the copy."""
 
 
-def pointer_checkpoint(trial_id: str, run_dir: str, checkpoint_path: str):
-    """A Tune checkpoint that names a Train checkpoint (run folder step_NNNNNNN) of this trial. The checkpoint is
-    named in the run folder's terms (Train's path of one behind a URI has no scheme)."""
+def pointer_checkpoint(folder: str, trial_id: str, run_dir: str, checkpoint_path: str):
+    """A Tune checkpoint in `folder` (a temporary one: Tune copies it when it is reported) that names a Train
+    checkpoint (run folder step_NNNNNNN) of this trial, in the run folder's terms (Train's path of one behind a URI
+    has no scheme)."""
     from ray.tune import Checkpoint
 
-    folder = Path(tempfile.mkdtemp(prefix="rugpt-pointer-"))
     name = checkpoint_path.rstrip("/").rpartition("/")[2]
     pointer = {"trial": trial_id, "run": run_dir, "step": int(name.rpartition("_")[2]),
                "checkpoint": f"{run_dir}/{name}"}
-    (folder / POINTER_FILE).write_text(json.dumps(pointer))
-    return Checkpoint.from_directory(str(folder))
+    (Path(folder) / POINTER_FILE).write_text(json.dumps(pointer))
+    return Checkpoint.from_directory(folder)
 
 
 def read_pointer(checkpoint) -> dict[str, Any] | None:
@@ -48,15 +46,13 @@ def read_pointer(checkpoint) -> dict[str, Any] | None:
 
 
 def donor_checkpoint(pointer: dict[str, Any]) -> str:
-    """The pointed checkpoint while the donor keeps it, else the donor's newest complete one (num_to_keep may have
-    removed the pointed one since)."""
-    if read_text(f"{pointer['checkpoint']}/{STATE_FILE}") is not None:
+    """The pointed checkpoint while the donor keeps it whole (its manifest checks out), else the donor's newest
+    complete one (num_to_keep may have removed the pointed one since)."""
+    from rugpt_ray.checkpoints import checkpoint_problem, complete_checkpoint
+
+    if checkpoint_problem(pointer["checkpoint"]) is None:
         return pointer["checkpoint"]
-    complete = [name for name in subfolders(pointer["run"], "step_*")
-                if read_text(f"{pointer['run']}/{name}/{STATE_FILE}") is not None]
-    if not complete:
-        raise RuntimeError(f"PBT: donor trial {pointer['trial']} has no complete checkpoint in {pointer['run']}")
-    return f"{pointer['run']}/{complete[-1]}"
+    return complete_checkpoint(pointer["run"])
 
 
 def exploit(run_dir: str, pointer: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -75,8 +71,10 @@ def exploit(run_dir: str, pointer: dict[str, Any], old: dict[str, Any], new: dic
     source_fs, source_inner = filesystem(source)
     pafs.copy_files(source_inner, f"{inner}/{name}", source_filesystem=source_fs, destination_filesystem=fs)
     lineage = read_lineage(run_dir) or {"initial": old, "exploits": []}
-    lineage["exploits"].append({"step": int(name.rpartition("_")[2]), "donor": pointer["trial"],
-                                "donor_checkpoint": source, "old": old, "new": new})
+    event = {"step": int(name.rpartition("_")[2]), "donor": pointer["trial"], "donor_checkpoint": source, "new": new}
+    if lineage["exploits"] and {k: lineage["exploits"][-1][k] for k in event} == event:
+        return copy  # the same exploit again (the trial failed before its first checkpoint): recorded once
+    lineage["exploits"].append({**event, "old": old})
     write_file(f"{run_dir}/{LINEAGE_FILE}", json.dumps(lineage, indent=2))
     return copy
 

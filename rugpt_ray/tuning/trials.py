@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import threading
 import time
 from typing import Any
@@ -98,7 +99,9 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], runs: str, metri
     threading.Thread(target=fit, name=f"train-{trial_id}", daemon=True).start()
     while (report := reports.get()) is not None:
         metrics, checkpoint = report
-        ray.tune.report(metrics, checkpoint=pointer_checkpoint(trial_id, run_dir, checkpoint) if checkpoint else None)
+        with tempfile.TemporaryDirectory(prefix="rugpt-pointer-") as folder:
+            ray.tune.report(metrics, checkpoint=pointer_checkpoint(folder, trial_id, run_dir, checkpoint)
+                            if checkpoint else None)
         if fail_at is not None and checkpoint and metrics["step"] >= fail_at:
             _fail_once(run_dir, metrics["step"])
     if failure:
