@@ -454,25 +454,28 @@ _CHUNK = 8 << 20
 
 
 def upload_checkpoint(local: Path, dest: str, rank: int, world: int, token: str, *,
-                      after_file: Callable[[int], None] | None = None, wait_s: float = 3600.0) -> None:
+                      after_file: Callable[[int | str], None] | None = None, wait_s: float = 3600.0) -> None:
     """Copy one worker's part of a training checkpoint to `dest` (a local folder or a URI) file by file, hashing
     as it copies, then that worker's list of files; rank 0 waits for every other worker's list (named by this
     save's `token`, the same on every worker: a list left by an earlier attempt at the same step is not taken)
-    and writes the manifest last. `after_file(k)` runs after the k-th file (the tests' kill seam)."""
+    and writes the manifest last. `after_file` (the tests' kill seam) is called with the number of files copied,
+    from 0, with "copied" after the last one and with "commit" once the list or the manifest is written."""
     import pyarrow.fs as pafs
 
     fs, root = filesystem(dest)
     if rank == 0 and fs.get_file_info(f"{root}/{MANIFEST_FILE}").type == pafs.FileType.File:
         fs.delete_file(f"{root}/{MANIFEST_FILE}")  # an earlier attempt's: this one is not complete yet
+    after_file = after_file or (lambda copied: None)
+    after_file(0)
     digests = {}
     for k, path in enumerate(sorted(p for p in local.rglob("*") if p.is_file()), 1):
         name = path.relative_to(local).as_posix()
         digests[name] = _copy_hashed(path, fs, f"{root}/{name}")
-        if after_file is not None:
-            after_file(k)
+        after_file(k)
     after_file("copied")
     if rank != 0:
         write_file(f"{dest}/{_PART_FILE.format(token=token, rank=rank)}", json.dumps(digests))
+        after_file("commit")
         return
     parts = [f"{dest}/{_PART_FILE.format(token=token, rank=other)}" for other in range(1, world)]
     for part in parts:
@@ -480,6 +483,7 @@ def upload_checkpoint(local: Path, dest: str, rank: int, world: int, token: str,
             if digests.setdefault(name, digest) != digest:
                 raise RuntimeError(f"checkpoint {dest}: two workers wrote {name} with different contents")
     write_file(f"{dest}/{MANIFEST_FILE}", json.dumps({"files": dict(sorted(digests.items()))}, indent=1) + "\n")
+    after_file("commit")
     for part in parts:
         fs.delete_file(filesystem(part)[1])
 
@@ -492,9 +496,9 @@ def new_save_token() -> str:
 def write_manifest(folder: str | os.PathLike) -> None:
     """The manifest of a checkpoint folder written in one place (all workers' files already there): what
     `upload_checkpoint` leaves, for folders put together by hand."""
-    fs, root = filesystem(str(folder))
     import pyarrow.fs as pafs
 
+    fs, root = filesystem(str(folder))
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     digests = {posixpath.relpath(e.path, root): _digest(fs, e.path) for e in entries
                if e.type == pafs.FileType.File and posixpath.basename(e.path) != MANIFEST_FILE}

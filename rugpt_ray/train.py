@@ -213,7 +213,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = TrainState()
     checkpoint = _complete_checkpoint(ray.train.get_checkpoint(), run_dir, rank)
     if checkpoint is None and config["start_from"]:  # a new run from a copied checkpoint (a PBT exploit)
-        checkpoint = ray.train.Checkpoint(config["start_from"])
+        fs, inner = filesystem(config["start_from"])
+        checkpoint = ray.train.Checkpoint(path=inner, filesystem=fs)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             if base is not None:
@@ -686,10 +687,11 @@ def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None, start_fro
     with follow_progress(f"{run_dir}/{METRICS_FILE}", steps, cfg.tokens_per_step(), quiet=cfg.log_level == "warning"):
         result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint else None
-    if "stopped_nonfinite" in (result.metrics or {}):
-        raise UserError(f"training stopped at step {result.metrics['step']}: {result.metrics['stopped_nonfinite']} "
-                        f"steps in a row had a non-finite loss or gradient norm (skipped, not applied); the newest "
-                        f"checkpoint is {checkpoint or 'none'}")
+    last = json.loads(((read_text(f"{run_dir}/{METRICS_FILE}") or "").strip().splitlines() or ["{}"])[-1])
+    if "stopped_nonfinite" in last:  # rank 0's last line: Ray's result keeps the metrics of the last checkpoint
+        raise UserError(f"training stopped at step {last['step']}: {last['stopped_nonfinite']} steps in a row had a "
+                        f"non-finite loss or gradient norm (skipped, not applied); the newest checkpoint is "
+                        f"{checkpoint or 'none'}")
     return TrainResult(run_dir=run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}))
 
 
