@@ -1,9 +1,9 @@
 """The Serve app builders: `build_app` is the `import_path` of serve_configs/*.yaml; `serve_app` builds the same app
 in Python with deployment options.
 
-With more than one served name the app is two deployments, `RuGPTRouter` (router.py) in front of `RuGPTServer`
-(server.py); with one, the server is the ingress itself: every replica holds that model anyway, and each request and
-streamed chunk saves an actor hop.
+The app is two deployments, `RuGPTRouter` (router.py) in front of `RuGPTServer` (server.py), even for one served
+name: from outside the replicas the router sees one die, and retries or ends the stream with an error event, where
+Serve's proxy would cut it silently (ray#47219). That costs an actor hop per request and streamed chunk.
 """
 
 from __future__ import annotations
@@ -31,6 +31,4 @@ def serve_app(cfg: ServeConfig, **server_options: Any) -> Application:
                                     "max_queued_requests": cfg.max_queued_requests,
                                     "backpressure_config": {"retry_after_s": cfg.retry_after_s},
                                     **server_options}).bind(cfg)
-    if len(cfg.models) + len(cfg.adapters) == 1:
-        return server  # every replica holds the one model: nothing to route, the server is the ingress
     return RuGPTRouter.bind(server, cfg)
