@@ -326,6 +326,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens one request may ask for")
     p.add_argument("--request-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="stop a generation after this long (504, or an error event when streaming)")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, let requests in flight finish for this long (new ones get 503)")
     p.set_defaults(func=lazy("rugpt_ray.serving.command:cmd_serve"))
 
 

@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import ray
@@ -17,6 +18,7 @@ from rugpt_ray.serving.app import build_app
 from rugpt_ray.serving.config import ServeConfig
 
 APP_NAME = "rugpt"
+SERVER_DEPLOYMENT = "RuGPTServer"
 
 
 def parse_named(flag: str, values: list[str], taken: dict[str, str] | None = None) -> dict[str, str]:
@@ -36,6 +38,18 @@ def parse_named(flag: str, values: list[str], taken: dict[str, str] | None = Non
     return named
 
 
+def drain(grace_s: float) -> None:
+    """Stop taking requests (503), then wait for those in flight, at most `grace_s`; says how many there are. The
+    command's app has one server replica, which counts every request (the router's too)."""
+    server = serve.get_deployment_handle(SERVER_DEPLOYMENT, APP_NAME)
+    left, deadline = server.drain.remote().result(), time.monotonic() + grace_s
+    print(f"stopping: new requests get 503; {left} in flight get up to {grace_s:g} s to finish", flush=True)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = server.in_flight.remote().result()
+    print(f"stopped{f' ({left} in flight cut)' if left else ''}", flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """`rugpt-ray serve`: the flags are ServeConfig's fields (`--request-timeout` is request_timeout_s)."""
     models = parse_named("--model", args.model)
@@ -43,7 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = ServeConfig.from_dict(dict(
         models=models, adapters=adapters, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
         max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens,
-        request_timeout_s=args.request_timeout, api_key_env=args.api_key_env), where="serve")
+        request_timeout_s=args.request_timeout, api_key_env=args.api_key_env,
+        shutdown_grace_s=args.shutdown_grace), where="serve")
     if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
         raise UserError(f"--api-key-env {cfg.api_key_env}: that environment variable is not set")
     app = build_app(cfg)  # resolves and checks the model paths before Ray starts
@@ -59,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"/tokenizer_info, /stats, /healthz); Ctrl-C or SIGTERM stops", flush=True)
         while not stop.wait(0.5):
             pass
-        print("stopping", flush=True)
+        drain(cfg.shutdown_grace_s)
         serve.shutdown()
     finally:
         ray.shutdown()

@@ -117,6 +117,9 @@ class ServeConfig(BaseModel):
     off)."""
     retry_after_s: int = Field(1, ge=0)
     """`Retry-After` (seconds) of a 503: queues full, or the server stopping."""
+    shutdown_grace_s: float = Field(30.0, gt=0)
+    """On SIGTERM or Ctrl-C, `rugpt-ray serve` answers new requests 503 and waits this long at most for the ones in
+    flight to finish, then stops."""
 
     @field_validator("models", mode="before")
     @classmethod

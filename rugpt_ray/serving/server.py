@@ -109,6 +109,34 @@ async def _api_error(request: Request, error: ApiError) -> JSONResponse:
     return error_response(error)
 
 
+class StopGate:
+    """Counts the replica's requests in flight and, once it stops (`RuGPTServer.drain`), answers new ones 503 with
+    `Retry-After` while those finish. Class state: Serve runs a frozen copy of `app`, one replica per process."""
+
+    draining: ClassVar[bool] = False
+    in_flight: ClassVar[int] = 0
+    retry_after_s: ClassVar[int] = 1
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if StopGate.draining:
+            refusal = ApiError(503, "the server is stopping; retry later", kind="server_error", code="stopping",
+                               headers={"Retry-After": str(StopGate.retry_after_s)})
+            return await error_response(refusal)(scope, receive, send)
+        StopGate.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            StopGate.in_flight -= 1
+
+
+app.add_middleware(StopGate)
+
+
 app.include_router(playground.router)  # the page at / (playground.py)
 
 
@@ -125,6 +153,7 @@ class RuGPTServer(playground.PlaygroundRoutes):
             if not self.api_key:
                 raise UserError(f"api_key_env={cfg.api_key_env}: that environment variable is not set in the replica")
         CorsWhenConfigured.origins = list(cfg.cors_origins)
+        StopGate.retry_after_s = cfg.retry_after_s
         self.openapi = openapi_document(app.routes, app.title, app.version, secured=self.api_key is not None)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.created = int(time.time())
@@ -292,6 +321,14 @@ class RuGPTServer(playground.PlaygroundRoutes):
                     yield message["body"]
         finally:
             endpoint.cancel()
+
+    async def drain(self) -> int:
+        """`rugpt-ray serve` stopping: from now on new requests get 503; returns the requests still in flight."""
+        StopGate.draining = True
+        return StopGate.in_flight
+
+    async def in_flight(self) -> int:
+        return StopGate.in_flight
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:

@@ -1,0 +1,88 @@
+"""`rugpt-ray serve` stopped by SIGTERM (what containers and Kubernetes send) or Ctrl-C's SIGINT while a request
+is in flight: the request finishes, new ones get 503 with Retry-After meanwhile, and the process exits 0 without a
+stack trace."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+from polling import poll
+from ports import free_port
+
+from rugpt_ray.checkpoints import save_native
+from rugpt_ray.config import preset
+from rugpt_ray.serving.engine import STEP_PAUSE_ENV
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("graceful_stop")]
+
+TOKENS = 100
+"""The in-flight request's length: with the engine's 60 ms pause per decode step (its test seam) it runs at least
+6 s after its first token, however fast the machine, so the stop begins while it streams (the server says how many
+requests were in flight)."""
+
+
+def wait_ready(url: str, proc: subprocess.Popen) -> None:
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    poll(ready, 150, f"{url} to answer", interval=0.5)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_lets_the_request_in_flight_finish_and_refuses_new_ones(tmp_path, make_model, data_dir, sig):
+    model = save_native(make_model(preset("tiny"), seed=1), tmp_path / "tiny")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    code = "import sys; from rugpt_ray.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, STEP_PAUSE_ENV: "0.06"}
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(model), "--tokenizer",
+                             str(data_dir / "tokenizer"), "--port", str(port), "--shutdown-grace", "120",
+                             "--max-new-tokens", str(TOKENS)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_ready(f"{base}/healthz", proc)
+        events: list = []
+        first, status = threading.Event(), []
+
+        def stream() -> None:
+            body = {"prompt": "Привет", "max_tokens": TOKENS, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+                status.append(r.status_code)
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        payload = line.removeprefix("data: ")
+                        events.append(payload if payload == "[DONE]" else json.loads(payload))
+                        first.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first.wait(120), f"the streamed request never started: {status}"
+        proc.send_signal(sig)
+
+        def refused() -> httpx.Response | None:
+            r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30)
+            return r if r.status_code == 503 else None
+
+        r = poll(refused, 60, "a new request to be refused while stopping")
+        assert r.json()["error"]["code"] == "stopping" and r.headers["retry-after"] == "1"
+        reader.join(120)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert events[-1] == "[DONE]", events[-3:]
+    text = "".join(e["choices"][0]["text"] for e in events[:-1])
+    assert events[-2]["choices"][0]["finish_reason"] == "length" and text, events[-2:]
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopping: new requests get 503; 1 in flight get up to 120 s" in out and "stopped\n" in out, out[-3000:]
+    assert "Traceback" not in out and "SIGTERM received" not in out, out[-3000:]
