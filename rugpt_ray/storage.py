@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import posixpath
+import re
 from typing import TYPE_CHECKING
 
 from rugpt_ray.errors import UserError, cause_line
@@ -27,8 +28,20 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     import pyarrow.fs as pafs
 
     if is_uri(path):
-        return pafs.FileSystem.from_uri(path)
+        return pafs.FileSystem.from_uri(query_last(path))
     return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def query_last(uri: str) -> str:
+    """A URI whose options (`?endpoint_override=...`) came before the folders joined to it with "/" (a storage_path
+    such as `s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http`, then `/name/metrics.jsonl`), with the
+    options moved to the end, where pyarrow reads them. The joined path starts at the first "/" of the options that
+    is not part of a scheme's "://" (an endpoint is a host and a port, never a path)."""
+    base, mark, options = uri.partition("?")
+    joined = re.search(r"(?<!:)(?<!:/)/", options) if mark else None
+    if joined is None:
+        return uri
+    return f"{base}{options[joined.start():]}?{options[:joined.start()]}"
 
 
 def read_text(path: str) -> str | None:
@@ -72,7 +85,7 @@ def check_writable(path: str, what: str) -> None:
         fs, inner = filesystem(path)
         bucket = inner.split("/", 1)[0]
         if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-            raise UserError(f"{what} {path}: bucket {bucket!r} does not exist (create it first)")
+            raise UserError(f"{what} {query_last(path)}: bucket {bucket!r} does not exist (create it first)")
         probe = f"{inner.rstrip('/')}/.rugpt-write-probe"
         with fs.open_output_stream(probe) as f:
             f.write(b"")
@@ -80,4 +93,4 @@ def check_writable(path: str, what: str) -> None:
     except (OSError, ValueError) as e:
         if isinstance(e, UserError):
             raise
-        raise UserError(f"{what} {path}: not writable: {cause_line(e)}") from e
+        raise UserError(f"{what} {query_last(path)}: not writable: {cause_line(e)}") from e
