@@ -32,7 +32,7 @@ from rugpt_ray.config import ModelConfig, TrainConfig, TrainPlan, check_train_co
 from rugpt_ray.errors import UserError
 from rugpt_ray.progress import follow_progress, quiet_ray
 from rugpt_ray.ray_start import start_ray
-from rugpt_ray.storage import check_writable, filesystem, is_uri, read_text, write_file
+from rugpt_ray.storage import check_writable, filesystem, is_uri, query_last, read_text, write_file
 
 if TYPE_CHECKING:
     from rugpt_ray.lora import BaseRef
@@ -675,7 +675,7 @@ def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None, start_fro
         datasets=ingest.datasets,
         dataset_config=ingest.dataset_config,
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=run_dir.rpartition("/")[0],
+            name=cfg.name, storage_path=query_last(run_dir.rpartition("/")[0]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env={"env_vars": _worker_env()},

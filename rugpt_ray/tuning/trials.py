@@ -33,7 +33,7 @@ from ray.util.queue import Queue
 from rugpt_ray.config import TrainConfig, default_tokenizer
 from rugpt_ray.errors import UserError
 from rugpt_ray.ray_start import ray_connection, start_ray
-from rugpt_ray.storage import read_text, write_file
+from rugpt_ray.storage import query_last, read_text, write_file
 from rugpt_ray.train import prepare_training_data, train
 from rugpt_ray.tuning.pbt import exploit, pointer_checkpoint, read_pointer, start_lineage
 from rugpt_ray.tuning.plan import (
@@ -256,9 +256,9 @@ def run_sweep(spec: SweepConfig) -> SweepResult:
                              pbt=spec.population_based, fail_at=fail_at), TRIAL_DRIVER)
     write_file(f"{plan.folder}/{SPEC_FILE}", yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
 
-    if tune.Tuner.can_restore(plan.folder):
+    if tune.Tuner.can_restore(query_last(plan.folder)):
         print(f"resuming sweep {plan.folder}", flush=True)
-        tuner = tune.Tuner.restore(plan.folder, trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(query_last(plan.folder), trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -271,7 +271,7 @@ def run_sweep(spec: SweepConfig) -> SweepResult:
         )
     tuner.fit()
     _release_orphaned_placement_groups(wait_s=30)  # the last trials' groups: free for whatever runs next
-    trials = tune.ExperimentAnalysis(plan.folder).trials  # as saved: what a re-run resumes from
+    trials = tune.ExperimentAnalysis(query_last(plan.folder)).trials  # as saved: what a re-run resumes from
     status = {t.trial_id: {"TERMINATED": "done", "ERROR": "failed"}.get(t.status, "unfinished") for t in trials}
     rows = trial_rows(plan, status)
     best = best_row(rows, plan)
