@@ -15,6 +15,7 @@ from rugpt_ray.config import DTYPES, close_matches
 from rugpt_ray.errors import UserError
 from rugpt_ray.generation_config import GenerationConfig, RequestError
 from rugpt_ray.serving.protocol import MAX_TOP_LOGPROBS
+from rugpt_ray.storage import is_uri
 
 _COMPARISONS = (("greater than or equal to", ">="), ("less than or equal to", "<="), ("greater than", ">"),
                 ("less than", "<"))
@@ -227,6 +228,8 @@ def resolve_path(what: str, value: str) -> str:
             raise UserError(f"{what}: nothing matches {expanded!r} (from {value!r}; run `make demo` or set "
                             f"the variable it names)")
         expanded = matches[-1]
+    if is_uri(expanded):
+        return expanded  # object storage (s3://...): the replica's load_model fetches it
     path = Path(expanded).expanduser()
     if path.exists():
         return str(path.resolve())
