@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from rugpt_ray.checkpoints import export_hf, load_model, safe_torch_load
+from rugpt_ray.checkpoints import MANIFEST_FILE, export_hf, load_model, safe_torch_load
 from rugpt_ray.config import TrainConfig, check_train_config, deepspeed_engine_config, load_train_config
 from rugpt_ray.errors import UserError
 from rugpt_ray.plotting import read_metrics
@@ -67,11 +67,12 @@ def test_two_workers_zero2_learn_resume_survive_a_killed_worker_and_export(tmp_p
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= set(shards)
 
     # the same name again with a longer budget continues from step 20; a worker killed once the step-30 checkpoint
-    # is complete and step 31 has run costs a restart from it (max_failures=1): no gap, no restart from 0, no step
-    # twice
+    # is complete (its manifest written) and step 31 has run costs a restart from it (max_failures=1): no gap, no
+    # restart from 0, no step twice
     killer, killed = kill_a_train_worker_after(
         tmp_path / "run" / "step_0000030" / "model", str(tmp_path_factory.getbasetemp()),
-        also=lambda: all(any(line["step"] == 31 for line in traced(trace, rank)[20:]) for rank in (0, 1)))
+        also=lambda: (tmp_path / "run" / "step_0000030" / MANIFEST_FILE).is_file() and all(
+            any(line["step"] == 31 for line in traced(trace, rank)[20:]) for rank in (0, 1)))
     resumed = train(base(tmp_path, prepared, max_steps=50, max_failures=1))
     killer.join()
     assert killed, "no Ray Train worker process was found to kill"
