@@ -266,8 +266,9 @@ def run_sweep(spec: SweepConfig) -> SweepResult:
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, scheduler=scheduler(plan), num_samples=spec.num_samples,
                 search_alg=search_algorithm(plan, concurrent)),
+            # stop at the last step before a scheduler sees it: PBT would exploit there, a restart with nothing to train
             run_config=tune.RunConfig(name=spec.name, storage_path=plan.folder.rpartition("/")[0], verbose=1,
-                                      callbacks=[_sweep_callback()]),
+                                      callbacks=[_sweep_callback()], stop={"step": plan.steps}),
         )
     tuner.fit()
     _release_orphaned_placement_groups(wait_s=30)  # the last trials' groups: free for whatever runs next
