@@ -7,6 +7,7 @@ stream) and, when the server has a key, its bearer security. Fuzzers (Schemathes
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,8 +114,6 @@ def openapi_document(routes: list[Any], title: str, version: str, secured: bool)
     declared; `secured`: the server has a key, so the operations that need it say so (and answer 401)."""
     document = get_openapi(title=title, version=version, routes=routes)
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
-    schemas.pop("HTTPValidationError", None)  # FastAPI's 422 shape: the server answers OpenAI's instead
-    schemas.pop("ValidationError", None)
     schemas["Error"] = ERROR
     if secured:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
@@ -131,6 +130,9 @@ def openapi_document(routes: list[Any], title: str, version: str, secured: bool)
             if needs_key:
                 operation["security"] = [{"bearer": []}]
             operation["responses"] = responses(spec, needs_key)
+    if REF.format(model="HTTPValidationError") not in json.dumps(document["paths"]):
+        schemas.pop("HTTPValidationError", None)  # FastAPI's 422 shape: our operations answer OpenAI's instead
+        schemas.pop("ValidationError", None)
     return document
 
 
