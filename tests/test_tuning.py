@@ -19,7 +19,7 @@ from rugpt_ray.cli import main
 from rugpt_ray.config import load_train_config
 from rugpt_ray.errors import UserError
 from rugpt_ray.train import lr_at, train
-from rugpt_ray.tuning.plan import load_sweep_config, plan_sweep
+from rugpt_ray.tuning.plan import check_same_spec, load_sweep_config, plan_sweep
 from rugpt_ray.tuning.trials import FAIL_ENV, param_space, run_sweep, search_algorithm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,6 +215,10 @@ def test_a_sweep_folder_resumes_only_with_its_own_spec(tmp_path, data_dir):
     (folder / "sweep.yaml").write_text(yaml.safe_dump(started))
     with pytest.raises(UserError, match="holds a sweep started with other num_samples; run it with the spec in"):
         run_sweep(load_sweep_config(spec))
+    older = {k: v for k, v in dataclasses.asdict(load_sweep_config(spec)).items()
+             if k not in ("search", "perturbation_interval", "mutations", "quantile_fraction")}
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(older))  # saved before those keys existed: their defaults
+    check_same_spec(plan_sweep(load_sweep_config(spec)))
     for spec_path in sorted((REPO / "tune").glob("*.yaml")):  # the shipped specs pass every check
         plan = plan_sweep(load_sweep_config(str(spec_path)))
         assert set(plan.space) in ({"lr", "weight_decay"}, {"lr", "lora.r"})
@@ -243,8 +247,10 @@ def test_gpu_trials_on_a_cluster_without_gpus_wait_only_when_asked(tmp_path, dat
 @pytest.mark.long
 def test_pbt_exploit_continues_the_donor_s_checkpoint_with_the_perturbed_lr(tmp_path, prepared, ray_local):
     # 2 trials (a good lr and a hopeless one), synchronous PBT at step 5 of 8: the hopeless one copies the good one's
-    # step-5 checkpoint and goes on with a perturbation of its lr; a training loss logged at every step
+    # step-5 checkpoint and goes on with a perturbation of its lr; a training loss logged at every step; the sweep
+    # folder behind a URI (as s3://bucket/sweeps on a cluster): the copy goes through pyarrow
     spec = spec_file(tmp_path, prepared, scheduler="pbt", grace_period=None, num_samples=1, perturbation_interval=5,
+                     storage_path=f"file://{tmp_path}/sweeps",
                      quantile_fraction=0.5, space={"lr": {"grid": [3e-3, 1e-5]}},
                      mutations={"lr": {"loguniform": [1e-4, 1e-2]}},
                      train={"max_steps": 8, "log_interval": 1, "eval_interval": 5, "save_interval": 5})
@@ -261,7 +267,7 @@ def test_pbt_exploit_continues_the_donor_s_checkpoint_with_the_perturbed_lr(tmp_
     lineage = json.loads((folder / "runs" / taker / "lineage.json").read_text())
     (event,) = lineage["exploits"]
     assert (event["step"], event["donor"], event["old"]["lr"]) == (5, donor, 1e-5)
-    assert event["donor_checkpoint"] == str(folder / "runs" / donor / "step_0000005")
+    assert event["donor_checkpoint"] == f"file://{folder}/runs/{donor}/step_0000005"
     assert lineage["initial"] == {"lr": 1e-5} and event["new"]["lr"] != 3e-3  # perturbed from the donor's
     assert float(rows[taker]["lr"]) == event["new"]["lr"]
     assert sorted(p.name for p in (folder / "runs" / taker).glob("step_*")) == ["step_0000005", "step_0000008"]

@@ -289,12 +289,14 @@ def trial_values(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]
 
 
 def check_same_spec(plan: SweepPlan) -> None:
-    """Resuming needs the spec the sweep started with (its place aside: the folder may have moved)."""
+    """Resuming needs the spec the sweep started with (its place aside: the folder may have moved). A key the saved
+    spec lacks (one added to SweepConfig since) counts as its default."""
     saved_file = f"{plan.folder}/{SPEC_FILE}"
     text = read_text(saved_file)
     if text is None:
         return
-    saved = yaml.safe_load(text)
+    defaults = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(SweepConfig())))
+    saved = {**defaults, **yaml.safe_load(text)}
     now = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(plan.spec)))
     changed = sorted(k for k in set(saved) | set(now)
                      if k not in ("name", "storage_path") and saved.get(k) != now.get(k))
