@@ -111,11 +111,12 @@ def serve_processes_rss_mb(app: str) -> dict[str, float]:
     `ray::ServeReplica:<app>:<deployment>`)."""
     import psutil
 
-    rss = {}
+    prefix, rss = f"ray::ServeReplica:{app}:", {}
     for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
         title = " ".join(p.info["cmdline"] or [])
-        if title.startswith(f"ray::ServeReplica:{app}:") and p.info["memory_info"] is not None:
-            rss[f"{title.split(':')[-1].strip()}[{p.info['pid']}]"] = p.info["memory_info"].rss / 2**20
+        if title.startswith(prefix) and p.info["memory_info"] is not None:
+            deployment = title[len(prefix):].split(".")[0].split()[0]  # then the method it runs, if any
+            rss[f"{deployment}[{p.info['pid']}]"] = p.info["memory_info"].rss / 2**20
     return rss
 
 
