@@ -82,7 +82,13 @@ def generate(page, **settings: str) -> str:
 
 
 def test_the_page_asks_for_the_key_then_lists_the_models(server, page):
-    assert server.get("/v1/models", headers={"Authorization": ""}).status_code == 401  # the API needs the key
+    no_key = {"Authorization": ""}
+    assert server.get("/v1/models", headers=no_key).status_code == 401  # the API needs the key
+    assert server.get("/playground/settings", headers=no_key).status_code == 401
+    for path in ("/", "/playground", "/playground/static/playground.js"):  # the page's files are open
+        r = server.get(path, headers=no_key)
+        assert r.status_code == 200 and r.headers["content-security-policy"].startswith("default-src 'self'")
+    assert server.get("/playground/static/..%2Fplayground.py", headers=no_key).status_code == 404
     page.wait_for_selector("#key-form:not([hidden])")
     assert "missing or wrong API key" in page.inner_text("#error")  # the server's own words
     assert page.evaluate("document.activeElement.id") == "api-key"
@@ -99,6 +105,7 @@ def test_the_page_asks_for_the_key_then_lists_the_models(server, page):
     # the server's defaults and limits reached the controls
     assert page.input_value("#temperature") == "1" and page.input_value("#max_tokens") == "16"
     assert page.get_attribute("#max_tokens", "max") == str(LONG) and page.get_attribute("#top_p", "max") == "1"
+    assert page.inner_text("#stop-label").endswith("(up to 8)")
 
 
 def test_greedy_text_and_hovered_logprobs_equal_the_apis(server, page, tmp_path):
@@ -195,12 +202,13 @@ def dashboard_metrics() -> set[str]:
 
 
 def test_every_dashboard_metric_is_in_a_real_scrape(server, ray_metrics_port):
-    """After the requests above (some refused: 401, 422), Ray's Prometheus endpoint has every series the
+    """After a generation and a refused request (and those above), Ray's Prometheus endpoint has every series the
     dashboard queries, with the labels it is templated on."""
     names = dashboard_metrics()
     assert {"ray_rugpt_time_to_first_token_seconds_bucket", "ray_rugpt_model_loads_total",
             "ray_serve_num_deployment_http_error_requests_total"} <= names
-    server.post("/v1/completions", json={"model": "nope", "prompt": "x"})  # a 404 by code
+    assert server.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 3}).status_code == 200
+    assert server.post("/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404  # an error code
 
     def scraped() -> dict[str, str] | None:
         samples: dict[str, str] = {}

@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from rugpt_ray.serving.config import ServeConfig
-from rugpt_ray.serving.protocol import MAX_TOP_LOGPROBS, ApiError, CompletionRequest
+from rugpt_ray.serving.protocol import ApiError, CompletionRequest
 
 router = APIRouter(include_in_schema=False)
 
@@ -49,11 +49,12 @@ def field_settings(schema: type[BaseModel], name: str) -> dict[str, Any]:
 
 def page_settings(cfg: ServeConfig) -> dict[str, Any]:
     """What the page's controls start at and may reach: the request schema's defaults and ranges, narrowed by the
-    server's limits (`max_new_tokens`, `max_n`)."""
+    server's limits (`max_new_tokens`, `max_n`), and the alternatives per token it may ask for."""
     settings = {name: field_settings(CompletionRequest, name) for name in SAMPLING_FIELDS}
     settings["max_tokens"]["le"] = cfg.max_new_tokens
     settings["n"]["le"] = cfg.max_n
-    return {"sampling": settings, "max_top_logprobs": MAX_TOP_LOGPROBS, "max_prompt_tokens": cfg.max_prompt_tokens}
+    return {"sampling": settings, "max_top_logprobs": cfg.max_top_logprobs, "max_prompt_tokens": cfg.max_prompt_tokens,
+            "max_stop_strings": cfg.max_stop_strings}
 
 
 def asset_response(name: str) -> Response:

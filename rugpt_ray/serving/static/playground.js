@@ -7,7 +7,8 @@ const $ = (id) => document.getElementById(id);
 const KEY = "rugpt-api-key";
 const SETTINGS = ["temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "presence_penalty",
                   "frequency_penalty", "seed", "n"];
-const ALTERNATIVES = 5;
+const SHOWN = 5;  // alternatives per token, where the server allows as many
+let alternatives = SHOWN;
 let defaults = {};
 let running = null;  // the AbortController of the request in flight
 let messageCount = 0;
@@ -78,12 +79,12 @@ function chatTokens(logprobs, out) {
 const MODES = {
   completion: {
     endpoint: "v1/completions",
-    body: () => ({prompt: $("prompt").value, logprobs: ALTERNATIVES}),
+    body: () => ({prompt: $("prompt").value, logprobs: alternatives}),
     read: (choice) => ({text: choice.text ?? "", tokens: completionTokens(choice.logprobs)}),
   },
   chat: {
     endpoint: "v1/chat/completions",
-    body: () => ({messages: readMessages(), logprobs: true, top_logprobs: ALTERNATIVES}),
+    body: () => ({messages: readMessages(), logprobs: true, top_logprobs: alternatives}),
     read: (choice, out) => ({text: choice.delta?.content ?? "", tokens: chatTokens(choice.logprobs, out)}),
     finished: (outputs) => {  // the first answer joins the conversation, and the user's turn follows
       addMessage("assistant", outputs.get(0)?.text ?? "");
@@ -108,6 +109,8 @@ async function loadServer() {
     api("v1/models").then((r) => r.json()), api("playground/settings").then((r) => r.json())]);
   fillModels(models.data);
   defaults = settings.sampling;
+  alternatives = Math.min(SHOWN, settings.max_top_logprobs);
+  $("stop-label").textContent = `Stop strings, one a line (up to ${settings.max_stop_strings})`;
   applyDefaults();
   hideError();
   setStatus(`${models.data.length} served name(s); limits: ${settings.sampling.max_tokens.le} tokens, `
@@ -317,8 +320,8 @@ function showToken(span) {
                        + `(p ${percent(token.logprob)})`;
     const table = document.createElement("table");
     const caption = table.createCaption();
-    caption.textContent = `likeliest ${ALTERNATIVES}`;
-    const top = [...token.top].sort((a, b) => b[1] - a[1]).slice(0, ALTERNATIVES);
+    caption.textContent = `likeliest ${alternatives}`;
+    const top = [...token.top].sort((a, b) => b[1] - a[1]).slice(0, alternatives);
     for (const [text, logprob] of top) {
       const row = table.insertRow();
       row.className = "alternative";
