@@ -83,6 +83,8 @@ def check_writable(path: str, what: str) -> None:
         return
     try:
         fs, inner = filesystem(path)
+        if isinstance(fs, pafs.LocalFileSystem):  # file://: a local folder, no bucket (made when first written)
+            return
         bucket = inner.split("/", 1)[0]
         if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
             raise UserError(f"{what} {query_last(path)}: bucket {bucket!r} does not exist (create it first)")
