@@ -55,20 +55,26 @@ def server(ray_local, tmp_path_factory, make_model, data_dir):
 
 
 @pytest.fixture(scope="module")
-def page(server):
-    """One browser tab on the playground, shared by the tests in order (the key given once stays in the tab)."""
+def browser():
+    """Headless Chromium, checked for before any server starts."""
     if not Path(CHROMIUM).exists():
         pytest.skip("no Chromium for the browser tests: install it with `apt-get install -y chromium` (.ci/run does)")
-
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM)
-        tab = browser.new_page(viewport={"width": 1200, "height": 760})
-        errors: list[str] = []
-        tab.on("pageerror", lambda error: errors.append(str(error)))
-        tab.goto(str(server.base_url))
-        tab.set_default_timeout(WAIT_MS)
-        yield tab
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    """One browser tab on the playground, shared by the tests in order (the key given once stays in the tab)."""
+    tab = browser.new_page(viewport={"width": 1200, "height": 760})
+    errors: list[str] = []
+    tab.on("pageerror", lambda error: errors.append(str(error)))
+    tab.goto(str(server.base_url))
+    tab.set_default_timeout(WAIT_MS)
+    yield tab
+    tab.close()
     assert not errors, f"the page's JavaScript failed: {errors}"
 
 
@@ -81,7 +87,7 @@ def generate(page, **settings: str) -> str:
     return page.inner_text("#status")
 
 
-def test_the_page_asks_for_the_key_then_lists_the_models(server, page):
+def test_the_page_asks_for_the_key_then_lists_the_models(page, server):
     no_key = {"Authorization": ""}
     assert server.get("/v1/models", headers=no_key).status_code == 401  # the API needs the key
     assert server.get("/playground/settings", headers=no_key).status_code == 401
@@ -108,7 +114,7 @@ def test_the_page_asks_for_the_key_then_lists_the_models(server, page):
     assert page.inner_text("#stop-label").endswith("(up to 8)")
 
 
-def test_greedy_text_and_hovered_logprobs_equal_the_apis(server, page, tmp_path):
+def test_greedy_text_and_hovered_logprobs_equal_the_apis(page, server, tmp_path):
     page.fill("#prompt", PROMPT)
     page.click("#greedy")
     status = generate(page, max_tokens="12")
@@ -139,7 +145,7 @@ def test_greedy_text_and_hovered_logprobs_equal_the_apis(server, page, tmp_path)
     assert (tmp_path / "playground.png").stat().st_size > 10_000
 
 
-def test_chat_mode_with_a_json_schema_equals_the_api(server, page):
+def test_chat_mode_with_a_json_schema_equals_the_api(page, server):
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}, "required": ["name"],
               "additionalProperties": False}
     page.check("input[name=mode][value=chat]")
@@ -173,7 +179,7 @@ def test_errors_are_shown_as_the_server_words_them(page):
     assert page.input_value("#top_p") == "1"
 
 
-def test_stop_cancels_the_request_and_the_server_frees_its_rows(server, page):
+def test_stop_cancels_the_request_and_the_server_frees_its_rows(page, server):
     before = server.get("/stats").json()["models"]["tiny"]
     page.fill("#max_tokens", str(LONG))
     page.click("#generate")
