@@ -92,6 +92,7 @@ def test_a_truncated_shard_or_a_flipped_byte_is_never_loaded(tmp_path, make_mode
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_save_killed_at_any_point_resumes_from_the_last_complete_checkpoint(tmp_path, prepared, ray_local,
                                                                              monkeypatch):
     """Two workers, a checkpoint every 2 steps of 6; the save of step 4 SIGKILLs a worker (train.KILL_ENV) at three
