@@ -15,13 +15,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
 from rugpt_ray.storage import filesystem, read_text, subfolders, write_file
 
 POINTER_FILE = "pointer.json"
 LINEAGE_FILE = "lineage.json"
-TRAIN_RUN_STATE = "checkpoint_manager_snapshot.json"
+TRAIN_RUN_STATE = CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 """Ray Train's record of a run's checkpoints (what a re-run of the same name resumes from): removed on exploit, so
-that the trial's next run starts from the copy."""
+that the trial's next run starts from the copy. Ray's own name for it (a private constant: if Ray renames it, the
+import fails here instead of an exploited trial quietly resuming its own checkpoint)."""
 
 
 def pointer_checkpoint(folder: str, trial_id: str, run_dir: str, checkpoint_path: str):
