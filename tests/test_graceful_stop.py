@@ -4,6 +4,7 @@ stack trace."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,5 +85,7 @@ def test_a_stop_signal_lets_the_request_in_flight_finish_and_refuses_new_ones(tm
     text = "".join(e["choices"][0]["text"] for e in events[:-1])
     assert events[-2]["choices"][0]["finish_reason"] == "length" and text, events[-2:]
     assert proc.returncode == 0, out[-3000:]
-    assert "stopping: new requests get 503; 1 in flight get up to 120 s" in out and "stopped\n" in out, out[-3000:]
+    stopping = re.search(r"stopping: new requests get 503; (\d+) in flight get up to 120 s", out)
+    # the stream, and maybe a refused() request that arrived before the stop began
+    assert stopping and int(stopping[1]) >= 1 and "stopped\n" in out, out[-3000:]
     assert "Traceback" not in out and "SIGTERM received" not in out, out[-3000:]

@@ -75,6 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             pass
         drain(cfg.shutdown_grace_s)
+        serve.delete(APP_NAME)  # Serve stops the replicas after their last bytes are relayed; the proxy stays up
         serve.shutdown()
     finally:
         ray.shutdown()
