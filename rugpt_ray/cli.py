@@ -13,6 +13,7 @@ from typing import Any
 from rugpt_ray.config import (
     CHECKPOINT_FORMATS,
     DTYPES,
+    FLOAT_DTYPES,
     SPARSE_MODES,
     check_train_config,
     default_tokenizer,
@@ -33,8 +34,10 @@ def read_sparse_config(path: str) -> dict[str, Any]:
     return sparse
 
 
-def add_model_args(p: argparse.ArgumentParser, *, model: str | None = "--model") -> None:
-    """Where the checkpoint is (`--model`, a positional `model`, or None when the command names it itself)."""
+def add_model_args(p: argparse.ArgumentParser, *, model: str | None = "--model",
+                   dtypes: tuple[str, ...] = DTYPES) -> None:
+    """Where the checkpoint is (`--model`, a positional `model`, or None when the command names it itself), and
+    how it is loaded; `dtypes`: the weight dtypes the command can use."""
     if model == "--model":
         p.add_argument("--model", required=True, help="checkpoint folder/file or HF hub id")
     elif model:
@@ -46,19 +49,17 @@ def add_model_args(p: argparse.ArgumentParser, *, model: str | None = "--model")
     p.add_argument("--sparse-config", help="DeepSpeed JSON (or its sparse_attention block) for sparse layers")
     p.add_argument("--sparse-mode", choices=SPARSE_MODES)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="float32", choices=dtypes)
 
 
 def load_model_from_args(args: argparse.Namespace):
-    import torch
-
     from rugpt_ray.checkpoints import load_model
+    from rugpt_ray.quantization import with_dtype
 
-    return load_model(
+    return with_dtype(load_model(
         args.model, fmt=args.fmt, preset=args.preset, n_head=args.n_head, sparse_mode=args.sparse_mode,
-        sparse_config=read_sparse_config(args.sparse_config) if args.sparse_config else None,
-        device=args.device, dtype=getattr(torch, args.dtype),
-    )
+        sparse_config=read_sparse_config(args.sparse_config) if args.sparse_config else None, device=args.device,
+    ), args.dtype)
 
 
 def add_tokenizer_arg(p: argparse.ArgumentParser) -> None:
@@ -269,14 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lazy("rugpt_ray.tuning.trials:cmd_tune"))
 
     p = sub.add_parser("info", help="what a checkpoint holds")
-    add_model_args(p, model="model")
+    add_model_args(p, model="model", dtypes=FLOAT_DTYPES)
     p.set_defaults(func=cmd_info)
     return parser
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
     """What convert and export share: how to read the source, and what an HF export takes."""
-    add_model_args(p, model=None)
+    add_model_args(p, model=None, dtypes=FLOAT_DTYPES)
     p.add_argument("--allow-dense", action="store_true", help="export a sparse model to HF as dense anyway")
     p.add_argument("--merge", action="store_true", help="a LoRA run or adapter: write its base with the adapter "
                    "folded in (the base it was trained on, checked by fingerprint)")

@@ -26,8 +26,10 @@ SPARSE_MODES = ("none", "all", "alternating", "top_bottom")
 """Which layers are block-sparse (the seed's --sparse-mode)."""
 CHECKPOINT_FORMATS = ("auto", "hf", "megatron", "native")
 """What `load_model` reads: detected, an HF GPT-2 folder/file, the seed's Megatron/DeepSpeed files, or ours."""
-DTYPES = ("float32", "bfloat16", "float16")
-"""Weight dtypes for inference (torch dtype names)."""
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+"""Weight dtypes a model can be written in (torch dtype names)."""
+DTYPES = (*FLOAT_DTYPES, "int8")
+"""Weight dtypes for inference: a float dtype, or int8 weight-only on the CPU (see `rugpt_ray.quantization`)."""
 DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOG_LEVELS = ("debug", "info", "warning")

@@ -384,7 +384,8 @@ class Decoder:
         self.model, self.tokenizer, self.static_shapes = model.eval(), tokenizer, static_shapes
         self.capacity = min(capacity or model.config.n_positions, model.config.n_positions)
         self.device = next(model.parameters()).device
-        self.cache = KVCache.allocate(model.config, slots, self.capacity, self.device, model.lm_head.weight.dtype)
+        activations = model.transformer.wte.weight.dtype  # an int8 model's output layer is int8, its embedding not
+        self.cache = KVCache.allocate(model.config, slots, self.capacity, self.device, activations)
         self.history = torch.zeros(slots, self.capacity, dtype=torch.long, device=self.device)
         self._rows: list[Row | None] = [None] * slots
         self.adapters: dict[str, Adapter] = {}  # the LoRA adapters added to the model, by name

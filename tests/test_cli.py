@@ -118,6 +118,11 @@ def test_convert_info_and_evaluate(tmp_path, make_model, data_dir):
              "--seq-len", "128")
     assert ev.returncode == 0, ev.stderr
     assert "token mean over" in ev.stdout and "non-overlapping windows of 128" in ev.stdout
+    int8 = run("evaluate", "--model", str(tmp_path / "hf"), "--data", str(data_dir / "corpus" / "valid"),
+               "--seq-len", "128", "--dtype", "int8")
+    assert int8.returncode == 0, int8.stderr
+    fp32_ppl, int8_ppl = (float(re.search(r"perplexity ([\d.]+)", out.stdout)[1]) for out in (ev, int8))
+    assert fp32_ppl != int8_ppl and int8_ppl == pytest.approx(fp32_ppl, rel=0.01)
 
 
 def test_convert_sparse_to_hf_needs_allow_dense(sparse_dir, tmp_path):

@@ -23,6 +23,7 @@ from rugpt_ray.config import ModelConfig, preset
 from rugpt_ray.evaluation import perplexity
 from rugpt_ray.generation import GenerationConfig, generate
 from rugpt_ray.lora import apply_adapter, load_adapter
+from rugpt_ray.quantization import with_dtype
 from rugpt_ray.serving import ServeConfig
 from rugpt_ray.serving.engine import STEP_PAUSE_ENV
 
@@ -791,7 +792,7 @@ def test_serve_run_local_yaml(tmp_path, checkpoints, data_dir):
         stop_server(proc)
 
 
-def test_cli_serve_with_api_key_timeout_and_clean_shutdown(checkpoints, adapters, data_dir):
+def test_cli_serve_int8_with_api_key_timeout_and_clean_shutdown(checkpoints, adapters, data_dir, tokenizer):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     code = "import sys; from rugpt_ray.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -803,7 +804,7 @@ def test_cli_serve_with_api_key_timeout_and_clean_shutdown(checkpoints, adapters
                              "--model", f"dense={checkpoints['dense']}", "--adapter", str(adapters["a1"]),
                              "--tokenizer", str(data_dir / "tokenizer"),
                              "--port", str(port), "--api-key-env", "RUGPT_TEST_API_KEY", "--request-timeout", "1",
-                             "--max-new-tokens", "1000"],
+                             "--max-new-tokens", "1000", "--dtype", "int8"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     auth = {"Authorization": "Bearer s3cret"}
     try:
@@ -827,11 +828,16 @@ def test_cli_serve_with_api_key_timeout_and_clean_shutdown(checkpoints, adapters
                           timeout=60) as r:
             chunks = sse(r)
         assert r.status_code == 200 and chunks[-1]["error"]["code"] == "request_timeout"
-        r = httpx.post(f"{base}/v1/completions", json={"prompt": "Привет", "max_tokens": 4}, headers=auth, timeout=60)
-        assert r.status_code == 200 and r.json()["model"] == "tiny"
-        r = httpx.post(f"{base}/v1/completions", json={"prompt": "Привет", "max_tokens": 4, "model": "a1"},
-                       headers=auth, timeout=60)
-        assert r.status_code == 200 and r.json()["model"] == "a1"
+        # int8 weights, and the adapter on the int8 base: what the same models make here
+        greedy = GenerationConfig(max_new_tokens=4, greedy=True)
+        int8 = with_dtype(load_model(checkpoints["tiny"]), "int8")
+        want = {"tiny": generate(int8, tokenizer, "Привет", greedy)[0].text,
+                "a1": generate(apply_adapter(int8, load_adapter(adapters["a1"])), tokenizer, "Привет", greedy)[0].text}
+        for name, text in want.items():
+            r = httpx.post(f"{base}/v1/completions", json={"prompt": "Привет", "max_tokens": 4, "model": name,
+                                                           "temperature": 0}, headers=auth, timeout=60)
+            assert r.status_code == 200 and r.json()["model"] == name
+            assert r.json()["choices"][0]["text"] == text, name
     finally:
         out = stop_server(proc)
     assert proc.returncode == 0, out[-3000:]

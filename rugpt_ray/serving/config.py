@@ -64,7 +64,7 @@ class ServeConfig(BaseModel):
     device: str = "cpu"
     """Torch device of the models in a replica ("cuda" on GPU replicas)."""
     dtype: Literal[DTYPES] = "float32"
-    """Weight dtype of the models."""
+    """Weight dtype of the models: a float dtype, or int8 (weight-only, CPU; see `rugpt_ray.quantization`)."""
     max_new_tokens: int = Field(256, ge=1)
     """Most tokens one request may ask for per sequence (max_new_tokens / max_tokens)."""
     max_prompt_tokens: int = Field(1024, ge=1)
@@ -136,6 +136,12 @@ class ServeConfig(BaseModel):
         if "" in models:
             raise ValueError("model names must be non-empty")
         return models
+
+    @model_validator(mode="after")
+    def _int8_on_cpu(self) -> ServeConfig:
+        if self.dtype == "int8" and self.device != "cpu":
+            raise ValueError(f"dtype int8 runs on the CPU only; device is {self.device!r}")
+        return self
 
     @model_validator(mode="after")
     def _adapter_bases(self) -> ServeConfig:

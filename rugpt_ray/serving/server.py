@@ -27,6 +27,7 @@ from rugpt_ray.constraints import Constraint, compile_constraint, token_table
 from rugpt_ray.errors import UserError
 from rugpt_ray.generation import GenerationConfig, RequestError, Transcript
 from rugpt_ray.lora import Adapter, base_fingerprint, check_base, load_adapter
+from rugpt_ray.quantization import with_dtype
 from rugpt_ray.serving import playground
 from rugpt_ray.serving.chat_completions import ChatChoices, ChatResponses
 from rugpt_ray.serving.completions import Choices, CompletionResponses, GenerateResponses
@@ -195,12 +196,10 @@ class RuGPTServer(playground.PlaygroundRoutes):
 
     def _load_weights(self, name: str) -> torch.nn.Module:
         """A base as configured; one that adapters run on is fingerprinted first, as loaded in training."""
-        device, dtype = self.cfg.device, getattr(torch, self.cfg.dtype)
-        if not any(spec.base == name for spec in self.cfg.adapters.values()):
-            return load_model(self.cfg.models[name].path, device=device, dtype=dtype)
-        model = load_model(self.cfg.models[name].path)
-        self.fingerprints[name] = base_fingerprint(model)
-        return model.to(device=device, dtype=dtype)
+        model = load_model(self.cfg.models[name].path, device=self.cfg.device)
+        if any(spec.base == name for spec in self.cfg.adapters.values()):
+            self.fingerprints[name] = base_fingerprint(model)
+        return with_dtype(model, self.cfg.dtype)
 
     def _chat_template(self, name: str) -> str | None:
         """Base model `name`'s chat template: its checkpoint's own, else its `models:` entry's."""
@@ -344,7 +343,6 @@ class RuGPTServer(playground.PlaygroundRoutes):
         """Swagger UI over /openapi.json; "Authorize" takes the key when the server has one."""
         return get_swagger_ui_html(openapi_url=f"{request.scope.get('root_path', '')}/openapi.json",
                                    title=f"{app.title} API")
-
 
     @app.get("/stats")
     async def stats(self, request: Request) -> dict[str, Any]:

@@ -1,0 +1,69 @@
+"""Weights for inference in a `DTYPES` name: a float dtype, or int8 weight-only for CPU serving.
+
+int8 stores every `nn.Linear` of the blocks and the output layer as int8 with one symmetric scale per output
+channel (round(w / s), s = max|w| / 127) and multiplies with torch's own `_weight_int8pack_mm` kernel; embeddings,
+LayerNorms, biases and activations stay in bfloat16. The output layer is untied from the token embedding for this:
+it is a third of ruGPT3Small's bytes, and the embedding is only looked up, one row per token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rugpt_ray.config import DTYPES
+from rugpt_ray.errors import UserError
+from rugpt_ray.model import GPT
+
+INT8_ACTIVATIONS = torch.bfloat16
+"""The activations' dtype of an int8 model: the int8 kernel's fast path on CPU (with fp32 inputs it is several
+times slower than an fp32 matmul)."""
+
+
+class Int8Linear(nn.Linear):
+    """A frozen `nn.Linear` with int8 weights and per-output-channel scales. It stays an `nn.Linear` (with
+    `in_features`, `out_features` and `bias`) so that LoRA adapters wrap it as they wrap the float layer."""
+
+    def __init__(self, linear: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.register_buffer("weight", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales)
+        bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.register_parameter("bias", bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight,
+                                                 self.scales.to(x.dtype))
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def dequantized(self) -> Tensor:
+        """The fp32 weight this layer multiplies by."""
+        return self.weight.float() * self.scales.float()[:, None]
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """`model` (fp32 weights, on the CPU) with int8 Linears and bfloat16 for the rest, in place."""
+    head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
+    head.weight = nn.Parameter(model.lm_head.weight.detach(), requires_grad=False)
+    for name, module in list(model.transformer.h.named_modules()):
+        if type(module) is nn.Linear:
+            parent, _, child = name.rpartition(".")
+            setattr(model.transformer.h.get_submodule(parent), child, Int8Linear(module))
+    model.lm_head = Int8Linear(head)
+    return model.to(INT8_ACTIVATIONS).requires_grad_(False)
+
+
+def with_dtype(model: GPT, dtype: str) -> GPT:
+    """`model` (fp32, as `load_model` returns it) with its weights in `dtype`, one of `DTYPES`."""
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype != "int8":
+        return model.to(getattr(torch, dtype))
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise UserError(f"dtype int8 runs on the CPU only (torch's int8 weight kernel); the model is on {device}")
+    return quantize_int8(model)

@@ -1,0 +1,115 @@
+"""int8 weight-only inference: the kernel against fp64 arithmetic on the dequantized weights, the model against fp32
+on a trained checkpoint (perplexity on corpus/valid within 1 %), and LoRA adapters on an int8 base."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rugpt_ray.config import LoraConfig, ModelConfig, preset
+from rugpt_ray.data import iter_documents, resolve_inputs
+from rugpt_ray.errors import UserError
+from rugpt_ray.evaluation import join_documents, perplexity
+from rugpt_ray.lora import add_lora
+from rugpt_ray.quantization import INT8_ACTIVATIONS, Int8Linear, quantize_int8, with_dtype
+
+SMALL = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
+
+
+def test_int8_linear_is_round_to_nearest_per_channel_and_multiplies_exactly():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    linear.weight.data[3] *= 50  # an outlier channel gets its own scale
+    layer = Int8Linear(linear)
+    weight = linear.weight.detach().double()
+    scales = weight.abs().amax(1) / 127
+    assert layer.weight.dtype == torch.int8 and layer.weight.abs().max() == 127
+    assert torch.allclose(layer.scales.double(), scales)
+    assert torch.equal(layer.weight.long(), torch.round(weight / scales[:, None]).long())
+    assert ((layer.dequantized().double() - weight).abs() <= scales[:, None] / 2 + 1e-7).all()
+
+    layer = layer.to(INT8_ACTIVATIONS)
+    x = torch.randn(5, 7, 96).to(INT8_ACTIVATIONS)
+    want = x.double() @ (layer.weight.double() * layer.scales.double()[:, None]).T + layer.bias.double()
+    got = layer(x)
+    assert got.shape == (5, 7, 40) and got.dtype == INT8_ACTIVATIONS
+    assert torch.allclose(got.double(), want, rtol=2e-2, atol=2e-2)  # bfloat16's rounding of the result
+
+
+def test_quantized_model_keeps_embeddings_and_unties_the_output_layer(make_model):
+    model = make_model(SMALL)
+    quantized = quantize_int8(copy.deepcopy(model))
+    linears = [m for m in quantized.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is Int8Linear for m in linears)  # every block layer and the output layer
+    assert quantized.lm_head.weight.data_ptr() != quantized.transformer.wte.weight.data_ptr()
+    assert torch.allclose(quantized.lm_head.dequantized(), model.transformer.wte.weight, atol=1e-2)
+    assert quantized.transformer.wte.weight.dtype == INT8_ACTIVATIONS
+    assert not any(p.requires_grad for p in quantized.parameters())
+
+
+def test_only_cpu_and_known_dtypes(make_model):
+    model = make_model(SMALL)
+    with pytest.raises(UserError, match="dtype 'int4' is not one of float32, bfloat16, float16, int8"):
+        with_dtype(model, "int4")
+    assert with_dtype(model, "bfloat16").transformer.wte.weight.dtype == torch.bfloat16
+
+
+def _train(model, tokens: torch.Tensor, steps: int, seq_len: int = 64, batch: int = 8) -> None:
+    """A short plain-torch run, so that the weights have the spread of a trained model's."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(tokens) - seq_len - 1, (batch,), generator=generator)
+        window = torch.stack([tokens[s:s + seq_len + 1] for s in starts])
+        logits, _ = model(window[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer, data_dir):
+    """A tiny-preset model trained for 60 steps on corpus/train, and corpus/valid's tokens."""
+    def tokens(split: str) -> list[int]:
+        documents = [doc.text for doc in iter_documents(resolve_inputs(str(data_dir / "corpus" / split)))]
+        return join_documents(tokenizer.encode_batch(documents), tokenizer.eos_id)
+
+    torch.manual_seed(0)
+    from rugpt_ray.model import GPT
+
+    model = GPT(preset("tiny"))
+    _train(model, torch.tensor(tokens("train")[:400_000]), steps=60)
+    return model, tokens("valid")
+
+
+@pytest.mark.slow
+def test_int8_perplexity_is_within_one_percent_of_fp32_on_a_trained_model(trained):
+    model, valid = trained
+    fp32 = perplexity(model, valid, 128, batch_size=16)
+    int8 = perplexity(quantize_int8(copy.deepcopy(model)), valid, 128, batch_size=16)
+    assert fp32.ppl < 5000  # trained: a random model is near the vocabulary's 50k
+    assert int8.ppl != fp32.ppl and abs(int8.ppl / fp32.ppl - 1) < 0.01, (fp32.ppl, int8.ppl)
+
+
+def test_lora_adapter_runs_on_an_int8_base(make_model):
+    """The adapter's A and B stay in float and add to the int8 layer's output, as on a float base."""
+    base = quantize_int8(make_model(SMALL))
+    ids = torch.randint(0, SMALL.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = base(ids)[0].float()
+    adapted = add_lora(base, LoraConfig(r=4, alpha=8, targets=["c_attn", "c_fc"]))
+    layer = adapted.transformer.h[0].attn.c_attn
+    assert type(layer.get_base_layer()) is Int8Linear
+    with torch.no_grad():
+        assert torch.equal(adapted(ids)[0].float(), plain)  # B = 0: the base's output
+        for module in adapted.modules():
+            if hasattr(module, "lora_B"):
+                module.lora_B["default"].weight.normal_(0, 0.5)
+        assert not torch.allclose(adapted(ids)[0].float(), plain, atol=1e-2)
