@@ -68,11 +68,12 @@ def main() -> int:
               route_prefix="/")
     report = scratch / "report.json"
     try:
-        run = subprocess.run([str(Path(sys.executable).parent / "st"), "run", f"{url}/openapi.json",
+        run = subprocess.run([str(Path(sys.executable).parent / "st"), "--config-file", str(REPO / "schemathesis.toml"),
+                              "run", f"{url}/openapi.json",
                               "--seed", str(args.seed), "--max-examples", str(args.max_examples),
                               "--generation-deterministic", "--workers", "1", "--request-timeout", "120",
                               "-H", f"Authorization: Bearer {key}", "--report", "json",
-                              "--report-json-path", str(report)], cwd=REPO, text=True, capture_output=True)
+                              "--report-json-path", str(report)], cwd=scratch, text=True, capture_output=True)
         healthy = httpx.get(f"{url}/healthz", timeout=30).status_code == 200
     finally:
         serve.shutdown()
