@@ -40,6 +40,12 @@ class Int8Linear(nn.Linear):
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The activations' dtype: peft gives a LoRA adapter on this layer that dtype (as on a bitsandbytes layer),
+        so it runs as on a float base of that dtype, in the server's mixed batches and alone alike."""
+        return self.scales.dtype
+
     def dequantized(self) -> Tensor:
         """The fp32 weight this layer multiplies by."""
         return self.weight.float() * self.scales.float()[:, None]

@@ -99,7 +99,7 @@ def test_int8_perplexity_is_within_one_percent_of_fp32_on_a_trained_model(traine
 
 
 def test_lora_adapter_runs_on_an_int8_base(make_model):
-    """The adapter's A and B stay in float and add to the int8 layer's output, as on a float base."""
+    """The adapter's A and B, in the activations' dtype, add to the int8 layer's output as on a float base."""
     base = quantize_int8(make_model(SMALL))
     ids = torch.randint(0, SMALL.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -107,6 +107,7 @@ def test_lora_adapter_runs_on_an_int8_base(make_model):
     adapted = add_lora(base, LoraConfig(r=4, alpha=8, targets=["c_attn", "c_fc"]))
     layer = adapted.transformer.h[0].attn.c_attn
     assert type(layer.get_base_layer()) is Int8Linear
+    assert layer.lora_A["default"].weight.dtype == INT8_ACTIVATIONS  # as on a bfloat16 base
     with torch.no_grad():
         assert torch.equal(adapted(ids)[0].float(), plain)  # B = 0: the base's output
         for module in adapted.modules():
