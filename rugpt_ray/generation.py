@@ -15,7 +15,9 @@ tokens do not depend on which rows share its batch. A uniform draw u maps to a t
 token-id order: the first id whose running sum of kept probability exceeds u x the kept total. A top-k row
 accumulates only its k candidates. A top-p row without top-k never sorts the vocabulary: it draws from the
 whole tempered distribution and keeps the token when the tokens likelier than it hold less than top_p,
-else draws again (rejection: exactly the top-p distribution, at most 1 / top_p draws on average). Ids the
+else draws again (rejection: exactly the top-p distribution, at most 1 / top_p draws on average); a row still
+rejected after `TOP_P_REJECTIONS` draws (a tiny top_p on a flat distribution) draws once more from its nucleus,
+sorted out (the same distribution, without a draw per vocabulary entry). Ids the
 tokenizer cannot decode (the seed's padding rows 50257–50263) are never produced.
 
 A row may run through a LoRA adapter of the decoder's base model (`add(..., adapter=(name, Adapter))`): the
@@ -53,6 +55,8 @@ from rugpt_ray.model import GPT, KVCache
 from rugpt_ray.tokenizer import RuGPTTokenizer
 
 BLOCK = 256
+TOP_P_REJECTIONS = 32
+"""Draws a top-p row rejects before it draws from its sorted nucleus (1 / top_p draws on average)."""
 """Inverse-CDF draws over a wide row first pick one of its blocks of this many columns by their sums."""
 
 
@@ -245,12 +249,14 @@ def choose_tokens(scores: Tensor, cfgs: list[GenerationConfig], draw: Callable[[
         chosen = _inverse_cdf(probs, draw(full))
         top_p = torch.tensor([cfgs[r].top_p for r in full], dtype=torch.float64, device=scores.device)
         pending = torch.arange(len(full), device=scores.device)[top_p < 1]
-        while len(pending):  # top-p by rejection: a token is kept when the tokens likelier than it hold < top_p
+        for tries in range(1, TOP_P_REJECTIONS + 1):  # a token is kept when the tokens likelier hold < top_p
             p = probs[pending]
             likelier = (p * (p > p.gather(1, chosen[pending].unsqueeze(1)))).sum(-1)
             pending = pending[likelier >= top_p[pending]]
-            if len(pending):
-                chosen[pending] = _inverse_cdf(probs[pending], draw([full[i] for i in pending.tolist()]))
+            if not len(pending):
+                break
+            candidates = probs[pending] if tries < TOP_P_REJECTIONS else _nucleus(probs[pending], top_p[pending])
+            chosen[pending] = _inverse_cdf(candidates, draw([full[i] for i in pending.tolist()]))
         tokens[full] = chosen
     return tokens
 
@@ -274,6 +280,15 @@ def _top_k_tokens(logits: Tensor, cfgs: list[GenerationConfig], draws: Tensor) -
     kept = probs * ((mass - probs < top_p) | (top_p >= 1))  # the token that crosses top_p stays
     order = ids.argsort(-1)  # the same draw as over the whole vocabulary with the other ids at 0
     return ids.gather(1, order).gather(1, _inverse_cdf(kept.gather(1, order), draws).unsqueeze(1)).squeeze(1)
+
+
+def _nucleus(probs: Tensor, top_p: Tensor) -> Tensor:
+    """`probs` with every token whose likelier tokens hold top_p or more at 0: the tokens at least as likely as the
+    last one of the descending order that starts before the running sum reaches top_p (ties kept together)."""
+    values = probs.sort(-1, descending=True).values
+    before = values.cumsum(-1, dtype=torch.float64) - values
+    last = (before < top_p.unsqueeze(1)).sum(-1, keepdim=True) - 1
+    return probs * (probs >= values.gather(1, last))
 
 
 def _inverse_cdf(probs: Tensor, draws: Tensor) -> Tensor:

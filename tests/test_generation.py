@@ -10,6 +10,7 @@ from rugpt_ray.checkpoints import export_hf
 from rugpt_ray.config import ModelConfig, preset
 from rugpt_ray.errors import UserError
 from rugpt_ray.generation import (
+    TOP_P_REJECTIONS,
     GenerationConfig,
     LogitBias,
     OutputPenalties,
@@ -212,7 +213,8 @@ def test_prompt_errors(dense_pair, tokenizer):
 
 def reference_token(logits, cfg, draws):
     """The textbook filters over the whole vocabulary (a full sort for top-p), then the documented draw: inverse
-    CDF in id order over the kept tokens (top-k rows), or over all tokens until a kept one comes (top-p only)."""
+    CDF in id order over the kept tokens (top-k rows), or over all tokens until a kept one comes (top-p only), and
+    over the kept ones after `TOP_P_REJECTIONS` draws that were not."""
     x = logits / cfg.temperature
     if cfg.top_k:
         x = x.masked_fill(x < x.topk(cfg.top_k).values[-1], float("-inf"))
@@ -222,12 +224,27 @@ def reference_token(logits, cfg, draws):
         p = ordered.softmax(-1)
         drop = torch.zeros_like(p, dtype=torch.bool).scatter(0, order, p.cumsum(-1) - p >= cfg.top_p)
         kept = x.masked_fill(drop, float("-inf"))
-    cdf = (kept if cfg.top_k else x).softmax(-1).cumsum(-1, dtype=torch.float64)
-    while True:
-        u = next(draws)
-        token = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=torch.float64), right=True))
+    def inverse_cdf(scores):
+        cdf = scores.softmax(-1).cumsum(-1, dtype=torch.float64)
+        return int(torch.searchsorted(cdf, torch.tensor([next(draws) * float(cdf[-1])], dtype=torch.float64),
+                                      right=True))
+
+    for _ in range(TOP_P_REJECTIONS):
+        token = inverse_cdf(kept if cfg.top_k else x)
         if kept[token] > float("-inf"):
             return token
+    return inverse_cdf(kept)
+
+
+def test_a_tiny_top_p_ends_its_rejections_in_the_nucleus():
+    """top_p 1e-300 keeps only the likeliest token: 1 / 50000 of the draws would land there, so the row draws
+    from the nucleus after TOP_P_REJECTIONS tries, not once per vocabulary entry."""
+    logits = torch.randn(4, 50257, generator=torch.Generator().manual_seed(3))
+    draws, taken = Draws(4, seed=5), []
+    tokens = choose_tokens(logits, [GenerationConfig(top_p=1e-300)] * 4, lambda rows: taken.append(rows) or
+                           draws(rows))
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+    assert len(taken) == 1 + TOP_P_REJECTIONS
 
 
 class Draws:
@@ -251,6 +268,7 @@ SAMPLERS = {
     "top_p": GenerationConfig(top_p=0.8),
     "top_k+top_p": GenerationConfig(top_k=100, top_p=0.6, temperature=1.3),
     "top_p, flat": GenerationConfig(top_p=0.3, temperature=3.0),  # the kept set is most of the vocabulary
+    "top_p, rarely drawn": GenerationConfig(top_p=0.02, temperature=3.0),  # many rows end in the sorted nucleus
 }
 
 
