@@ -198,7 +198,7 @@ def check_resumes_continue_the_run(tmp_path: Path, trace: Path, first: dict[int,
     for step in (40, 50):
         assert saved_client_state(tmp_path / "run" / f"step_{step:07d}") == {
             "state": {"step": step, "epoch": last[step]["epoch"], "batches_in_epoch": last[step]["batches_in_epoch"],
-                      "tokens": step * 2 * 8 * 64},
+                      "tokens": step * 2 * 8 * 64, "skipped_steps": 0},
             "torch_rng": last[step]["rng_after"]}
 
 
