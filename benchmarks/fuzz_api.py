@@ -18,19 +18,12 @@ import tempfile
 from pathlib import Path
 
 import httpx
+from serve_load import free_port  # benchmarks/ is on sys.path when a script there runs
 
 from rugpt_ray.config import data_root
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_ENV = "RUGPT_FUZZ_KEY"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from serve_load import free_port  # benchmarks/ is on sys.path when a script there runs
 
 from rugpt_ray.config import data_root
 from rugpt_ray.serving.router import RETRIED_HEADER
@@ -195,12 +195,6 @@ async def soak(url: str, args: argparse.Namespace, hang_after_s: float) -> dict[
         slopes[process] = slope_per_minute(points)
     return {"minutes": minutes, "outcomes": {k: outcomes.get(k, 0) for k in OUTCOMES}, "kills": len(kills),
             "rss_slope_mb_per_minute": slopes}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
