@@ -506,24 +506,26 @@ def write_manifest(folder: str | os.PathLike) -> None:
                json.dumps({"files": dict(sorted(digests.items()))}, indent=1) + "\n")
 
 
-def _copy_hashed(src: Path, fs, dest: str) -> dict[str, Any]:
+def _read_hashed(stream, sink=None) -> dict[str, Any]:
+    """A manifest entry (size and SHA-256) of what `stream` holds, read once; each chunk also goes to `sink`."""
     sha, size = hashlib.sha256(), 0
+    while chunk := stream.read(_CHUNK):
+        sha.update(chunk)
+        size += len(chunk)
+        if sink is not None:
+            sink.write(chunk)
+    return {"size": size, "sha256": sha.hexdigest()}
+
+
+def _copy_hashed(src: Path, fs, dest: str) -> dict[str, Any]:
     fs.create_dir(posixpath.dirname(dest), recursive=True)
     with src.open("rb") as f, fs.open_output_stream(dest) as out:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            out.write(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": sha.hexdigest()}
+        return _read_hashed(f, out)
 
 
 def _digest(fs, path: str) -> dict[str, Any]:
-    sha, size = hashlib.sha256(), 0
     with fs.open_input_stream(path) as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": sha.hexdigest()}
+        return _read_hashed(f)
 
 
 def _wait_for(path: str, wait_s: float) -> dict[str, Any]:
