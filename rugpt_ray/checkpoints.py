@@ -459,7 +459,7 @@ def upload_checkpoint(local: Path, dest: str, rank: int, world: int, token: str,
     as it copies, then that worker's list of files; rank 0 waits for every other worker's list (named by this
     save's `token`, the same on every worker: a list left by an earlier attempt at the same step is not taken)
     and writes the manifest last. `after_file` (the tests' kill seam) is called with the number of files copied,
-    from 0, with "copied" after the last one and with "commit" once the list or the manifest is written."""
+    from 0, and with "commit" once the list or the manifest is written."""
     import pyarrow.fs as pafs
 
     fs, root = filesystem(dest)
@@ -472,7 +472,6 @@ def upload_checkpoint(local: Path, dest: str, rank: int, world: int, token: str,
         name = path.relative_to(local).as_posix()
         digests[name] = _copy_hashed(path, fs, f"{root}/{name}")
         after_file(k)
-    after_file("copied")
     if rank != 0:
         write_file(f"{dest}/{_PART_FILE.format(token=token, rank=rank)}", json.dumps(digests))
         after_file("commit")

@@ -309,16 +309,19 @@ def add_prepare_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    """The `rugpt-ray serve` quick case: ServeConfig's fields as flags."""
-    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
+    """`rugpt-ray serve`: ServeConfig's fields as flags (the quick case), or a Serve config file."""
+    p.add_argument("--config", metavar="FILE",
+                   help="a Serve config of this app with one server replica (serve_configs/local.yaml), instead of "
+                        "--model/--adapter/--tokenizer and the settings below; stopped as gracefully as the flags")
+    p.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
                    help="checkpoint folder/file or hub id, optionally named (repeat for several; the first is "
                         "the default)")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
                    help="LoRA adapter (folder, or LoRA run / checkpoint) served on the first --model, optionally "
                         "named (repeat for several; adapters on other bases: a Serve config's `adapters:`)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder or hub id")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id")
+    p.add_argument("--host", help="bind address (default: the config's, else 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, help="default: the config's, else 8000")
     p.add_argument("--api-key-env", metavar="VAR",
                    help="environment variable holding an API key; requests then need 'Authorization: Bearer <key>'")
     p.add_argument("--device", default="cpu")

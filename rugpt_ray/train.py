@@ -13,6 +13,7 @@ every micro-batch on every worker, and the chat template is saved with each chec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,8 +21,10 @@ import math
 import os
 import signal
 import tempfile
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +52,7 @@ NAN_ENV = "RUGPT_TRAIN_NAN_STEPS"
 gradients, for the skip-and-stop handling). Unset (always, for users): nothing changes."""
 KILL_ENV = "RUGPT_CHECKPOINT_KILL"
 """Test-only: `STEP:RANK:K` makes that worker SIGKILL itself inside the save of that step once it has copied K
-files to storage (0: before the first; `copied`: after the last), or with K `commit` once its list of files
+files to storage (0: before the first), or with K `commit` once its list of files
 (rank 0: the manifest) is written. Unset (always, for users): nothing happens."""
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; the first name found in the device name wins.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
@@ -684,7 +687,8 @@ def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None, start_fro
         ),
     )
     without_placement_group_cleaner(trainer)
-    with follow_progress(f"{run_dir}/{METRICS_FILE}", steps, cfg.tokens_per_step(), quiet=cfg.log_level == "warning"):
+    with (follow_progress(f"{run_dir}/{METRICS_FILE}", steps, cfg.tokens_per_step(), quiet=cfg.log_level == "warning"),
+          _sigint_handler_restored()):
         result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint else None
     last = json.loads(((read_text(f"{run_dir}/{METRICS_FILE}") or "").strip().splitlines() or ["{}"])[-1])
@@ -712,6 +716,27 @@ def without_placement_group_cleaner(trainer) -> None:
     defaults = trainer._create_default_callbacks
     trainer._create_default_callbacks = lambda: [
         callback for callback in defaults() if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+
+@contextlib.contextmanager
+def _sigint_handler_restored() -> Iterator[None]:
+    """The caller's SIGINT handler back after the run.
+
+    Works around Ray 2.60: in the main thread, `TorchTrainer.fit` installs a SIGINT handler that holds the run's
+    controller actor and is never removed, so the controller, its dataset manager and its Ray Data executor outlive
+    the run. The executor keeps asking Ray Data's autoscaling coordinator for a share of the cluster, and the runs
+    that follow in the same process (a sweep's trials after a `train()` call) get less than one CPU for their reads
+    and hang (tests/test_tuning.py's ASHA test is followed by sweeps in one process). It can go when `fit` removes
+    its handler itself.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # fit installs no handler outside the main thread (in a Tune trial, say)
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _worker_env() -> dict[str, str]:

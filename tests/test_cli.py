@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ import torch
 from rugpt_ray.checkpoints import load_model, save_native, write_manifest
 from rugpt_ray.config import ModelConfig, preset
 from rugpt_ray.generation import GenerationConfig, generate
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -175,16 +178,22 @@ def test_convert_seed_checkpoint_with_deepspeed_json(tmp_path, make_model):
     (["convert", "{seed}", "{tmp}/out", "--to", "native"], "head count cannot be read"),
     (["convert", "{seed}", "{tmp}/out", "--to", "native", "--n-head", "4", "--preset", "xl"], "preset xl has"),
     (["info", "{seed}", "--n-head", "4", "--sparse-config", "{tmp}/bad.json"], "num_local_blocks"),
+    (["serve", "--model", "{tiny}"], "serve: give --model and --tokenizer, or --config FILE"),
+    (["serve", "--config", "{tmp}/missing.yaml"], "--config {tmp}/missing.yaml: [Errno 2] No such file"),
+    (["serve", "--config", "{repo}/serve_configs/gpu.yaml"], "RuGPTServer runs one replica here (num_replicas 1, "
+                                                             "no autoscaling_config); a config with more is for a "
+                                                             "cluster: serve deploy"),
+    (["serve", "--config", "{repo}/serve_configs/local.yaml", "--model", "{tiny}"], "drop --model, --adapter and"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, sparse_dir, make_model):
     seed = tmp_path / "seed"
     write_seed_checkpoint(make_model(ModelConfig(n_layer=1, n_embd=32, n_head=4, n_positions=64)), seed)
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.json").write_text(json.dumps({"sparse_attention": {"mode": "fixed", "num_local_blocks": "8"}}))
-    args = [a.format(tmp=tmp_path, tiny=sparse_dir, seed=seed) for a in args]
+    args = [a.format(tmp=tmp_path, tiny=sparse_dir, seed=seed, repo=REPO) for a in args]
     out = run(*args)
     assert out.returncode == 2, (out.stdout, out.stderr)
-    assert message in out.stderr
+    assert message.format(tmp=tmp_path) in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 

@@ -207,7 +207,7 @@ def valid_loss(model, tokenizer, data_dir) -> float:
 @pytest.mark.long
 def test_lora_run_trains_resumes_exports_and_refuses_another_base(tmp_path, prepared, make_model, tokenizer,
                                                                   data_dir, ray_local):
-    from rugpt_ray.train import train
+    from rugpt_ray.train import lr_at, train
 
     base = make_model(preset("tiny"), seed=2)
     save_native(base, tmp_path / "base")
@@ -233,6 +233,14 @@ def test_lora_run_trains_resumes_exports_and_refuses_another_base(tmp_path, prep
     merged_20, merged_30 = (valid_loss(merged_model(step), tokenizer, data_dir)
                             for step in (step20, resumed.checkpoint))
     assert max(merged_20, merged_30) < base_loss - 0.3
+
+    # what a PBT exploit in a LoRA sweep does: another run starts from the step-20 checkpoint with its own lr
+    taker_cfg = TrainConfig.from_dict({**values, "name": "taker", "lr": 5e-3, "max_steps": 25})
+    taker = train(taker_cfg, start_from=str(step20))
+    took = [json.loads(line) for line in (Path(taker.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in took] == [25] and took[0]["lr"] == pytest.approx(lr_at(25, taker_cfg, 25))
+    assert abs(took[0]["loss"] - loss[25]) < 0.15 < loss[5] - took[0]["loss"]  # the step-20 adapters, not new ones
+    assert not (Path(taker.checkpoint) / "model").exists() and (Path(taker.checkpoint) / "adapter").is_dir()
 
     save_native(make_model(preset("tiny"), seed=7), tmp_path / "other")
     with pytest.raises(Exception, match="refusing to apply it"):

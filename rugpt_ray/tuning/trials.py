@@ -51,9 +51,9 @@ from rugpt_ray.tuning.plan import (
 from rugpt_ray.tuning.results import SweepResult, best_row, describe, trial_rows, write_results
 
 FAIL_ENV = "RUGPT_SWEEP_FAIL_AT"
-"""Test-only: a step. Each trial's first run fails once it has reported its checkpoint at that step or later (the
-run folder keeps a marker, so the trial's next run goes on), as an interrupted sweep leaves its trials. Unset
-(always, for users): nothing happens."""
+"""Test-only: a step. The sweep's first trial to report its checkpoint at that step or later fails there, once (the
+runs folder keeps a marker, so no other trial fails and that trial's next run goes on), as an interrupted sweep
+leaves a trial. Unset (always, for users): nothing happens."""
 FAILED_ONCE = "injected_failure"
 
 
@@ -103,15 +103,15 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], runs: str, metri
             ray.tune.report(metrics, checkpoint=pointer_checkpoint(folder, trial_id, run_dir, checkpoint)
                             if checkpoint else None)
         if fail_at is not None and checkpoint and metrics["step"] >= fail_at:
-            _fail_once(run_dir, metrics["step"])
+            _fail_once(runs, metrics["step"])
     if failure:
         raise failure[0]
 
 
-def _fail_once(run_dir: str, step: int) -> None:
-    """FAIL_ENV's failure: the first time only."""
-    if read_text(f"{run_dir}/{FAILED_ONCE}") is None:
-        write_file(f"{run_dir}/{FAILED_ONCE}", str(step))
+def _fail_once(runs: str, step: int) -> None:
+    """FAIL_ENV's failure: the sweep's first only."""
+    if read_text(f"{runs}/{FAILED_ONCE}") is None:
+        write_file(f"{runs}/{FAILED_ONCE}", str(step))
         raise RuntimeError(f"{FAIL_ENV}: injected failure after the checkpoint at step {step}")
 
 
