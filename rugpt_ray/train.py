@@ -723,11 +723,10 @@ def _sigint_handler_restored() -> Iterator[None]:
     """The caller's SIGINT handler back after the run.
 
     Works around Ray 2.60: in the main thread, `TorchTrainer.fit` installs a SIGINT handler that holds the run's
-    controller actor and is never removed, so the controller, its dataset manager and its Ray Data executor outlive
-    the run. The executor keeps asking Ray Data's autoscaling coordinator for a share of the cluster, and the runs
-    that follow in the same process (a sweep's trials after a `train()` call) get less than one CPU for their reads
-    and hang (tests/test_tuning.py's ASHA test is followed by sweeps in one process). It can go when `fit` removes
-    its handler itself.
+    controller actor and is never removed, so the controller, its dataset manager and its split coordinator (a
+    live Ray Data execution) outlive the run until the process ends or the next `train()` replaces the handler;
+    runs and sweeps that follow in the same process share the cluster with them. Test: tests/test_tuning.py's
+    ASHA test checks the handler is back. It can go when `fit` removes its handler itself.
     """
     if threading.current_thread() is not threading.main_thread():
         yield  # fit installs no handler outside the main thread (in a Tune trial, say)

@@ -2,6 +2,7 @@
 entrypoints, and training and serving survive losing a node (ray.cluster_utils.Cluster, in a child process so it
 does not meet this session's Ray)."""
 
+import contextlib
 import json
 import os
 import re
@@ -12,8 +13,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
-from ray_head import RAY, ray_start_head
+from ports import free_port
 
 from rugpt_ray.checkpoints import load_model
 from rugpt_ray.evaluation import join_documents, perplexity
@@ -21,6 +23,7 @@ from rugpt_ray.evaluation import join_documents, perplexity
 pytestmark = [pytest.mark.slow, pytest.mark.long]  # every test here starts Ray clusters and runs for minutes
 
 REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +36,38 @@ def cluster_env() -> Iterator[dict[str, str]]:
     yield {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(pointers),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     shutil.rmtree(pointers, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ray_start_head(env: dict[str, str]) -> Iterator[str]:
+    """`ray start --head` on 127.0.0.1 with ports of its own; yields the Jobs API address. Stops only the processes
+    of this cluster (those naming its temp dir), never another Ray on the machine as `ray stop` would."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="rugpt-ray-"))  # short: Ray's socket paths must fit in 107 bytes
+    dashboard = free_port()
+    command = [RAY, "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
+               "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+               "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+               "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    try:
+        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        stop_processes_under(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_processes_under(temp_dir: Path) -> None:
+    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    mine = [p for p in psutil.process_iter(["cmdline"])
+            if p.pid not in me and str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    for process in mine:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=15)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def submit(address: str, env: dict[str, str], *entrypoint: str) -> subprocess.CompletedProcess:

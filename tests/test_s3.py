@@ -1,7 +1,7 @@
 """S3 over the wire: moto's S3 server (a subprocess on 127.0.0.1, IAM authentication on, so wrong credentials are
-refused) and the CLI as a user runs it, its commands on one `ray start` head (as on a cluster): prepare-data into a
-bucket, a training run stopped and resumed from a bucket, a sweep whose trials.csv and best.yaml land there,
-load_model from it, and one clear line for a bucket that does not exist and for wrong credentials."""
+refused) and the CLI as a user runs it, each command with its own Ray: prepare-data into a bucket, a training run
+stopped and resumed from a bucket, a sweep whose trials.csv and best.yaml land there, load_model from it, and one
+clear line for a bucket that does not exist and for wrong credentials."""
 
 import json
 import os
@@ -16,7 +16,6 @@ import torch
 import yaml
 from polling import poll
 from ports import free_port
-from ray_head import ray_start_head
 
 from rugpt_ray.checkpoints import checkpoint_problem, load_model, read_chat_template
 from rugpt_ray.storage import read_text
@@ -28,9 +27,8 @@ BUCKET = "rugpt"
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """moto's server; a user with an s3:* policy and its key (the first 4 requests are not authenticated: they
-    create them and the bucket); a `ray start` head whose workers have the key. Yields (query, env): the URI
-    options for 127.0.0.1 and an environment with the key and a Ray temp dir of its own, where the commands find
-    that head (and no `ray start` head elsewhere on the machine)."""
+    create them and the bucket). Yields (query, env): the URI options for 127.0.0.1 and an environment with the
+    key and a Ray temp dir of its own (so that no `ray start` head elsewhere on the machine is joined)."""
     import boto3
 
     port = free_port()
@@ -48,12 +46,10 @@ def s3(tmp_path_factory):
     key = iam.create_access_key(UserName="trainer")["AccessKey"]
     boto3.client("s3", **plain).create_bucket(Bucket=BUCKET)
     ray_tmp = tempfile.mkdtemp(prefix="rs3", dir="/tmp")  # Ray's socket paths must stay short
-    (Path(ray_tmp) / "ray").mkdir()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
            "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
-    with ray_start_head(env):
-        yield f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", env
+    yield f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", env
     server.terminate()
     server.wait(timeout=30)
     log.close()

@@ -210,35 +210,38 @@ def test_gpu_trials_on_a_cluster_without_gpus_wait_only_when_asked(tmp_path, dat
 
 @pytest.mark.slow
 @pytest.mark.long
-def test_pbt_exploit_continues_the_donor_s_checkpoint_with_the_perturbed_lr_and_resumes(tmp_path, prepared):
+def test_pbt_exploit_continues_the_donor_s_checkpoint_with_the_perturbed_lr_and_resumes(tmp_path, prepared,
+                                                                                       ray_local):
     # 2 trials (a good lr and a hopeless one), synchronous PBT at step 5 of 8: the hopeless one copies the good one's
     # step-5 checkpoint and goes on with a perturbation of its lr; a training loss logged at every step; the sweep
     # folder behind a URI (as s3://bucket/sweeps on a cluster): the copy goes through pyarrow. The command is stopped
-    # with Ctrl+C right after the exploit and run again: the sweep resumes from there. Each run of the command has
-    # a Ray of its own, as a user's has (the shared test Ray keeps what earlier tests' killed trials left in Ray
-    # Data's resource accounting: two trials' reads at once need all of its 2 CPUs)
+    # with Ctrl+C right after the exploit (on the shared test Ray) and run again with a Ray of its own (on the
+    # shared one, after the earlier tests' sweeps, the resumed trials' first reads once waited for a CPU that never
+    # came free: two trials at once need all of its 2 CPUs)
     spec = spec_file(tmp_path, prepared, scheduler="pbt", grace_period=None, num_samples=1, perturbation_interval=5,
                      storage_path=f"file://{tmp_path}/sweeps",
                      quantile_fraction=0.5, space={"lr": {"grid": [3e-3, 1e-5]}},
                      mutations={"lr": {"loguniform": [1e-4, 1e-2]}},
                      train={"max_steps": 8, "log_interval": 1, "eval_interval": 5, "save_interval": 5})
+    command = [sys.executable, "-m", "rugpt_ray.cli", "tune", "--config", spec]
+    proc = subprocess.Popen(command, env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # the trial's line (forwarded from its actor) once it has copied the donor's checkpoint
+        lines.append(line)
+        if " continues from " in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    output = "".join(lines) + rest
+    assert proc.returncode == 130, output[-3000:]
+    assert "interrupted: run the same command again" in output, output[-3000:]
+
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
     (Path(ray_tmp) / "ray").mkdir()
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}  # no `ray start` head elsewhere on the machine is joined
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}  # and no `ray start` head elsewhere on the machine is joined
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "rugpt_ray.cli", "tune", "--config", spec]
     try:
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = []
-        for line in proc.stdout:  # the trial's line (forwarded from its actor) once it has copied the donor's
-            lines.append(line)
-            if " continues from " in line:
-                proc.send_signal(signal.SIGINT)
-                break
-        rest, _ = proc.communicate(timeout=300)
-        output = "".join(lines) + rest
-        assert proc.returncode == 130, output[-3000:]
-        assert "interrupted: run the same command again" in output, output[-3000:]
         resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
