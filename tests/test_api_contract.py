@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from ports import free_port
+from app_client import app_client
 
 from rugpt_ray.checkpoints import save_native
 from rugpt_ray.config import preset
@@ -34,25 +34,15 @@ OPEN_ENDPOINTS = ["/healthz", "/openapi.json", "/docs"]
 
 @pytest.fixture(scope="module")
 def server(ray_local, tmp_path_factory, make_model, data_dir):
-    from ray import serve
-
-    from rugpt_ray.serving.app import serve_app
-
     model = save_native(make_model(preset("tiny"), seed=1), tmp_path_factory.mktemp("contract") / "tiny")
     cfg = ServeConfig(models={"tiny": {"path": str(model), "chat_template": "rugpt3-chat"}},
                       tokenizer=str(data_dir / "tokenizer"), max_new_tokens=16, max_prompt_tokens=64, max_n=2,
                       max_batch_size=8, max_prompts=4, max_stop_strings=2, max_stop_chars=8, max_logit_bias=3,
                       max_top_logprobs=3, max_total_tokens=100, max_body_bytes=16 * 1024, api_key_env=KEY_ENV,
                       cors_origins=[ORIGIN], grammar_compile_timeout_s=1.0)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(serve_app(cfg, ray_actor_options={"runtime_env": {"env_vars": {KEY_ENV: KEY}}}), name="contract",
-              route_prefix="/")
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            yield client
-    finally:
-        serve.shutdown()
+    with app_client(cfg, "contract", ray_actor_options={"runtime_env": {"env_vars": {KEY_ENV: KEY}}}) as client:
+        client.timeout = httpx.Timeout(60)
+        yield client
 
 
 def error_of(response: httpx.Response, status: int) -> dict:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from app_client import app_client
 from playwright.sync_api import expect, sync_playwright
 from polling import poll
-from ports import free_port
 
 from rugpt_ray.checkpoints import save_native
 from rugpt_ray.config import preset
@@ -34,24 +34,13 @@ WAIT_MS = 60_000
 def server(ray_local, tmp_path_factory, make_model, data_dir):
     """One tiny model with the built-in chat template, behind an API key, on its own loopback port; the client
     sends the key."""
-    from ray import serve
-
-    from rugpt_ray.serving.app import serve_app
-
     path = save_native(make_model(preset("tiny"), seed=1), tmp_path_factory.mktemp("playground") / "tiny")
     cfg = ServeConfig(models={"tiny": {"path": str(path), "chat_template": "rugpt3-chat"}},
                       tokenizer=str(data_dir / "tokenizer"), max_new_tokens=LONG, api_key_env=KEY_ENV)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     env = {KEY_ENV: KEY, STEP_PAUSE_ENV: str(STEP_PAUSE_S)}
-    serve.run(serve_app(cfg, ray_actor_options={"runtime_env": {"env_vars": env}}), name="playground",
-              route_prefix="/")
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
-                          headers={"Authorization": f"Bearer {KEY}"}) as client:
-            yield client
-    finally:
-        serve.shutdown()
+    with app_client(cfg, "playground", ray_actor_options={"runtime_env": {"env_vars": env}}) as client:
+        client.headers["Authorization"] = f"Bearer {KEY}"
+        yield client
 
 
 @pytest.fixture(scope="module")
