@@ -635,8 +635,9 @@ def export_hf(model: GPT, out: str | os.PathLike, *, allow_dense: bool = False,
         raise UserError("refusing to export a sparse model to HF GPT-2: HF has no block-sparse layers, so "
                         "the result would attend densely and differ beyond the first local window; "
                         "pass --allow-dense to export it anyway")
-    hf_cfg = GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+    hf_cfg = GPT2Config(  # n_ctx as the hub's GPT-2 configs have it: llama.cpp's GGUF converter reads it
+        vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_ctx=cfg.n_positions, n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
         n_head=cfg.n_head, activation_function="gelu_new", layer_norm_epsilon=cfg.layer_norm_epsilon,
         embd_pdrop=cfg.embd_pdrop, attn_pdrop=cfg.attn_pdrop, resid_pdrop=cfg.resid_pdrop,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,

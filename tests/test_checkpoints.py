@@ -231,6 +231,7 @@ def test_the_chat_template_travels_with_every_format(tmp_path, make_model, data_
     assert read_chat_template(run / "step_0000002") is None
     export_hf(model, tmp_path / "hf", tokenizer_folder=data_dir / "tokenizer", chat_template=template)
     assert read_chat_template(tmp_path / "hf") == template
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["n_ctx"] == 64  # llama.cpp's converter reads it
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == template  # what transformers reads
     export_hf(model, tmp_path / "plain")
     assert read_chat_template(tmp_path / "plain") is None
