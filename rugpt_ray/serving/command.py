@@ -59,11 +59,11 @@ def drain(grace_s: float, app_name: str) -> None:
 class ServeRun:
     """What the command serves: the app's settings, RuGPTServer's deployment options, where it listens."""
     cfg: ServeConfig
+    host: str
+    port: int
     server_options: dict[str, Any] = field(default_factory=dict)
     app_name: str = APP_NAME
     route_prefix: str = "/"
-    host: str = "127.0.0.1"
-    port: int = 8000
 
 
 def run_from_flags(args: argparse.Namespace) -> ServeRun:
@@ -77,7 +77,7 @@ def run_from_flags(args: argparse.Namespace) -> ServeRun:
         max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens,
         request_timeout_s=args.request_timeout, api_key_env=args.api_key_env,
         shutdown_grace_s=args.shutdown_grace), where="serve")
-    return ServeRun(cfg, host=args.host or "127.0.0.1", port=args.port or 8000)
+    return ServeRun(cfg, args.host or "127.0.0.1", args.port or 8000)
 
 
 def run_from_file(path: str, args: argparse.Namespace) -> ServeRun:
@@ -111,8 +111,8 @@ def run_from_file(path: str, args: argparse.Namespace) -> ServeRun:
         raise UserError(f"{where}: {SERVER_DEPLOYMENT} runs one replica here (num_replicas 1, no "
                         f"autoscaling_config); a config with more is for a cluster: serve deploy {path}")
     cfg = ServeConfig.from_dict(app.args, where=f"{where} applications[0].args")
-    return ServeRun(cfg, options, app.name, app.route_prefix or "/", args.host or schema.http_options.host,
-                    args.port or schema.http_options.port)
+    return ServeRun(cfg, args.host or schema.http_options.host, args.port or schema.http_options.port, options,
+                    app.name, app.route_prefix or "/")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
