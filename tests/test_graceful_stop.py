@@ -16,6 +16,7 @@ import httpx
 import pytest
 from polling import poll
 from ports import free_port
+from test_serving import wait_ready
 
 from rugpt_ray.checkpoints import save_native
 from rugpt_ray.config import preset
@@ -28,18 +29,6 @@ TOKENS = 100
 """The in-flight request's length: with the engine's 60 ms pause per decode step (its test seam) it runs at least
 6 s after its first token, however fast the machine, so the stop begins while it streams (the server says how many
 requests were in flight)."""
-
-
-def wait_ready(url: str, proc: subprocess.Popen) -> None:
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
-        try:
-            return httpx.get(url, timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    poll(ready, 150, f"{url} to answer", interval=0.5)
 
 
 def test_sigterm_lets_the_request_in_flight_finish_and_refuses_new_ones(tmp_path, make_model, data_dir):
