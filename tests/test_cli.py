@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rugpt_ray.checkpoints import load_model, save_native, write_manifest
+from rugpt_ray.cli import main
 from rugpt_ray.config import ModelConfig, preset
 from rugpt_ray.generation import GenerationConfig, generate
 
@@ -117,12 +118,11 @@ def test_convert_info_and_evaluate(tmp_path, make_model, data_dir):
     assert (tmp_path / "hf" / "vocab.json").is_file()
     info = run("info", str(tmp_path / "hf"))
     assert info.returncode == 0 and "(hf)" in info.stdout and "n_layer: 2" in info.stdout
-    ev = run("evaluate", "--model", str(tmp_path / "hf"), "--data", str(data_dir / "corpus" / "valid"),
-             "--seq-len", "128")
+    text = str(data_dir / "corpus" / "valid" / "chekhov_dama_s_sobachkoy.txt")  # one story: 10 s less than both
+    ev = run("evaluate", "--model", str(tmp_path / "hf"), "--data", text, "--seq-len", "128")
     assert ev.returncode == 0, ev.stderr
     assert "token mean over" in ev.stdout and "non-overlapping windows of 128" in ev.stdout
-    int8 = run("evaluate", "--model", str(tmp_path / "hf"), "--data", str(data_dir / "corpus" / "valid"),
-               "--seq-len", "128", "--dtype", "int8")
+    int8 = run("evaluate", "--model", str(tmp_path / "hf"), "--data", text, "--seq-len", "128", "--dtype", "int8")
     assert int8.returncode == 0, int8.stderr
     fp32_ppl, int8_ppl = (float(re.search(r"perplexity ([\d.]+)", out.stdout)[1]) for out in (ev, int8))
     assert fp32_ppl != int8_ppl and int8_ppl == pytest.approx(fp32_ppl, rel=0.01)
@@ -185,15 +185,23 @@ def test_convert_seed_checkpoint_with_deepspeed_json(tmp_path, make_model):
                                                              "cluster: serve deploy"),
     (["serve", "--config", "{repo}/serve_configs/local.yaml", "--model", "{tiny}"], "drop --model, --adapter and"),
 ])
-def test_bad_input_is_one_line_exit_2(args, message, tmp_path, sparse_dir, make_model):
+def test_bad_input_is_one_line_exit_2(args, message, tmp_path, sparse_dir, make_model, capsys):
+    """`main` as the command calls it, in this process (a subprocess each would cost a second of CPU to start):
+    test_a_bad_input_ends_the_process_with_exit_2_and_one_line checks what the real process adds."""
     seed = tmp_path / "seed"
     write_seed_checkpoint(make_model(ModelConfig(n_layer=1, n_embd=32, n_head=4, n_positions=64)), seed)
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.json").write_text(json.dumps({"sparse_attention": {"mode": "fixed", "num_local_blocks": "8"}}))
     args = [a.format(tmp=tmp_path, tiny=sparse_dir, seed=seed, repo=REPO) for a in args]
-    out = run(*args)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_bad_input_ends_the_process_with_exit_2_and_one_line(sparse_dir):
+    out = run("generate", "--model", str(sparse_dir), "--prompt", "x", "--max-new-tokens", "1000")
     assert out.returncode == 2, (out.stdout, out.stderr)
-    assert message.format(tmp=tmp_path) in out.stderr
+    assert out.stderr.startswith("rugpt-ray generate: error: ") and "exceeds the model's 256" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 

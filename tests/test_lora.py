@@ -3,8 +3,6 @@ refuse another base, and merged export."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -44,12 +42,11 @@ def write_run(tmp_path, base, model) -> Path:
     (["init_from=null"], "lora needs init_from"),
     (["checkpoint_upload=later"], "checkpoint_upload 'later' is not one of sync, async"),
 ])
-def test_bad_lora_config_is_one_clear_error_before_ray(overrides, message, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "rugpt_ray.cli", "train", "--config",
-                          str(REPO / "jobs" / "configs" / "lora-tiny-cpu.yaml"), f"init_from={tmp_path}",
-                          "storage_path=/tmp/never", *overrides], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+def test_bad_lora_config_is_one_clear_error_before_ray(overrides, message, tmp_path, capsys):
+    assert main(["train", "--config", str(REPO / "jobs" / "configs" / "lora-tiny-cpu.yaml"), f"init_from={tmp_path}",
+                 "storage_path=/tmp/never", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err[-2000:]
 
 
 def test_a_new_adapter_changes_nothing_and_only_it_trains(make_model):

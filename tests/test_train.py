@@ -302,15 +302,14 @@ def test_deepspeed_config_drops_sparse_and_owns_optimizer(tmp_path):
     (["model.n_head=5"], "not divisible by n_head"),
     (["max_steps=null"], "give max_steps or max_tokens"),
 ])
-def test_bad_config_is_one_clear_error_before_ray(overrides, message, data_dir):
-    import subprocess
-    import sys
+def test_bad_config_is_one_clear_error_before_ray(overrides, message, data_dir, capsys):
+    """The command's `main` in this process (test_cli checks what the real process adds to its line)."""
+    from rugpt_ray.cli import main
 
-    out = subprocess.run([sys.executable, "-m", "rugpt_ray.cli", "train", "--config",
-                          str(REPO / "jobs" / "configs" / "tiny-cpu.yaml"), "storage_path=/tmp/never", *overrides],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+    assert main(["train", "--config", str(REPO / "jobs" / "configs" / "tiny-cpu.yaml"), "storage_path=/tmp/never",
+                 *overrides]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err[-2000:]
 
 
 @pytest.mark.slow
