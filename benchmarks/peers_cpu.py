@@ -1,0 +1,210 @@
+"""rugpt-ray against llama.cpp on the same weights, on this machine's CPU: the engines, then the HTTP servers.
+
+A ruGPT3Small-shaped model (12 x 768, 50264 rows; random weights, so every run decodes the whole budget) is saved,
+exported to HF and converted to GGUF (f32 and bf16) with llama.cpp's converter (benchmarks/to_gguf.py). Then, each
+part alternated `--rounds` times so that background load hits every side alike:
+
+- engines, greedy, `--engine-tokens` new tokens after an 8-token prompt, every thread the machine has: ours
+  (`generate`, fp32 and bf16, 1 and 16 sequences) against `llama-bench` (1 sequence) and `llama-batched-bench`
+  (16 sequences), aggregate tokens/s;
+- HTTP servers, both up at once on 127.0.0.1 (the idle one costs its background loop): `rugpt-ray serve` (Ray
+  Serve, fp32) and `llama-server` (f32 GGUF, 16 slots), streamed greedy and sampled `/v1/completions` of
+  `--max-tokens` tokens from 1 and from `--clients` closed-loop clients (benchmarks/serve_load.py's load):
+  requests/s, tokens/s and time to first token.
+
+Peers come from benchmarks/peers_setup.sh's PEERS_DIR/peers.env; a peer that is not there is reported as not
+measured, and the rest still runs. vLLM's CPU build (also set up there) is not driven yet.
+
+    .venv/bin/python benchmarks/peers_cpu.py PEERS_DIR [--rounds 2] [--duration 8] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import free_port, load, one_request, summary  # noqa: E402
+
+from rugpt_ray.checkpoints import export_hf, save_native  # noqa: E402
+from rugpt_ray.config import ModelConfig, data_root  # noqa: E402
+from rugpt_ray.generation import GenerationConfig, generate  # noqa: E402
+from rugpt_ray.model import GPT  # noqa: E402
+from rugpt_ray.tokenizer import load_tokenizer  # noqa: E402
+
+SMALL = ModelConfig(n_layer=12, n_embd=768, n_head=12, n_positions=2048, vocab_size=50264)
+PROMPT = "Александр Сергеевич Пушкин родился в"
+THREADS = os.cpu_count() or 1
+
+
+def peers_env(folder: Path) -> dict[str, str]:
+    path = folder / "peers.env"
+    if not path.is_file():
+        return {}
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def ours_engine(model: GPT, tokenizer, rows: int, tokens: int) -> float:
+    """Aggregate tokens/s of `rows` greedy sequences of `tokens` new tokens each, in this process."""
+    cfg = GenerationConfig(max_new_tokens=tokens, greedy=True, ignore_eos=True)
+    start = time.perf_counter()
+    completions = generate(model, tokenizer, [PROMPT] * rows, cfg)
+    return sum(len(c.token_ids) for c in completions) / (time.perf_counter() - start)
+
+
+def llama_engine(binary: Path, gguf: Path, rows: int, tokens: int) -> float:
+    """Aggregate generation tokens/s from llama-bench (1 sequence) or llama-batched-bench (several)."""
+    if rows == 1:
+        out = subprocess.run([str(binary / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(tokens),
+                              "-t", str(THREADS), "-r", "1", "-o", "jsonl"], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])["avg_ts"]
+    out = subprocess.run([str(binary / "llama-batched-bench"), "-m", str(gguf), "-c", str(rows * (tokens + 16)),
+                          "-npp", "8", "-ntg", str(tokens), "-npl", str(rows), "-t", str(THREADS),
+                          "--output-format", "jsonl"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["speed_tg"]
+
+
+def wait_for(url: str, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f} s")
+
+
+def request_body(model: str, tokens: int, sampled: bool) -> dict:
+    return {"model": model, "max_tokens": tokens, "stream": True, "stream_options": {"include_usage": True},
+            "ignore_eos": True, **({"temperature": 1.0, "top_p": 0.9} if sampled else {"temperature": 0.0})}
+
+
+async def http_round(url: str, model: str, clients: int, duration: float, tokens: int, sampled: bool) -> dict:
+    """`clients` closed-loop streaming clients for `duration` seconds, a connection per request (llama-server's
+    HTTP library closes a kept-alive connection after 5 requests, which a pooled client can meet mid-request)."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        return summary(clients, *await load(client, clients, duration, request_body(model, tokens, sampled)))
+
+
+async def warm_up(url: str, model: str, tokens: int) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        await one_request(client, {**request_body(model, tokens, False), "prompt": PROMPT})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("peers", type=Path, help="the folder benchmarks/peers_setup.sh set up")
+    parser.add_argument("--rounds", type=int, default=2, choices=range(1, 11), metavar="1..10")
+    parser.add_argument("--engine-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per HTTP request")
+    parser.add_argument("--clients", type=int, default=16, choices=range(2, 65), metavar="2..64")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per HTTP phase and round")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    env = peers_env(args.peers)
+    llama = Path(env["LLAMA_BIN"]) if "LLAMA_BIN" in env else None
+    skipped = {} if llama else {"llama.cpp": f"{args.peers / 'peers.env'} names no LLAMA_BIN"}
+
+    scratch = Path(tempfile.mkdtemp(prefix="peers-cpu-"))
+    tokenizer_dir = data_root() / "tokenizer"
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    model = GPT(SMALL).eval()
+    native = save_native(model, scratch / "native")
+    hf = export_hf(model, scratch / "hf", tokenizer_folder=tokenizer_dir)
+    ggufs = {}
+    if llama:
+        for dtype in ("f32", "bf16"):
+            ggufs[dtype] = scratch / f"small-{dtype}.gguf"
+            subprocess.run([sys.executable, str(Path(__file__).with_name("to_gguf.py")), str(args.peers), str(hf),
+                            str(ggufs[dtype]), dtype], check=True, capture_output=True)
+    bf16 = GPT(SMALL).eval()
+    bf16.load_state_dict(model.state_dict())
+    bf16 = bf16.to(torch.bfloat16)
+    torch.set_num_threads(THREADS)
+    loads = [os.getloadavg()[0]]
+
+    engine: dict[str, list[float]] = {}
+    ours_engine(model, tokenizer, 1, 8)  # warm-up
+    for _ in range(args.rounds):
+        for rows in (1, args.clients):
+            for dtype, ours_model in (("fp32", model), ("bf16", bf16)):
+                engine.setdefault(f"rugpt-ray {dtype}, {rows} seq", []).append(
+                    ours_engine(ours_model, tokenizer, rows, args.engine_tokens))
+                if llama:
+                    engine.setdefault(f"llama.cpp {dtype}, {rows} seq", []).append(
+                        llama_engine(llama, ggufs["f32" if dtype == "fp32" else "bf16"], rows, args.engine_tokens))
+        loads.append(os.getloadavg()[0])
+    del bf16
+
+    servers: dict[str, tuple[str, str]] = {}
+    processes = []
+    try:
+        port = free_port()
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "rugpt_ray.cli", "serve", "--model", f"small={native}", "--tokenizer",
+             str(tokenizer_dir), "--port", str(port), "--max-batch-size", str(2 * args.clients)],
+            stdout=(scratch / "rugpt-ray.log").open("w"), stderr=subprocess.STDOUT))
+        wait_for(f"http://127.0.0.1:{port}/healthz", processes[-1], "rugpt-ray serve")
+        servers["rugpt-ray serve"] = (f"http://127.0.0.1:{port}", "small")
+        if llama:
+            port = free_port()
+            processes.append(subprocess.Popen(
+                [str(llama / "llama-server"), "-m", str(ggufs["f32"]), "--host", "127.0.0.1", "--port", str(port),
+                 "-t", str(THREADS), "-np", str(args.clients), "-c", str(args.clients * 256)],
+                stdout=(scratch / "llama-server.log").open("w"), stderr=subprocess.STDOUT))
+            wait_for(f"http://127.0.0.1:{port}/health", processes[-1], "llama-server")
+            servers["llama-server"] = (f"http://127.0.0.1:{port}", "small")
+        http: dict[str, list[dict]] = {}
+        for url, served in servers.values():  # warm-up
+            asyncio.run(warm_up(url, served, args.max_tokens))
+        for _ in range(args.rounds):
+            for sampled in (False, True):
+                for clients in (1, args.clients):
+                    for name, (url, served) in servers.items():
+                        key = f"{name}, {'sampled' if sampled else 'greedy'}, {clients} client(s)"
+                        http.setdefault(key, []).append(
+                            asyncio.run(http_round(url, served, clients, args.duration, args.max_tokens, sampled)))
+            loads.append(os.getloadavg()[0])
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=60)
+
+    print(f"\n{platform.processor() or platform.machine()}, {THREADS} cores, {THREADS} threads each; "
+          f"load average {min(loads):.1f}-{max(loads):.1f}; {args.rounds} alternating rounds (ranges over rounds)")
+    for name, why in skipped.items():
+        print(f"not measured: {name}: {why}")
+    print(f"engines, greedy, {args.engine_tokens} new tokens (aggregate tokens/s):")
+    for key, values in engine.items():
+        print(f"  {key}: {min(values):.1f}-{max(values):.1f}")
+    print(f"HTTP, streamed /v1/completions of {args.max_tokens} tokens (requests/s, tokens/s, TTFT p50):")
+    for key, runs in http.items():
+        print(f"  {key}: {min(r['requests_per_s'] for r in runs):.2f}-{max(r['requests_per_s'] for r in runs):.2f} "
+              f"req/s, {statistics.median(r['tokens_per_s'] for r in runs):.0f} tokens/s, TTFT "
+              f"{statistics.median(r['ttft_p50_ms'] for r in runs):.0f} ms")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"engine": engine, "http": http, "skipped": skipped,
+                                              "load_average": [min(loads), max(loads)]}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
