@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import platform
@@ -42,6 +43,7 @@ from rugpt_ray.checkpoints import export_hf, save_native  # noqa: E402
 from rugpt_ray.config import ModelConfig, data_root  # noqa: E402
 from rugpt_ray.generation import GenerationConfig, generate  # noqa: E402
 from rugpt_ray.model import GPT  # noqa: E402
+from rugpt_ray.quantization import with_dtype  # noqa: E402
 from rugpt_ray.tokenizer import load_tokenizer  # noqa: E402
 
 SMALL = ModelConfig(n_layer=12, n_embd=768, n_head=12, n_positions=2048, vocab_size=50264)
@@ -100,12 +102,83 @@ async def http_round(url: str, model: str, clients: int, duration: float, tokens
     HTTP library closes a kept-alive connection after 5 requests, which a pooled client can meet mid-request)."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        return summary(clients, *await load(client, clients, duration, request_body(model, tokens, sampled)))
+        results, elapsed = await load(client, clients, duration, request_body(model, tokens, sampled))
+    if not results:
+        raise SystemExit(f"{url}: no request of {clients} client(s) finished within --duration {duration:g} s; "
+                         "give it more time")
+    return summary(clients, results, elapsed)
 
 
 async def warm_up(url: str, model: str, tokens: int) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         await one_request(client, {**request_body(model, tokens, False), "prompt": PROMPT})
+
+
+def save_models(scratch: Path, tokenizer_dir: Path, llama: Path | None, peers: Path) -> tuple[GPT, Path, dict]:
+    """The random model, its native folder, and its GGUF files per dtype (none without llama.cpp)."""
+    torch.manual_seed(0)
+    model = GPT(SMALL).eval()
+    native = save_native(model, scratch / "native")
+    hf = export_hf(model, scratch / "hf", tokenizer_folder=tokenizer_dir)
+    ggufs = {}
+    for dtype in ("f32", "bf16") if llama else ():
+        ggufs[dtype] = scratch / f"small-{dtype}.gguf"
+        subprocess.run([sys.executable, str(Path(__file__).with_name("to_gguf.py")), str(peers), str(hf),
+                        str(ggufs[dtype]), dtype], check=True, capture_output=True)
+    return model, native, ggufs
+
+
+def measure_engines(model: GPT, tokenizer, llama: Path | None, ggufs: dict, args, loads: list) -> dict:
+    """Aggregate tokens/s per engine, dtype and sequence count, one figure per round."""
+    models = {"fp32": model, "bf16": with_dtype(copy.deepcopy(model), "bfloat16")}
+    engine: dict[str, list[float]] = {}
+    ours_engine(model, tokenizer, 1, 8)  # warm-up
+    for _ in range(args.rounds):
+        for rows in (1, args.clients):
+            for dtype, gguf in (("fp32", "f32"), ("bf16", "bf16")):
+                engine.setdefault(f"rugpt-ray {dtype}, {rows} seq", []).append(
+                    ours_engine(models[dtype], tokenizer, rows, args.engine_tokens))
+                if llama:
+                    engine.setdefault(f"llama.cpp {dtype}, {rows} seq", []).append(
+                        llama_engine(llama, ggufs[gguf], rows, args.engine_tokens))
+        loads.append(os.getloadavg()[0])
+    return engine
+
+
+def start_servers(scratch: Path, native: Path, tokenizer_dir: Path, llama: Path | None, ggufs: dict, clients: int,
+                  processes: list) -> dict[str, tuple[str, str]]:
+    """Both servers on 127.0.0.1, ready: name -> (URL, served model name); `processes` gets them to stop."""
+    commands = {"rugpt-ray serve": ([sys.executable, "-m", "rugpt_ray.cli", "serve", "--model", f"small={native}",
+                                     "--tokenizer", str(tokenizer_dir), "--max-batch-size", str(2 * clients),
+                                     "--port"], "/healthz")}
+    if llama:
+        commands["llama-server"] = ([str(llama / "llama-server"), "-m", str(ggufs["f32"]), "--host", "127.0.0.1",
+                                     "-t", str(THREADS), "-np", str(clients), "-c", str(clients * 256), "--port"],
+                                    "/health")
+    servers = {}
+    for name, (command, health) in commands.items():
+        port = free_port()
+        with (scratch / f"{name}.log").open("w") as log:
+            processes.append(subprocess.Popen([*command, str(port)], stdout=log, stderr=subprocess.STDOUT))
+        wait_for(f"http://127.0.0.1:{port}{health}", processes[-1], name)
+        servers[name] = (f"http://127.0.0.1:{port}", "small")
+    return servers
+
+
+def measure_servers(servers: dict[str, tuple[str, str]], args, loads: list) -> dict[str, list[dict]]:
+    """Requests/s, tokens/s and TTFT per server, sampling and client count, one summary per round."""
+    for url, served in servers.values():
+        asyncio.run(warm_up(url, served, args.max_tokens))
+    http: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):
+        for sampled in (False, True):
+            for clients in (1, args.clients):
+                for name, (url, served) in servers.items():
+                    key = f"{name}, {'sampled' if sampled else 'greedy'}, {clients} client(s)"
+                    http.setdefault(key, []).append(
+                        asyncio.run(http_round(url, served, clients, args.duration, args.max_tokens, sampled)))
+        loads.append(os.getloadavg()[0])
+    return http
 
 
 def main() -> None:
@@ -121,73 +194,23 @@ def main() -> None:
     env = peers_env(args.peers)
     llama = Path(env["LLAMA_BIN"]) if "LLAMA_BIN" in env else None
     skipped = {} if llama else {"llama.cpp": f"{args.peers / 'peers.env'} names no LLAMA_BIN"}
-
-    scratch = Path(tempfile.mkdtemp(prefix="peers-cpu-"))
     tokenizer_dir = data_root() / "tokenizer"
     tokenizer = load_tokenizer(tokenizer_dir)
-    torch.manual_seed(0)
-    model = GPT(SMALL).eval()
-    native = save_native(model, scratch / "native")
-    hf = export_hf(model, scratch / "hf", tokenizer_folder=tokenizer_dir)
-    ggufs = {}
-    if llama:
-        for dtype in ("f32", "bf16"):
-            ggufs[dtype] = scratch / f"small-{dtype}.gguf"
-            subprocess.run([sys.executable, str(Path(__file__).with_name("to_gguf.py")), str(args.peers), str(hf),
-                            str(ggufs[dtype]), dtype], check=True, capture_output=True)
-    bf16 = GPT(SMALL).eval()
-    bf16.load_state_dict(model.state_dict())
-    bf16 = bf16.to(torch.bfloat16)
     torch.set_num_threads(THREADS)
     loads = [os.getloadavg()[0]]
-
-    engine: dict[str, list[float]] = {}
-    ours_engine(model, tokenizer, 1, 8)  # warm-up
-    for _ in range(args.rounds):
-        for rows in (1, args.clients):
-            for dtype, ours_model in (("fp32", model), ("bf16", bf16)):
-                engine.setdefault(f"rugpt-ray {dtype}, {rows} seq", []).append(
-                    ours_engine(ours_model, tokenizer, rows, args.engine_tokens))
-                if llama:
-                    engine.setdefault(f"llama.cpp {dtype}, {rows} seq", []).append(
-                        llama_engine(llama, ggufs["f32" if dtype == "fp32" else "bf16"], rows, args.engine_tokens))
-        loads.append(os.getloadavg()[0])
-    del bf16
-
-    servers: dict[str, tuple[str, str]] = {}
-    processes = []
-    try:
-        port = free_port()
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "rugpt_ray.cli", "serve", "--model", f"small={native}", "--tokenizer",
-             str(tokenizer_dir), "--port", str(port), "--max-batch-size", str(2 * args.clients)],
-            stdout=(scratch / "rugpt-ray.log").open("w"), stderr=subprocess.STDOUT))
-        wait_for(f"http://127.0.0.1:{port}/healthz", processes[-1], "rugpt-ray serve")
-        servers["rugpt-ray serve"] = (f"http://127.0.0.1:{port}", "small")
-        if llama:
-            port = free_port()
-            processes.append(subprocess.Popen(
-                [str(llama / "llama-server"), "-m", str(ggufs["f32"]), "--host", "127.0.0.1", "--port", str(port),
-                 "-t", str(THREADS), "-np", str(args.clients), "-c", str(args.clients * 256)],
-                stdout=(scratch / "llama-server.log").open("w"), stderr=subprocess.STDOUT))
-            wait_for(f"http://127.0.0.1:{port}/health", processes[-1], "llama-server")
-            servers["llama-server"] = (f"http://127.0.0.1:{port}", "small")
-        http: dict[str, list[dict]] = {}
-        for url, served in servers.values():  # warm-up
-            asyncio.run(warm_up(url, served, args.max_tokens))
-        for _ in range(args.rounds):
-            for sampled in (False, True):
-                for clients in (1, args.clients):
-                    for name, (url, served) in servers.items():
-                        key = f"{name}, {'sampled' if sampled else 'greedy'}, {clients} client(s)"
-                        http.setdefault(key, []).append(
-                            asyncio.run(http_round(url, served, clients, args.duration, args.max_tokens, sampled)))
-            loads.append(os.getloadavg()[0])
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=60)
+    processes: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="peers-cpu-") as tmp:
+        scratch = Path(tmp)
+        model, native, ggufs = save_models(scratch, tokenizer_dir, llama, args.peers)
+        engine = measure_engines(model, tokenizer, llama, ggufs, args, loads)
+        try:
+            http = measure_servers(start_servers(scratch, native, tokenizer_dir, llama, ggufs, args.clients,
+                                                 processes), args, loads)
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(timeout=60)
 
     print(f"\n{platform.processor() or platform.machine()}, {THREADS} cores, {THREADS} threads each; "
           f"load average {min(loads):.1f}-{max(loads):.1f}; {args.rounds} alternating rounds (ranges over rounds)")

@@ -1,4 +1,5 @@
-"""The `rugpt-ray` command as a user runs it: a real subprocess, output on stdout, one-line errors, exit 2."""
+"""The `rugpt-ray` command as a user runs it: a real subprocess, output on stdout, one-line errors, exit 2 (the
+bad-input cases call `main` in this process; one of them runs as a real process too)."""
 
 import json
 import os
@@ -118,7 +119,7 @@ def test_convert_info_and_evaluate(tmp_path, make_model, data_dir):
     assert (tmp_path / "hf" / "vocab.json").is_file()
     info = run("info", str(tmp_path / "hf"))
     assert info.returncode == 0 and "(hf)" in info.stdout and "n_layer: 2" in info.stdout
-    text = str(data_dir / "corpus" / "valid" / "chekhov_dama_s_sobachkoy.txt")  # one story: 10 s less than both
+    text = str(data_dir / "corpus" / "valid" / "chekhov_dama_s_sobachkoy.txt")  # one story: a quarter of the CPU
     ev = run("evaluate", "--model", str(tmp_path / "hf"), "--data", text, "--seq-len", "128")
     assert ev.returncode == 0, ev.stderr
     assert "token mean over" in ev.stdout and "non-overlapping windows of 128" in ev.stdout

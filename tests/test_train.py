@@ -14,6 +14,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from rugpt_ray.checkpoints import MANIFEST_FILE, export_hf, load_model, safe_torch_load
+from rugpt_ray.cli import main
 from rugpt_ray.config import TrainConfig, check_train_config, deepspeed_engine_config, load_train_config
 from rugpt_ray.errors import UserError
 from rugpt_ray.plotting import read_metrics
@@ -304,8 +305,6 @@ def test_deepspeed_config_drops_sparse_and_owns_optimizer(tmp_path):
 ])
 def test_bad_config_is_one_clear_error_before_ray(overrides, message, data_dir, capsys):
     """The command's `main` in this process (test_cli checks what the real process adds to its line)."""
-    from rugpt_ray.cli import main
-
     assert main(["train", "--config", str(REPO / "jobs" / "configs" / "tiny-cpu.yaml"), "storage_path=/tmp/never",
                  *overrides]) == 2
     err = capsys.readouterr().err
