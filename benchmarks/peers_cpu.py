@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import free_port, load, one_request, summary  # noqa: E402
+from to_gguf import peers_env  # noqa: E402
 
 from rugpt_ray.checkpoints import export_hf, save_native  # noqa: E402
 from rugpt_ray.config import ModelConfig, data_root  # noqa: E402
@@ -49,13 +50,6 @@ from rugpt_ray.tokenizer import load_tokenizer  # noqa: E402
 SMALL = ModelConfig(n_layer=12, n_embd=768, n_head=12, n_positions=2048, vocab_size=50264)
 PROMPT = "Александр Сергеевич Пушкин родился в"
 THREADS = os.cpu_count() or 1
-
-
-def peers_env(folder: Path) -> dict[str, str]:
-    path = folder / "peers.env"
-    if not path.is_file():
-        return {}
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
 def ours_engine(model: GPT, tokenizer, rows: int, tokens: int) -> float:

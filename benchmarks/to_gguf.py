@@ -17,10 +17,18 @@ from pathlib import Path
 RUGPT3_BPE_HASH = "6af741926fc734a2f14336f72b696c7154611be519447976ff95930fdc0fa6f4"
 
 
+def peers_env(folder: Path) -> dict[str, str]:
+    """What benchmarks/peers_setup.sh set up in `folder` (its peers.env), empty where it set up nothing."""
+    path = folder / "peers.env"
+    if not path.is_file():
+        return {}
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
 def main() -> None:
     peers, hf_dir, out = (Path(a) for a in sys.argv[1:4])
     outtype = sys.argv[4] if len(sys.argv) > 4 else "f32"
-    env = dict(line.split("=", 1) for line in (peers / "peers.env").read_text().splitlines() if "=" in line)
+    env = peers_env(peers)
     if "LLAMA_CONVERT" not in env:
         sys.exit(f"{peers / 'peers.env'}: no llama.cpp converter (run benchmarks/peers_setup.sh)")
     converter = Path(env["LLAMA_CONVERT"])
