@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from own_ray import own_ray_env
 from ports import free_port
 
 from rugpt_ray.checkpoints import load_model
@@ -28,14 +29,11 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 @pytest.fixture(scope="module")
 def cluster_env() -> Iterator[dict[str, str]]:
-    """What a user's shell has after `make setup`: the venv first on PATH (the job's `python`), no auth token.
-    `ray start` and cluster_utils write their cluster's address to RAY_TMPDIR/ray/ray_current_cluster: here to a
-    folder of their own, so no dead cluster's pointer is left in the machine's /tmp/ray."""
-    pointers = Path(tempfile.mkdtemp(prefix="rugpt-ray-"))
-    (pointers / "ray").mkdir()
-    yield {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(pointers),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    shutil.rmtree(pointers, ignore_errors=True)
+    """What a user's shell has after `make setup`: the venv first on PATH (the job's `python`), no auth token, and
+    a Ray temp folder of its own (own_ray_env)."""
+    with own_ray_env(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+                     PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}") as env:
+        yield env
 
 
 @contextlib.contextmanager

@@ -5,15 +5,14 @@ clear line for a bucket that does not exist and for wrong credentials."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from own_ray import own_ray_env
 from polling import poll
 from ports import free_port
 
@@ -45,15 +44,11 @@ def s3(tmp_path_factory):
         {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
     key = iam.create_access_key(UserName="trainer")["AccessKey"]
     boto3.client("s3", **plain).create_bucket(Bucket=BUCKET)
-    ray_tmp = tempfile.mkdtemp(prefix="rs3", dir="/tmp")  # Ray's socket paths must stay short
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
-           "RAY_TMPDIR": ray_tmp}
-    env.pop("RAY_ADDRESS", None)
-    yield f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", env
+    with own_ray_env(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"]) as env:
+        yield f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", env
     server.terminate()
     server.wait(timeout=30)
     log.close()
-    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _answers(iam) -> bool:

@@ -8,15 +8,14 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+from own_ray import own_ray_env
 
 from rugpt_ray.cli import main
 from rugpt_ray.config import load_train_config
@@ -237,14 +236,8 @@ def test_pbt_exploit_continues_the_donor_s_checkpoint_with_the_perturbed_lr_and_
     assert proc.returncode == 130, output[-3000:]
     assert "interrupted: run the same command again" in output, output[-3000:]
 
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
-    (Path(ray_tmp) / "ray").mkdir()
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}  # and no `ray start` head elsewhere on the machine is joined
-    env.pop("RAY_ADDRESS", None)
-    try:
+    with own_ray_env() as env:
         resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming sweep" in resumed.stdout
     (best_trial,) = re.findall(r"^best: (\S+) ", resumed.stdout, re.MULTILINE)
