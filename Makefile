@@ -25,13 +25,17 @@ $(STAMP): pyproject.toml
 # Two pytest workers (xdist), one per core: the Ray tests keep both cores busy, and a third worker (a third Ray)
 # made the suite 20% more CPU work (1876-1919 against 1542 CPU-seconds here).
 # Tests that share a module's server or cache carry the same xdist_group; long tests, then slow ones, go first.
+# The package's bytecode is compiled first: with PYTHONDONTWRITEBYTECODE set (as on this machine), every Ray worker
+# would compile it again at import.
 test: setup
 	$(VENV)/bin/ruff check rugpt_ray tests benchmarks jobs
+	$(PY) -m compileall -q rugpt_ray
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # The developer loop: every test that starts no Ray, DeepSpeed or server (a few minutes on 2 cores).
 test-fast: setup
 	$(VENV)/bin/ruff check rugpt_ray tests benchmarks jobs
+	$(PY) -m compileall -q rugpt_ray
 	$(PY) -m pytest -q -n 2 -m "not slow"
 
 demo: setup

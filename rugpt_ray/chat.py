@@ -19,7 +19,6 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.parser
-from transformers.utils.chat_template_utils import render_jinja_template
 
 from rugpt_ray.errors import UserError
 
@@ -114,7 +113,10 @@ def chat_tokens(tokenizer: Encoder, template: str, messages: list[dict[str, Any]
 
 
 def _render(template: str, messages: list[dict[str, Any]], **options: Any) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character spans of its generation blocks."""
+    """The rendered text and the character spans of its generation blocks. transformers is imported here, not at
+    the top: it costs half a CPU-second, and every Ray worker that loads a checkpoint imports this module."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
     try:
         rendered, spans = render_jinja_template([messages], chat_template=template, **options)
     except (jinja2.TemplateError, ValueError, TypeError) as e:

@@ -74,7 +74,9 @@ def ray_metrics_port() -> int:
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory, ray_metrics_port):
     """One real local Ray (2 CPUs, loopback only) shared by every test that needs it; metrics are exported on
-    `ray_metrics_port` at Ray's default interval (10 s: every second cost a Ray this busy 10% of a core)."""
+    `ray_metrics_port` at Ray's default interval (10 s: every second cost a Ray this busy 10% of a core).
+    Up to 8 idle worker processes are kept instead of 2 (Ray's default, one per CPU): each training run starts
+    a dozen tasks and actors, and a kept worker spares the next one a process start (a CPU-second or more)."""
     import ray
 
     ray.init(
@@ -84,6 +86,7 @@ def ray_local(tmp_path_factory, ray_metrics_port):
         include_dashboard=False,
         log_to_driver=False,
         _metrics_export_port=ray_metrics_port,
+        _system_config={"num_workers_soft_limit": 8},
     )
     yield ray
     ray.shutdown()

@@ -1,11 +1,13 @@
-"""The `rugpt-ray` command as a user runs it: a real subprocess, output on stdout, one-line errors, exit 2 (the
-bad-input cases call `main` in this process; one of them runs as a real process too)."""
+"""The `rugpt-ray` command: output on stdout, one-line errors, exit 2. Most cases call its `main` in this process, as
+`python -m rugpt_ray.cli` does (a process each would cost 2-3 CPU-seconds of imports); a greedy generate and a bad
+input run as real processes, for what the process adds: the entry point, its exit status, no traceback."""
 
 import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,9 +21,22 @@ from rugpt_ray.generation import GenerationConfig, generate
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+def run(*args: str) -> subprocess.CompletedProcess:
+    """The command as a real process."""
     return subprocess.run([sys.executable, "-m", "rugpt_ray.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ}, timeout=300)
+                          env={**os.environ}, timeout=300)
+
+
+@pytest.fixture
+def cli(capsys) -> Callable[..., subprocess.CompletedProcess]:
+    """`cli(*args)`: the command's `main` in this process, with what it printed, shaped as `run`'s result."""
+    def call(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main(list(args))
+        printed = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, printed.out, printed.err)
+
+    return call
 
 
 @pytest.fixture(scope="module")
@@ -60,21 +75,21 @@ def test_generate_prints_the_continuation(sparse_dir, data_dir, reference):
     assert again.stdout == out.stdout
 
 
-def test_generate_several_sequences(sparse_dir):
-    out = run("generate", "--model", str(sparse_dir), "--prompt", "Раз", "--prompt", "Два", "--seed", "3",
+def test_generate_several_sequences(sparse_dir, cli):
+    out = cli("generate", "--model", str(sparse_dir), "--prompt", "Раз", "--prompt", "Два", "--seed", "3",
               "--num-return-sequences", "2", "--max-new-tokens", "5", "--top-k", "20", "--top-p", "0.9",
               "--temperature", "0.8", "--repetition-penalty", "1.2")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("=== prompt") == 4
 
 
-def test_generate_flags_do_what_they_say(sparse_dir, reference):
+def test_generate_flags_do_what_they_say(sparse_dir, reference, cli):
     """Every sampling flag reaches the generation: the CLI prints what `rugpt_ray.generate` gives with the same
     GenerationConfig, and each flag, left at its default, would have given something else."""
     prompt = "Однажды весною"
     twelve = reference(prompt, greedy=True, max_new_tokens=12)[0]
 
-    out = run("generate", "--model", str(sparse_dir), "--prompt", prompt, "--greedy", "--max-new-tokens", "5")
+    out = cli("generate", "--model", str(sparse_dir), "--prompt", prompt, "--greedy", "--max-new-tokens", "5")
     five = reference(prompt, greedy=True, max_new_tokens=5)[0]
     assert out.stdout == prompt + five.text + "\n"
     assert len(five.token_ids) == 5 and five.token_ids == twelve.token_ids[:5] and len(five.text) < len(twelve.text)
@@ -83,7 +98,7 @@ def test_generate_flags_do_what_they_say(sparse_dir, reference):
     at = next(k for k in range(len(twelve.text) // 2, len(twelve.text) - 1)
               if twelve.text.find(twelve.text[k:k + 2]) > 0 and twelve.text[k:k + 2].strip())
     stop = twelve.text[at:at + 2]
-    out = run("generate", "--model", str(sparse_dir), "--prompt", prompt, "--greedy", "--max-new-tokens", "12",
+    out = cli("generate", "--model", str(sparse_dir), "--prompt", prompt, "--greedy", "--max-new-tokens", "12",
               "--stop", stop)
     cut = twelve.text[:twelve.text.find(stop)]
     assert out.stdout == prompt + cut + "\n" and cut
@@ -94,7 +109,7 @@ def test_generate_flags_do_what_they_say(sparse_dir, reference):
     flags = ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--repetition-penalty", "1.3"]
     args = ["generate", "--model", str(sparse_dir), "--prompt", prompts[0], "--prompt", prompts[1],
             "--num-return-sequences", "3", "--max-new-tokens", "8", *flags]
-    seeded = run(*args, "--seed", "3")
+    seeded = cli(*args, "--seed", "3")
     assert seeded.returncode == 0, seeded.stderr
     texts = sequences(seeded.stdout, prompts, 3)  # 3 per prompt
     want = [c.text for c in reference(prompts, num_return_sequences=3, max_new_tokens=8, seed=3, **sampling)]
@@ -103,36 +118,36 @@ def test_generate_flags_do_what_they_say(sparse_dir, reference):
         without = [c.text for c in reference(prompts, num_return_sequences=3, max_new_tokens=8, seed=3,
                                              **{**sampling, name: default})]
         assert without != texts, name  # so a CLI that dropped this flag would fail the comparison above
-    assert run(*args, "--seed", "3").stdout == seeded.stdout  # the same seed reproduces
-    other = sequences(run(*args, "--seed", "4").stdout, prompts, 3)
+    assert cli(*args, "--seed", "3").stdout == seeded.stdout  # the same seed reproduces
+    other = sequences(cli(*args, "--seed", "4").stdout, prompts, 3)
     assert other != texts
     assert other == [c.text for c in reference(prompts, num_return_sequences=3, max_new_tokens=8, seed=4,
                                                **sampling)]
 
 
-def test_convert_info_and_evaluate(tmp_path, make_model, data_dir):
+def test_convert_info_and_evaluate(tmp_path, make_model, data_dir, cli):
     dense = save_native(make_model(ModelConfig(n_layer=2, n_embd=64, n_head=4, n_positions=128,
                                                vocab_size=50257)), tmp_path / "dense")
-    out = run("convert", str(dense), str(tmp_path / "hf"), "--to", "hf", "--tokenizer", str(data_dir / "tokenizer"))
+    out = cli("convert", str(dense), str(tmp_path / "hf"), "--to", "hf", "--tokenizer", str(data_dir / "tokenizer"))
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["n_head"] == 4
     assert (tmp_path / "hf" / "vocab.json").is_file()
-    info = run("info", str(tmp_path / "hf"))
+    info = cli("info", str(tmp_path / "hf"))
     assert info.returncode == 0 and "(hf)" in info.stdout and "n_layer: 2" in info.stdout
     text = str(data_dir / "corpus" / "valid" / "chekhov_dama_s_sobachkoy.txt")  # one story: a quarter of the CPU
-    ev = run("evaluate", "--model", str(tmp_path / "hf"), "--data", text, "--seq-len", "128")
+    ev = cli("evaluate", "--model", str(tmp_path / "hf"), "--data", text, "--seq-len", "128")
     assert ev.returncode == 0, ev.stderr
     assert "token mean over" in ev.stdout and "non-overlapping windows of 128" in ev.stdout
-    int8 = run("evaluate", "--model", str(tmp_path / "hf"), "--data", text, "--seq-len", "128", "--dtype", "int8")
+    int8 = cli("evaluate", "--model", str(tmp_path / "hf"), "--data", text, "--seq-len", "128", "--dtype", "int8")
     assert int8.returncode == 0, int8.stderr
     fp32_ppl, int8_ppl = (float(re.search(r"perplexity ([\d.]+)", out.stdout)[1]) for out in (ev, int8))
     assert fp32_ppl != int8_ppl and int8_ppl == pytest.approx(fp32_ppl, rel=0.01)
 
 
-def test_convert_sparse_to_hf_needs_allow_dense(sparse_dir, tmp_path):
-    out = run("convert", str(sparse_dir), str(tmp_path / "hf"), "--to", "hf")
+def test_convert_sparse_to_hf_needs_allow_dense(sparse_dir, tmp_path, cli):
+    out = cli("convert", str(sparse_dir), str(tmp_path / "hf"), "--to", "hf")
     assert out.returncode == 2 and "--allow-dense" in out.stderr
-    ok = run("convert", str(sparse_dir), str(tmp_path / "hf"), "--to", "hf", "--allow-dense")
+    ok = cli("convert", str(sparse_dir), str(tmp_path / "hf"), "--to", "hf", "--allow-dense")
     assert ok.returncode == 0, ok.stderr
     from test_checkpoints import check_dense_export_logits
     from transformers import GPT2LMHeadModel
@@ -153,7 +168,7 @@ def write_seed_checkpoint(model, folder):
     torch.save({"module": sd}, folder / "mp_rank_00_model_states.pt")
 
 
-def test_convert_seed_checkpoint_with_deepspeed_json(tmp_path, make_model):
+def test_convert_seed_checkpoint_with_deepspeed_json(tmp_path, make_model, cli):
     model = make_model(ModelConfig(n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=50264))
     write_seed_checkpoint(model, tmp_path)
     ds_json = {"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True},
@@ -161,10 +176,10 @@ def test_convert_seed_checkpoint_with_deepspeed_json(tmp_path, make_model):
                                     "num_local_blocks": 4, "num_global_blocks": 1, "attention": "unidirectional",
                                     "horizontal_global_attention": False, "num_different_global_patterns": 4}}
     (tmp_path / "ds.json").write_text(json.dumps(ds_json))
-    out = run("convert", str(tmp_path), str(tmp_path / "native"), "--to", "native", "--n-head", "4",
+    out = cli("convert", str(tmp_path), str(tmp_path / "native"), "--to", "native", "--n-head", "4",
               "--sparse-config", str(tmp_path / "ds.json"), "--sparse-mode", "alternating")
     assert out.returncode == 0, out.stderr
-    info = run("info", str(tmp_path / "native"))
+    info = cli("info", str(tmp_path / "native"))
     assert "sparse layers: [0]" in info.stdout and "(native)" in info.stdout
     assert info.stdout.endswith("chat_template: none\n")  # the seed's files carry none
 
@@ -206,7 +221,7 @@ def test_a_bad_input_ends_the_process_with_exit_2_and_one_line(sparse_dir):
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def test_export_takes_a_run_folders_newest_checkpoint(tmp_path, make_model):
+def test_export_takes_a_run_folders_newest_checkpoint(tmp_path, make_model, cli):
     from rugpt_ray.chat import chat_template_source
 
     template = chat_template_source("rugpt3-chat")
@@ -214,10 +229,10 @@ def test_export_takes_a_run_folders_newest_checkpoint(tmp_path, make_model):
         save_native(make_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=50257),
                                seed=seed), tmp_path / "run" / f"step_{step:07d}" / "model", chat_template=template)
         write_manifest(tmp_path / "run" / f"step_{step:07d}")  # the commit marker training writes last
-    out = run("export", str(tmp_path / "run"), str(tmp_path / "hf"), "--to", "hf")
+    out = cli("export", str(tmp_path / "run"), str(tmp_path / "hf"), "--to", "hf")
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "hf" / "chat_template.jinja").read_text(encoding="utf-8") == template
-    info = run("info", str(tmp_path / "hf")).stdout
+    info = cli("info", str(tmp_path / "hf")).stdout
     assert f"chat_template:\n{template.rstrip()}" in info and info.count("{% generation %}") == 1
     newest = save_native(make_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=50257),
                                     seed=2), tmp_path / "again")

@@ -2,21 +2,16 @@
 entrypoints, and training and serving survive losing a node (ray.cluster_utils.Cluster, in a child process so it
 does not meet this session's Ray)."""
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
-from own_ray import own_ray_env
-from ports import free_port
+from own_ray import RAY, own_ray_env, ray_start_head
 
 from rugpt_ray.checkpoints import load_model
 from rugpt_ray.evaluation import join_documents, perplexity
@@ -24,7 +19,6 @@ from rugpt_ray.evaluation import join_documents, perplexity
 pytestmark = [pytest.mark.slow, pytest.mark.long]  # every test here starts Ray clusters and runs for minutes
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture(scope="module")
@@ -34,38 +28,6 @@ def cluster_env() -> Iterator[dict[str, str]]:
     with own_ray_env(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                      PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}") as env:
         yield env
-
-
-@contextlib.contextmanager
-def ray_start_head(env: dict[str, str]) -> Iterator[str]:
-    """`ray start --head` on 127.0.0.1 with ports of its own; yields the Jobs API address. Stops only the processes
-    of this cluster (those naming its temp dir), never another Ray on the machine as `ray stop` would."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="rugpt-ray-"))  # short: Ray's socket paths must fit in 107 bytes
-    dashboard = free_port()
-    command = [RAY, "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
-               "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-               "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
-               "--temp-dir", str(temp_dir), "--disable-usage-stats"]
-    try:
-        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-        yield f"http://127.0.0.1:{dashboard}"
-    finally:
-        stop_processes_under(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def stop_processes_under(temp_dir: Path) -> None:
-    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    mine = [p for p in psutil.process_iter(["cmdline"])
-            if p.pid not in me and str(temp_dir) in " ".join(p.info["cmdline"] or [])]
-    for process in mine:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.terminate()
-    _, alive = psutil.wait_procs(mine, timeout=15)
-    for process in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
 
 
 def submit(address: str, env: dict[str, str], *entrypoint: str) -> subprocess.CompletedProcess:
@@ -78,9 +40,9 @@ def test_ray_job_submit_trains_then_evaluates(tmp_path, data_dir, tokenizer, clu
     train_file = data_dir / "corpus" / "train" / "gogol_nos.txt"
     valid_file = data_dir / "corpus" / "valid" / "chekhov_dama_s_sobachkoy.txt"
     storage = tmp_path / "runs"
-    with ray_start_head(cluster_env) as address:
-        trained = submit(address, cluster_env, "jobs/train.py", "--config", "jobs/configs/tiny-cpu.yaml", "name=job",
-                         f"storage_path={storage}", f"train_data={train_file}", f"valid_data={valid_file}",
+    with ray_start_head(cluster_env) as head:
+        trained = submit(head.dashboard, cluster_env, "jobs/train.py", "--config", "jobs/configs/tiny-cpu.yaml",
+                         "name=job", f"storage_path={storage}", f"train_data={train_file}", f"valid_data={valid_file}",
                          "max_steps=10", "log_interval=5", "eval_interval=10", "save_interval=10", "eval_iters=2")
         assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
         assert re.search(r"Job '\S+' succeeded", trained.stdout + trained.stderr), trained.stdout[-2000:]
@@ -94,7 +56,7 @@ def test_ray_job_submit_trains_then_evaluates(tmp_path, data_dir, tokenizer, clu
         state = json.loads((storage / "job" / "step_0000010" / "train_state.json").read_text())
         assert state["step"] == 10 and state["metrics"]["valid_loss"] > 0
 
-        evaluated = submit(address, cluster_env, "jobs/evaluate.py", "--model", str(storage / "job"),
+        evaluated = submit(head.dashboard, cluster_env, "jobs/evaluate.py", "--model", str(storage / "job"),
                            "--data", str(valid_file), "--seq-len", "128")
         assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     reported = float(re.search(r"perplexity ([\d.]+)", evaluated.stdout).group(1))

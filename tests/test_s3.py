@@ -1,7 +1,8 @@
 """S3 over the wire: moto's S3 server (a subprocess on 127.0.0.1, IAM authentication on, so wrong credentials are
-refused) and the CLI as a user runs it, each command with its own Ray: prepare-data into a bucket, a training run
-stopped and resumed from a bucket, a sweep whose trials.csv and best.yaml land there, load_model from it, and one
-clear line for a bucket that does not exist and for wrong credentials."""
+refused) and the CLI as a user runs it on a cluster (a `ray start` head whose processes carry the key, which every
+command joins): prepare-data into a bucket, a training run stopped and resumed from a bucket, a sweep whose
+trials.csv and best.yaml land there, load_model from it, and one clear line for a bucket that does not exist and
+for wrong credentials."""
 
 import json
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from own_ray import own_ray_env
+from own_ray import own_ray_env, ray_start_head
 from polling import poll
 from ports import free_port
 
@@ -27,7 +28,8 @@ BUCKET = "rugpt"
 def s3(tmp_path_factory):
     """moto's server; a user with an s3:* policy and its key (the first 4 requests are not authenticated: they
     create them and the bucket). Yields (query, env): the URI options for 127.0.0.1 and an environment with the
-    key and a Ray temp dir of its own (so that no `ray start` head elsewhere on the machine is joined)."""
+    key whose RAY_ADDRESS is a `ray start` head of its own, started with that key (so that no other cluster on the
+    machine is joined, and the commands share one Ray instead of starting one each)."""
     import boto3
 
     port = free_port()
@@ -44,8 +46,9 @@ def s3(tmp_path_factory):
         {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
     key = iam.create_access_key(UserName="trainer")["AccessKey"]
     boto3.client("s3", **plain).create_bucket(Bucket=BUCKET)
-    with own_ray_env(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"]) as env:
-        yield f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", env
+    with (own_ray_env(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"]) as env,
+          ray_start_head(env) as head):
+        yield f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", {**env, "RAY_ADDRESS": head.gcs}
     server.terminate()
     server.wait(timeout=30)
     log.close()
