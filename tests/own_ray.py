@@ -62,13 +62,15 @@ def ray_start_head(env: dict[str, str]) -> Iterator[Head]:
 
 
 def stop_processes_under(temp_dir: Path) -> None:
+    """SIGTERM, then SIGKILL for what still runs 3 s later (the GCS server and one Python process of a head let
+    15 s pass and more)."""
     me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
     mine = [p for p in psutil.process_iter(["cmdline"])
             if p.pid not in me and str(temp_dir) in " ".join(p.info["cmdline"] or [])]
     for process in mine:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.terminate()
-    _, alive = psutil.wait_procs(mine, timeout=15)
+    _, alive = psutil.wait_procs(mine, timeout=3)
     for process in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
