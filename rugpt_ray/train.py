@@ -681,7 +681,7 @@ def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None, start_fro
             name=cfg.name, storage_path=query_last(run_dir.rpartition("/")[0]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            worker_runtime_env={"env_vars": _worker_env()},
+            worker_runtime_env={"env_vars": _worker_env(cfg.use_gpu)},
             logging_config=ray.train.LoggingConfig(log_level="DEBUG" if cfg.log_level == "debug" else "WARNING"),
             callbacks=callbacks,
         ),
@@ -738,9 +738,19 @@ def _sigint_handler_restored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _worker_env() -> dict[str, str]:
-    """The driver's settings that workers need, and Train's print patch off: in Ray workers it logs every print
-    twice (once teed to the redirected stdout, once through the root logger), so each progress line came twice."""
+WORKER_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
+"""glibc's malloc in CPU training workers, unless the driver's environment sets it: every step allocates and frees
+its logits and their gradients (100 MB each for 8 x 64 tokens of ruGPT3's vocabulary), and by default glibc maps
+such blocks afresh and unmaps them when freed, so each step page-faults them in again: a quarter of a CPU worker's
+time, most of it the kernel zeroing pages. One arena, no mmap and no trimming keep the freed memory for the next
+step (a 40-step two-worker run here: 23 % less CPU, its kernel time a third)."""
+
+
+def _worker_env(use_gpu: bool) -> dict[str, str]:
+    """The driver's settings that workers need, a CPU worker's malloc settings, and Train's print patch off: in Ray
+    workers it logs every print twice (once teed to the redirected stdout, once through the root logger), so each
+    progress line came twice."""
     keys = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "RUGPT_DATA", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE",
-            TRACE_ENV, NAN_ENV, KILL_ENV)
-    return {**{k: os.environ[k] for k in keys if k in os.environ}, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+            TRACE_ENV, NAN_ENV, KILL_ENV, *WORKER_MALLOC)
+    malloc = {} if use_gpu else WORKER_MALLOC
+    return {**malloc, **{k: os.environ[k] for k in keys if k in os.environ}, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}

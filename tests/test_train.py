@@ -18,7 +18,7 @@ from rugpt_ray.cli import main
 from rugpt_ray.config import TrainConfig, check_train_config, deepspeed_engine_config, load_train_config
 from rugpt_ray.errors import UserError
 from rugpt_ray.plotting import read_metrics
-from rugpt_ray.train import TRACE_ENV, _MetricsLog, fingerprint, lr_at, train
+from rugpt_ray.train import TRACE_ENV, WORKER_MALLOC, _MetricsLog, _worker_env, fingerprint, lr_at, train
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_XL_JSON = {  # the content of the seed's gpt3_xl_sparse_2048.json (= HF sberbank-ai/rugpt3xl)
@@ -269,6 +269,18 @@ def test_metrics_log_through_a_uri_keeps_only_steps_up_to_a_resume(tmp_path, cap
     _MetricsLog(None, resume_step=0).write({"step": 40, "loss": 0.1})  # ranks other than 0: nothing
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [10, 20, 30]
     assert capsys.readouterr().out == ""  # workers print no progress: the driver does (tests/test_progress.py)
+
+
+def test_cpu_workers_keep_freed_memory_unless_the_driver_says_otherwise(monkeypatch):
+    """The workers' malloc settings (train.WORKER_MALLOC; what they save is a figure in the README, not a test's):
+    set for CPU workers, left out for GPU ones, and a driver's own value wins."""
+    for key in WORKER_MALLOC:
+        monkeypatch.delenv(key, raising=False)
+    assert WORKER_MALLOC.items() <= _worker_env(use_gpu=False).items()
+    assert not set(WORKER_MALLOC) & set(_worker_env(use_gpu=True))
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert _worker_env(use_gpu=False)["MALLOC_ARENA_MAX"] == "4"
+    assert _worker_env(use_gpu=True)["MALLOC_ARENA_MAX"] == "4"
 
 
 def test_annealing_lr_follows_the_seed():
