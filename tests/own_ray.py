@@ -42,20 +42,20 @@ class Head:
 
 
 @contextlib.contextmanager
-def ray_start_head(env: dict[str, str]) -> Iterator[Head]:
+def ray_start_head(env: dict[str, str], dashboard: bool = True) -> Iterator[Head]:
     """`ray start --head` (2 CPUs) on 127.0.0.1 with ports of its own and `env` (an own_ray_env: its processes and
-    workers keep it). Stops only the processes of this cluster (those naming its temp dir), never another Ray on the
-    machine as `ray stop` would."""
+    workers keep it); `dashboard`: with the dashboard, which serves the Jobs API. Stops only the processes of this
+    cluster (those naming its temp dir), never another Ray on the machine as `ray stop` would."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rugpt-ray-"))  # short: Ray's socket paths must fit in 107 bytes
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard_port = free_port(), free_port()
     command = [RAY, "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
-               "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-               "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
-               "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+               "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+               "--include-dashboard", str(dashboard).lower(), "--dashboard-agent-listen-port", str(free_port()),
+               "--ray-client-server-port", str(free_port()), "--temp-dir", str(temp_dir), "--disable-usage-stats"]
     try:
         started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-        yield Head(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}")
+        yield Head(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard_port}")
     finally:
         stop_processes_under(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -47,7 +47,7 @@ def s3(tmp_path_factory):
     key = iam.create_access_key(UserName="trainer")["AccessKey"]
     boto3.client("s3", **plain).create_bucket(Bucket=BUCKET)
     with (own_ray_env(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"]) as env,
-          ray_start_head(env) as head):
+          ray_start_head(env, dashboard=False) as head):
         yield f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", {**env, "RAY_ADDRESS": head.gcs}
     server.terminate()
     server.wait(timeout=30)
