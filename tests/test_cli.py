@@ -201,17 +201,17 @@ def test_convert_seed_checkpoint_with_deepspeed_json(tmp_path, make_model, cli):
                                                              "cluster: serve deploy"),
     (["serve", "--config", "{repo}/serve_configs/local.yaml", "--model", "{tiny}"], "drop --model, --adapter and"),
 ])
-def test_bad_input_is_one_line_exit_2(args, message, tmp_path, sparse_dir, make_model, capsys):
-    """`main` as the command calls it, in this process (a subprocess each would cost a second of CPU to start):
-    test_a_bad_input_ends_the_process_with_exit_2_and_one_line checks what the real process adds."""
+def test_bad_input_is_one_line_exit_2(args, message, tmp_path, sparse_dir, make_model, cli):
+    """In this process (`cli`): test_a_bad_input_ends_the_process_with_exit_2_and_one_line checks what the real
+    process adds."""
     seed = tmp_path / "seed"
     write_seed_checkpoint(make_model(ModelConfig(n_layer=1, n_embd=32, n_head=4, n_positions=64)), seed)
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.json").write_text(json.dumps({"sparse_attention": {"mode": "fixed", "num_local_blocks": "8"}}))
     args = [a.format(tmp=tmp_path, tiny=sparse_dir, seed=seed, repo=REPO) for a in args]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert message.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1, err
+    out = cli(*args)
+    assert out.returncode == 2
+    assert message.format(tmp=tmp_path) in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_a_bad_input_ends_the_process_with_exit_2_and_one_line(sparse_dir):
