@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rugpt_ray.constraints import Constraint, Matcher, blocked_tokens
+from rugpt_ray.constraints import Constraint, Matcher, blocked_tokens, mask_logits
 from rugpt_ray.errors import UserError
 from rugpt_ray.generation_config import GenerationConfig, RequestError
 from rugpt_ray.lora import NO_ADAPTER, Adapter, adapter_per_row, apply_adapter, remove_adapter
@@ -143,16 +143,13 @@ class GrammarMask(LogitsProcessor):
         constrained = [i for i, row in enumerate(rows) if row.matcher is not None]
         if not constrained:
             return
-        bitmask = torch.empty(len(constrained), (logits.shape[1] + 31) // 32, dtype=torch.int32)
+        bitmask = np.empty((len(constrained), (logits.shape[1] + 31) // 32), dtype=np.uint32)
         for j, i in enumerate(constrained):
-            rows[i].matcher.fill(bitmask, j)
-        blocked = blocked_tokens(bitmask, logits.shape[1])
-        if logits.device.type == "cpu":  # numpy's masked copy: 3.5x faster than torch.where or masked_fill here
-            values = logits.numpy()
-            for j, i in enumerate(constrained):  # row by row, in place: no copy of the batch
-                np.copyto(values[i], -np.inf, where=blocked[j].numpy())
+            rows[i].matcher.fill(bitmask[j])
+        if logits.device.type == "cpu":
+            mask_logits(logits.numpy(), constrained, bitmask)
         else:
-            blocked, never = blocked.to(logits.device), logits.new_tensor(float("-inf"))
+            blocked, never = blocked_tokens(bitmask, logits.shape[1]).to(logits.device), logits.new_tensor(-np.inf)
             for j, i in enumerate(constrained):
                 torch.where(blocked[j], never, logits[i], out=logits[i])
 

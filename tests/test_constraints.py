@@ -6,12 +6,13 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 from schemas import SCHEMAS
 
 from rugpt_ray.config import preset
-from rugpt_ray.constraints import MAX_WHITESPACE, blocked_tokens, compile_constraint
+from rugpt_ray.constraints import MAX_WHITESPACE, blocked_tokens, compile_constraint, mask_logits
 from rugpt_ray.generation import Decoder, GenerationConfig, RequestError, generate
 from rugpt_ray.lora import apply_adapter, load_adapter
 
@@ -116,8 +117,8 @@ def test_eos_is_allowed_exactly_when_the_grammar_is_complete(tokenizer):
     matcher, tokens = constrain("choice", choices, tokenizer).matcher(), tokenizer.encode(choices[1])
 
     def allowed():
-        mask = torch.empty(1, (TINY.vocab_size + 31) // 32, dtype=torch.int32)
-        matcher.fill(mask, 0)
+        mask = np.empty((1, (TINY.vocab_size + 31) // 32), dtype=np.uint32)
+        matcher.fill(mask[0])
         return ~blocked_tokens(mask, TINY.vocab_size)[0]
 
     eos_allowed = []
@@ -128,6 +129,22 @@ def test_eos_is_allowed_exactly_when_the_grammar_is_complete(tokenizer):
         matcher.accept(token)
     assert eos_allowed == [tokenizer.decode(tokens[:i]) in choices for i in range(len(tokens))]
     assert True in eos_allowed and matcher.must_end and allowed().nonzero().flatten().tolist() == [tokenizer.eos_id]
+
+
+def test_sparse_and_dense_rows_are_masked_alike(tokenizer):
+    """`mask_logits` keeps exactly the allowed logits of the rows it is given, whichever way it masks a row."""
+    matchers = [constrain("json", schema, tokenizer).matcher() for schema in SCHEMAS[:3]]
+    matchers.append(constrain("regex", "[а-я ]{0,40}", tokenizer).matcher())  # many tokens allowed: a dense row
+    bitmask = np.empty((len(matchers), (TINY.vocab_size + 31) // 32), dtype=np.uint32)
+    for j, matcher in enumerate(matchers):
+        matcher.fill(bitmask[j])
+    blocked = blocked_tokens(bitmask, TINY.vocab_size)
+    assert blocked[:3].logical_not().sum(1).max() < TINY.vocab_size / 8 < blocked[3].logical_not().sum()
+    logits, rows = torch.randn(6, TINY.vocab_size), [5, 0, 2, 3]
+    expected = logits.clone()
+    expected[rows] = expected[rows].masked_fill(blocked, float("-inf"))
+    mask_logits(logits.numpy(), rows, bitmask)
+    assert torch.equal(logits, expected)
 
 
 def test_whitespace_runs_are_capped(model, tokenizer):
