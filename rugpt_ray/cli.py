@@ -52,14 +52,16 @@ def add_model_args(p: argparse.ArgumentParser, *, model: str | None = "--model",
     p.add_argument("--dtype", default="float32", choices=dtypes)
 
 
-def load_model_from_args(args: argparse.Namespace):
+def load_model_from_args(args: argparse.Namespace, inference: bool = False):
+    """The model the arguments name, in their dtype; for `inference` (generate, evaluate), laid out for it."""
     from rugpt_ray.checkpoints import load_model
-    from rugpt_ray.quantization import with_dtype
+    from rugpt_ray.quantization import prepack, with_dtype
 
-    return with_dtype(load_model(
+    model = with_dtype(load_model(
         args.model, fmt=args.fmt, preset=args.preset, n_head=args.n_head, sparse_mode=args.sparse_mode,
         sparse_config=read_sparse_config(args.sparse_config) if args.sparse_config else None, device=args.device,
     ), args.dtype)
+    return prepack(model) if inference else model
 
 
 def add_tokenizer_arg(p: argparse.ArgumentParser) -> None:
@@ -85,7 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_return_sequences=args.num_return_sequences, stop=args.stop or [], seed=args.seed,
     )
     tokenizer = load_tokenizer_from_args(args)
-    model = load_model_from_args(args)
+    model = load_model_from_args(args, inference=True)
     n = cfg.num_return_sequences
     texts: dict[int, str] = {}
     single = len(args.prompt) * n == 1
@@ -129,7 +131,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     paths = resolve_inputs(args.data)
     tokenizer = load_tokenizer_from_args(args)
-    model = load_model_from_args(args)
+    model = load_model_from_args(args, inference=True)
     seq_len = args.seq_len or model.config.n_positions
     if not 2 <= seq_len <= model.config.n_positions:
         raise UserError(f"--seq-len {seq_len}: must be between 2 and the model's {model.config.n_positions}")

@@ -1,5 +1,6 @@
-"""int8 weight-only inference: the kernel against fp64 arithmetic on the dequantized weights, the model against fp32
-on a trained checkpoint (perplexity on corpus/valid within 1 %), and LoRA adapters on an int8 base."""
+"""Inference weights: int8 weight-only (the kernel against fp64 arithmetic on the dequantized weights, the model
+against fp32 on a trained checkpoint: perplexity on corpus/valid within 1 %) and oneDNN-packed float weights (the
+same outputs and greedy tokens as the plain layout), each with LoRA adapters on it."""
 
 from __future__ import annotations
 
@@ -14,8 +15,17 @@ from rugpt_ray.config import LoraConfig, ModelConfig, preset
 from rugpt_ray.data import iter_documents, resolve_inputs
 from rugpt_ray.errors import UserError
 from rugpt_ray.evaluation import join_documents, perplexity
+from rugpt_ray.generation import GenerationConfig, generate
 from rugpt_ray.lora import add_lora
-from rugpt_ray.quantization import INT8_ACTIVATIONS, Int8Linear, quantize_int8, with_dtype
+from rugpt_ray.quantization import (
+    INT8_ACTIVATIONS,
+    Int8Linear,
+    PackedLinear,
+    packs,
+    prepack,
+    quantize_int8,
+    with_dtype,
+)
 
 SMALL = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
 
@@ -56,6 +66,60 @@ def test_only_cpu_and_known_dtypes(make_model):
     with pytest.raises(UserError, match="dtype 'int4' is not one of float32, bfloat16, float16, int8"):
         with_dtype(model, "int4")
     assert with_dtype(model, "bfloat16").transformer.wte.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
+def test_packed_linear_computes_the_plain_layers_product(dtype, tolerance):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40).to(dtype)
+    layer = PackedLinear(linear)
+    assert layer.weight.is_mkldnn and (layer.in_features, layer.out_features) == (96, 40)
+    for shape in [(1, 96), (16, 96), (5, 7, 96)]:
+        x = torch.randn(*shape).to(dtype)
+        got, want = layer(x), linear(x)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_model_decodes_the_plain_models_greedy_tokens(make_model, tokenizer, dtype):
+    model = make_model(SMALL)
+    plain = copy.deepcopy(model).to(getattr(torch, dtype))
+    packed = prepack(with_dtype(copy.deepcopy(model), dtype))
+    if not packs(plain):
+        pytest.skip(f"oneDNN cannot pack {dtype} on this CPU")  # the plain layout is then what with_dtype keeps
+    linears = [m for m in packed.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is PackedLinear for m in linears)  # every block layer and the output layer
+    assert torch.equal(packed.transformer.wte.weight, plain.transformer.wte.weight)  # looked up as before
+    assert not any(p.requires_grad for p in packed.parameters())
+    ids = torch.randint(0, SMALL.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(packed(ids)[0].float(), plain(ids)[0].float(), atol=1e-4)
+    cfg = GenerationConfig(max_new_tokens=24, greedy=True, ignore_eos=True)
+    prompts = ["Москва", "Жили-были дед да баба"]
+    assert ([c.token_ids for c in generate(packed, tokenizer, prompts, cfg)]
+            == [c.token_ids for c in generate(plain, tokenizer, prompts, cfg)])
+
+
+def test_only_plain_cpu_float_models_are_packed(make_model):
+    int8 = quantize_int8(make_model(SMALL))
+    assert not packs(int8) and type(prepack(int8).lm_head) is Int8Linear  # int8 has its own kernel
+    assert not packs(make_model(SMALL).half())
+
+
+def test_lora_adapter_runs_on_a_packed_base(make_model):
+    base = prepack(make_model(SMALL))
+    ids = torch.randint(0, SMALL.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = base(ids)[0]
+    adapted = add_lora(base, LoraConfig(r=4, alpha=8, targets=["c_attn", "c_fc"]))
+    assert type(adapted.transformer.h[0].attn.c_attn.get_base_layer()) is PackedLinear
+    with torch.no_grad():
+        assert torch.equal(adapted(ids)[0], plain)  # B = 0: the base's output
+        for module in adapted.modules():
+            if hasattr(module, "lora_B"):
+                module.lora_B["default"].weight.normal_(0, 0.5)
+        assert not torch.allclose(adapted(ids)[0], plain, atol=1e-2)
 
 
 def _train(model, tokens: torch.Tensor, steps: int, seq_len: int = 64, batch: int = 8) -> None:

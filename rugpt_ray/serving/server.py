@@ -27,7 +27,7 @@ from rugpt_ray.constraints import Constraint, compile_constraint, token_table
 from rugpt_ray.errors import UserError
 from rugpt_ray.generation import GenerationConfig, RequestError, Transcript
 from rugpt_ray.lora import Adapter, base_fingerprint, check_base, load_adapter
-from rugpt_ray.quantization import with_dtype
+from rugpt_ray.quantization import prepack, with_dtype
 from rugpt_ray.serving import playground
 from rugpt_ray.serving.chat_completions import ChatChoices, ChatResponses
 from rugpt_ray.serving.completions import Choices, CompletionResponses, GenerateResponses
@@ -199,7 +199,7 @@ class RuGPTServer(playground.PlaygroundRoutes):
         model = load_model(self.cfg.models[name].path, device=self.cfg.device)
         if any(spec.base == name for spec in self.cfg.adapters.values()):
             self.fingerprints[name] = base_fingerprint(model)
-        return with_dtype(model, self.cfg.dtype)
+        return prepack(with_dtype(model, self.cfg.dtype))
 
     def _chat_template(self, name: str) -> str | None:
         """Base model `name`'s chat template: its checkpoint's own, else its `models:` entry's."""
