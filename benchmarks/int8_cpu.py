@@ -1,7 +1,8 @@
 """Batch-1 greedy decode on CPU with the weights in fp32, bf16 and int8 (weight-only): tokens/s and weight bytes.
 
-A ruGPT3Small-shaped model (12 x 768, 50264 rows) with random weights; each dtype decodes the same prompt for
-`--tokens` new tokens through the shared `Decoder` (`generate`), phases interleaved `--rounds` times so that
+A ruGPT3Small-shaped model (12 x 768, 50264 rows) with random weights, laid out as serving lays it out (`with_dtype`,
+then `prepack`: the float dtypes in oneDNN's packed layout, with an untied output layer); each dtype decodes the same
+prompt for `--tokens` new tokens through the shared `Decoder` (`generate`), phases interleaved `--rounds` times so that
 background load hits them alike. Reported per dtype: the range of tokens/s over rounds, and each round's ratio
 against bf16 (the int8 target is >= 1.6x).
 
@@ -21,7 +22,7 @@ import torch
 from rugpt_ray.config import ModelConfig, data_root
 from rugpt_ray.generation import GenerationConfig, generate
 from rugpt_ray.model import GPT
-from rugpt_ray.quantization import with_dtype
+from rugpt_ray.quantization import prepack, with_dtype
 from rugpt_ray.tokenizer import load_tokenizer
 
 SMALL = ModelConfig(n_layer=12, n_embd=768, n_head=12, n_positions=2048, vocab_size=50264)
@@ -30,9 +31,8 @@ PROMPT = "Александр Сергеевич Пушкин родился в"
 
 
 def weight_bytes(model: GPT) -> int:
-    """Bytes of every distinct tensor the model holds (a tied output layer counted once)."""
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Bytes of every tensor the model holds (`parameters()` yields a tied one once)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def tokens_per_s(model: GPT, tokenizer, tokens: int) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
     torch.manual_seed(0)
     tokenizer = load_tokenizer(str(data_root() / "tokenizer"))
     base = GPT(SMALL).eval()
-    models = {dtype: with_dtype(copy.deepcopy(base), dtype) for dtype in DTYPES}
+    models = {dtype: prepack(with_dtype(copy.deepcopy(base), dtype)) for dtype in DTYPES}
     rates: dict[str, list[float]] = {dtype: [] for dtype in DTYPES}
     with torch.inference_mode():
         for _ in range(args.rounds):

@@ -5,8 +5,10 @@ exported to HF and converted to GGUF (f32 and bf16) with llama.cpp's converter (
 part alternated `--rounds` times so that background load hits every side alike:
 
 - engines, greedy, `--engine-tokens` new tokens after an 8-token prompt, every thread the machine has: ours
-  (`generate`, fp32 and bf16, 1 and 16 sequences) against `llama-bench` (1 sequence) and `llama-batched-bench`
-  (16 sequences), aggregate tokens/s;
+  (`generate` on the weights as `rugpt-ray serve` lays them out: `prepack`, fp32 and bf16, 1 and 16 sequences)
+  against `llama-bench` (1 sequence) and `llama-batched-bench` (16 sequences), aggregate tokens/s;
+- the batch-1 floor, in each round: the bytes of weights a decode step reads over this machine's read bandwidth
+  (a sum over 1 GiB, best of 5), the fastest any engine could decode one sequence;
 - HTTP servers, both up at once on 127.0.0.1 (the idle one costs its background loop): `rugpt-ray serve` (Ray
   Serve, fp32) and `llama-server` (f32 GGUF, 16 slots), streamed greedy and sampled `/v1/completions` of
   `--max-tokens` tokens from 1 and from `--clients` closed-loop clients (benchmarks/serve_load.py's load):
@@ -44,7 +46,7 @@ from rugpt_ray.checkpoints import export_hf, save_native  # noqa: E402
 from rugpt_ray.config import ModelConfig, data_root  # noqa: E402
 from rugpt_ray.generation import GenerationConfig, generate  # noqa: E402
 from rugpt_ray.model import GPT  # noqa: E402
-from rugpt_ray.quantization import with_dtype  # noqa: E402
+from rugpt_ray.quantization import prepack, with_dtype  # noqa: E402
 from rugpt_ray.tokenizer import load_tokenizer  # noqa: E402
 
 SMALL = ModelConfig(n_layer=12, n_embd=768, n_head=12, n_positions=2048, vocab_size=50264)
@@ -122,12 +124,36 @@ def save_models(scratch: Path, tokenizer_dir: Path, llama: Path | None, peers: P
     return model, native, ggufs
 
 
+def read_bandwidth() -> float:
+    """Bytes per second this machine reads from memory on every thread: a sum over 1 GiB of float32, far past any
+    cache, best of 5."""
+    data, best = torch.ones(1 << 28), 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = max(best, data.numel() * data.element_size() / (time.perf_counter() - start))
+    return best
+
+
+def weight_bytes_per_token(model: GPT) -> int:
+    """Bytes of weights one decode step reads: every block's, the last LayerNorm's and the output layer's (the
+    embeddings are looked up, one row per token)."""
+    read = [*model.transformer.h.parameters(), *model.transformer.ln_f.parameters(), model.lm_head.weight]
+    return sum(t.numel() * t.element_size() for t in read)
+
+
 def measure_engines(model: GPT, tokenizer, llama: Path | None, ggufs: dict, args, loads: list) -> dict:
-    """Aggregate tokens/s per engine, dtype and sequence count, one figure per round."""
-    models = {"fp32": model, "bf16": with_dtype(copy.deepcopy(model), "bfloat16")}
+    """Aggregate tokens/s per engine, dtype and sequence count, and the batch-1 floor per dtype, one figure per
+    round."""
+    plain = {"fp32": model, "bf16": with_dtype(copy.deepcopy(model), "bfloat16")}
+    weights = {dtype: weight_bytes_per_token(m) for dtype, m in plain.items()}
+    models = {dtype: prepack(copy.deepcopy(m)) for dtype, m in plain.items()}
     engine: dict[str, list[float]] = {}
-    ours_engine(model, tokenizer, 1, 8)  # warm-up
+    ours_engine(models["fp32"], tokenizer, 1, 8)  # warm-up
     for _ in range(args.rounds):
+        bandwidth = read_bandwidth()
+        for dtype, size in weights.items():
+            engine.setdefault(f"floor {dtype}, 1 seq", []).append(bandwidth / size)
         for rows in (1, args.clients):
             for dtype, gguf in (("fp32", "f32"), ("bf16", "bf16")):
                 engine.setdefault(f"rugpt-ray {dtype}, {rows} seq", []).append(
@@ -213,6 +239,12 @@ def main() -> None:
     print(f"engines, greedy, {args.engine_tokens} new tokens (aggregate tokens/s):")
     for key, values in engine.items():
         print(f"  {key}: {min(values):.1f}-{max(values):.1f}")
+    for dtype in ("fp32", "bf16"):  # per round: a side's batch-1 speed over that round's floor
+        floor = engine[f"floor {dtype}, 1 seq"]
+        for side in ("rugpt-ray", "llama.cpp"):
+            if got := engine.get(f"{side} {dtype}, 1 seq"):
+                ratios = ", ".join(f"{g / f:.2f}" for g, f in zip(got, floor, strict=True))
+                print(f"  {side} {dtype}, 1 seq / floor, per round: {ratios}")
     print(f"HTTP, streamed /v1/completions of {args.max_tokens} tokens (requests/s, tokens/s, TTFT p50):")
     for key, runs in http.items():
         print(f"  {key}: {min(r['requests_per_s'] for r in runs):.2f}-{max(r['requests_per_s'] for r in runs):.2f} "

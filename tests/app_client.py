@@ -30,13 +30,15 @@ def serve_port() -> int:
 
 @contextmanager
 def app_client(cfg: ServeConfig, name: str, **server_options: Any) -> Iterator[httpx.Client]:
-    """`server_options`: Serve deployment options of the model server (see `serve_app`)."""
+    """`server_options`: Serve deployment options of the model server (see `serve_app`). Its replica reserves one
+    CPU unless they say otherwise (not the node's two): another module's app or run may share the test Ray."""
     from ray import serve
 
     from rugpt_ray.serving.app import serve_app
 
     port = serve_port()
-    serve.run(serve_app(cfg, **server_options), name=name, route_prefix="/")
+    actor = {"num_cpus": 1, **server_options.pop("ray_actor_options", {})}
+    serve.run(serve_app(cfg, ray_actor_options=actor, **server_options), name=name, route_prefix="/")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             yield client

@@ -195,11 +195,14 @@ def test_convert_seed_checkpoint_with_deepspeed_json(tmp_path, make_model, cli):
     (["convert", "{seed}", "{tmp}/out", "--to", "native", "--n-head", "4", "--preset", "xl"], "preset xl has"),
     (["info", "{seed}", "--n-head", "4", "--sparse-config", "{tmp}/bad.json"], "num_local_blocks"),
     (["serve", "--model", "{tiny}"], "serve: give --model and --tokenizer, or --config FILE"),
+    (["serve", "--model", "{tiny}", "--tokenizer", "{tiny}", "--num-cpus", "0"], "serve: --num-cpus 0: must be "
+                                                                                   "positive"),
     (["serve", "--config", "{tmp}/missing.yaml"], "--config {tmp}/missing.yaml: [Errno 2] No such file"),
     (["serve", "--config", "{repo}/serve_configs/gpu.yaml"], "RuGPTServer runs one replica here (num_replicas 1, "
                                                              "no autoscaling_config); a config with more is for a "
                                                              "cluster: serve deploy"),
     (["serve", "--config", "{repo}/serve_configs/local.yaml", "--model", "{tiny}"], "drop --model, --adapter and"),
+    (["serve", "--config", "{repo}/serve_configs/local.yaml", "--num-cpus", "1"], "drop --num-cpus"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, sparse_dir, make_model, cli):
     """In this process (`cli`): test_a_bad_input_ends_the_process_with_exit_2_and_one_line checks what the real

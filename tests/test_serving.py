@@ -123,7 +123,9 @@ def test_health_models_and_stats(server):
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == ["tiny", "dense", "tiny2"]
     assert all(m["object"] == "model" and isinstance(m["created"], int) for m in models["data"])
-    assert "tiny" in server.get("/stats").json()["models"]  # the default model is loaded before traffic
+    stats = server.get("/stats").json()
+    assert "tiny" in stats["models"]  # the default model is loaded before traffic
+    assert stats["torch_threads"] == 1  # its replica reserves one CPU (app_client's default)
 
 
 def test_generate_equals_direct_generation(server, direct, local_models, tokenizer):
@@ -788,6 +790,9 @@ def test_serve_run_local_yaml(tmp_path, checkpoints, data_dir):
         chat = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
             "model": "demo", "messages": [{"role": "user", "content": "Привет"}], "max_tokens": 5})
         assert chat.status_code == 200 and chat.json()["object"] == "chat.completion", chat.text  # its template
+        # the config reserves no CPUs: the replica takes every CPU of the machine, and decodes on as many threads
+        stats = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=60).json()
+        assert stats["torch_threads"] == len(os.sched_getaffinity(0)), stats
     finally:
         stop_server(proc)
 

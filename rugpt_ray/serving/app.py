@@ -8,8 +8,10 @@ Serve's proxy would cut it silently (ray#47219). That costs an actor hop per req
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import ray
 from ray.serve import Application
 
 from rugpt_ray.serving.config import ServeConfig
@@ -25,10 +27,21 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
 def serve_app(cfg: ServeConfig, **server_options: Any) -> Application:
     """The router in front of the model servers. Model paths are resolved here (env vars, globs), so every
     replica loads the same checkpoint. `server_options` are Serve deployment options of `RuGPTServer`, as a Serve
-    config's `deployments:` entry for it sets them, for apps built in Python."""
+    config's `deployments:` entry for it sets them, for apps built in Python; its replicas reserve `node_cpus()`
+    unless their `ray_actor_options` name `num_cpus`."""
     cfg = cfg.resolved()
+    actor = {"num_cpus": node_cpus(), **server_options.pop("ray_actor_options", {})}
     server = RuGPTServer.options(**{"max_ongoing_requests": cfg.max_ongoing_requests,
                                     "max_queued_requests": cfg.max_queued_requests,
                                     "backpressure_config": {"retry_after_s": cfg.retry_after_s},
-                                    **server_options}).bind(cfg)
+                                    "ray_actor_options": actor, **server_options}).bind(cfg)
     return RuGPTRouter.bind(server, cfg)
+
+
+def node_cpus() -> float:
+    """What a model server replica reserves unless its `ray_actor_options` say otherwise: every CPU of the largest
+    node of the Ray cluster this process is connected to, or of this machine when it is not connected yet (the
+    local Ray that `rugpt-ray serve` starts gets them all). The replica decodes on as many torch threads."""
+    if ray.is_initialized():
+        return max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
+    return len(os.sched_getaffinity(0))

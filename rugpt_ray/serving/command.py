@@ -67,9 +67,12 @@ class ServeRun:
 
 
 def run_from_flags(args: argparse.Namespace) -> ServeRun:
-    """The quick case: the flags are ServeConfig's fields (`--request-timeout` is request_timeout_s)."""
+    """The quick case: the flags are ServeConfig's fields (`--request-timeout` is request_timeout_s), and
+    `--num-cpus` the server replica's reservation (default: `node_cpus()`)."""
     if not args.model or not args.tokenizer:
         raise UserError("serve: give --model and --tokenizer, or --config FILE")
+    if args.num_cpus is not None and args.num_cpus <= 0:
+        raise UserError(f"serve: --num-cpus {args.num_cpus:g}: must be positive")
     models = parse_named("--model", args.model)
     adapters = {name: {"path": path} for name, path in parse_named("--adapter", args.adapter, models).items()}
     cfg = ServeConfig.from_dict(dict(
@@ -77,7 +80,8 @@ def run_from_flags(args: argparse.Namespace) -> ServeRun:
         max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens,
         request_timeout_s=args.request_timeout, api_key_env=args.api_key_env,
         shutdown_grace_s=args.shutdown_grace), where="serve")
-    return ServeRun(cfg, args.host or "127.0.0.1", args.port or 8000)
+    options = {} if args.num_cpus is None else {"ray_actor_options": {"num_cpus": args.num_cpus}}
+    return ServeRun(cfg, args.host or "127.0.0.1", args.port or 8000, options)
 
 
 def run_from_file(path: str, args: argparse.Namespace) -> ServeRun:
@@ -91,6 +95,9 @@ def run_from_file(path: str, args: argparse.Namespace) -> ServeRun:
     if args.model or args.adapter or args.tokenizer:
         raise UserError(f"{where}: the models and the tokenizer come from the file; drop --model, --adapter and "
                         "--tokenizer")
+    if args.num_cpus is not None:
+        raise UserError(f"{where}: the server's CPUs come from the file (its RuGPTServer entry's "
+                        "ray_actor_options.num_cpus; none: every CPU); drop --num-cpus")
     try:
         schema = ServeDeploySchema.model_validate(yaml.safe_load(Path(path).read_text(encoding="utf-8")))
     except (OSError, yaml.YAMLError) as e:

@@ -94,7 +94,8 @@ GENERATING = (*BODY_ERRORS, 504)
 OPERATIONS = {
     ("/healthz", "get"): Operation(None, {"type": "object", "required": ["status"],
                                           "properties": {"status": {"const": "ok"}}}, secured=False),
-    ("/stats", "get"): Operation(None, {"type": "object", "required": ["models"], "properties": {"models": OBJECT}}),
+    ("/stats", "get"): Operation(None, {"type": "object", "required": ["models", "torch_threads"],
+                                        "properties": {"models": OBJECT, "torch_threads": {"type": "integer"}}}),
     ("/v1/models", "get"): Operation(None, MODELS),
     ("/tokenizer_info", "get"): Operation(None, OBJECT, errors=(404,)),
     ("/tokenize", "post"): Operation(TokenizeRequest, TOKENS, errors=BODY_ERRORS),

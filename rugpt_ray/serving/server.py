@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from importlib.metadata import version
 from typing import Any, ClassVar
 
+import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -141,6 +142,12 @@ app.add_middleware(StopGate)
 app.include_router(playground.router)  # the page at / (playground.py)
 
 
+def reserved_threads() -> int:
+    """The torch threads of this replica: the CPUs it reserves (Ray's `num_cpus`), at least one. Said here rather
+    than left to Ray's OMP_NUM_THREADS, which only a fresh process reads."""
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0)))
+
+
 @serve.deployment(name="RuGPTServer")
 @serve.ingress(app)
 class RuGPTServer(playground.PlaygroundRoutes):
@@ -148,6 +155,7 @@ class RuGPTServer(playground.PlaygroundRoutes):
 
     async def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
+        torch.set_num_threads(reserved_threads())
         self.api_key = None
         if cfg.api_key_env:
             self.api_key = os.environ.get(cfg.api_key_env)
@@ -347,10 +355,11 @@ class RuGPTServer(playground.PlaygroundRoutes):
     @app.get("/stats")
     async def stats(self, request: Request) -> dict[str, Any]:
         """Batching counters of the bases loaded in the replica that answers (see `EngineStats`), with the
-        adapters it keeps on each."""
+        adapters it keeps on each, and the torch threads it decodes on."""
         self._authorize(request)
         return {"models": {name: {**engine.stats.as_dict(), "adapters": engine.kept_adapters}
-                           for name, engine in list(self.engines.items())}}
+                           for name, engine in list(self.engines.items())},
+                "torch_threads": torch.get_num_threads()}
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
