@@ -9,10 +9,10 @@ part alternated `--rounds` times so that background load hits every side alike:
   against `llama-bench` (1 sequence) and `llama-batched-bench` (16 sequences), aggregate tokens/s;
 - the batch-1 floor, in each round: the bytes of weights a decode step reads over this machine's read bandwidth
   (a sum over 1 GiB, best of 5), the fastest any engine could decode one sequence;
-- HTTP servers, both up at once on 127.0.0.1 (the idle one costs its background loop): `rugpt-ray serve` (Ray
-  Serve, fp32) and `llama-server` (f32 GGUF, 16 slots), streamed greedy and sampled `/v1/completions` of
-  `--max-tokens` tokens from 1 and from `--clients` closed-loop clients (benchmarks/serve_load.py's load):
-  requests/s, tokens/s and time to first token.
+- HTTP servers, all up at once on 127.0.0.1 (an idle one costs its background loop): `rugpt-ray serve` (Ray
+  Serve, fp32, every CPU), through its router and with `--ingress direct`, and `llama-server` (f32 GGUF, 16
+  slots), streamed greedy and sampled `/v1/completions` of `--max-tokens` tokens from 1 and from `--clients`
+  closed-loop clients (benchmarks/serve_load.py's load): requests/s, tokens/s and time to first token.
 
 Peers come from benchmarks/peers_setup.sh's PEERS_DIR/peers.env; a peer that is not there is reported as not
 measured, and the rest still runs. vLLM's CPU build (also set up there) is not driven yet.
@@ -168,9 +168,10 @@ def measure_engines(model: GPT, tokenizer, llama: Path | None, ggufs: dict, args
 def start_servers(scratch: Path, native: Path, tokenizer_dir: Path, llama: Path | None, ggufs: dict, clients: int,
                   processes: list) -> dict[str, tuple[str, str]]:
     """Both servers on 127.0.0.1, ready: name -> (URL, served model name); `processes` gets them to stop."""
-    commands = {"rugpt-ray serve": ([sys.executable, "-m", "rugpt_ray.cli", "serve", "--model", f"small={native}",
-                                     "--tokenizer", str(tokenizer_dir), "--max-batch-size", str(2 * clients),
-                                     "--port"], "/healthz")}
+    ours = [sys.executable, "-m", "rugpt_ray.cli", "serve", "--model", f"small={native}", "--tokenizer",
+            str(tokenizer_dir), "--max-batch-size", str(2 * clients)]
+    commands = {"rugpt-ray serve": ([*ours, "--port"], "/healthz"),
+                "rugpt-ray serve --ingress direct": ([*ours, "--ingress", "direct", "--port"], "/healthz")}
     if llama:
         commands["llama-server"] = ([str(llama / "llama-server"), "-m", str(ggufs["f32"]), "--host", "127.0.0.1",
                                      "-t", str(THREADS), "-np", str(clients), "-c", str(clients * 256), "--port"],

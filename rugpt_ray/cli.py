@@ -331,6 +331,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together per model")
     p.add_argument("--num-cpus", type=float, metavar="N", help="CPUs the model server reserves, and so its torch "
                    "threads (default: every CPU of this machine)")
+    p.add_argument("--ingress", choices=("router", "direct"), default="router",
+                   help="what takes HTTP requests: a router in front of the model server (default), or the server "
+                        "itself: faster, but a lost replica cuts its streams without an error event")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens one request may ask for")
     p.add_argument("--request-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="stop a generation after this long (504, or an error event when streaming)")

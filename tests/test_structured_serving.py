@@ -50,13 +50,21 @@ def checkpoints(tmp_path_factory, make_model, make_adapter) -> dict:
 
 @pytest.fixture(scope="module")
 def server(ray_local, checkpoints, data_dir):
+    """The model server as its own ingress (`ingress: direct`), so that every test here goes that way too."""
     cfg = ServeConfig.from_dict({
         "models": {"base": str(checkpoints["base"])},
         "adapters": {"tuned": {"path": str(checkpoints["tuned"]), "base": "base"}},
         "tokenizer": str(data_dir / "tokenizer"), "max_new_tokens": 300, "max_n": 4,
-        "grammar_compile_timeout_s": COMPILE_LIMIT_S})
+        "grammar_compile_timeout_s": COMPILE_LIMIT_S, "ingress": "direct"})
     with app_client(cfg, "structured") as client:
         yield client
+
+
+def test_a_direct_ingress_app_is_the_model_server_alone(server):
+    from ray import serve
+
+    assert set(serve.status().applications["structured"].deployments) == {"RuGPTServer"}
+    assert server.get("/healthz").json() == {"status": "ok"}
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@ in Python with deployment options.
 
 The app is two deployments, `RuGPTRouter` (router.py) in front of `RuGPTServer` (server.py), even for one served
 name: from outside the replicas the router sees one die, and retries or ends the stream with an error event, where
-Serve's proxy would cut it silently (ray#47219). That costs an actor hop per request and streamed chunk.
+Serve's proxy would cut it silently (ray#47219). That costs an actor hop per request and streamed chunk, which
+`ingress: direct` saves by making the server its own ingress.
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
 
 
 def serve_app(cfg: ServeConfig, **server_options: Any) -> Application:
-    """The router in front of the model servers. Model paths are resolved here (env vars, globs), so every
-    replica loads the same checkpoint. `server_options` are Serve deployment options of `RuGPTServer`, as a Serve
-    config's `deployments:` entry for it sets them, for apps built in Python; its replicas reserve `node_cpus()`
-    unless their `ray_actor_options` name `num_cpus`."""
+    """The router in front of the model servers, or the model server alone (`ingress: direct`). Model paths are
+    resolved here (env vars, globs), so every replica loads the same checkpoint. `server_options` are Serve
+    deployment options of `RuGPTServer`, as a Serve config's `deployments:` entry for it sets them, for apps built
+    in Python; its replicas reserve `node_cpus()` unless their `ray_actor_options` name `num_cpus`."""
     cfg = cfg.resolved()
     actor = {"num_cpus": node_cpus(), **server_options.pop("ray_actor_options", {})}
     server = RuGPTServer.options(**{"max_ongoing_requests": cfg.max_ongoing_requests,
                                     "max_queued_requests": cfg.max_queued_requests,
                                     "backpressure_config": {"retry_after_s": cfg.retry_after_s},
                                     "ray_actor_options": actor, **server_options}).bind(cfg)
-    return RuGPTRouter.bind(server, cfg)
+    return server if cfg.ingress == "direct" else RuGPTRouter.bind(server, cfg)
 
 
 def node_cpus() -> float:

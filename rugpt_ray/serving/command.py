@@ -79,7 +79,7 @@ def run_from_flags(args: argparse.Namespace) -> ServeRun:
         models=models, adapters=adapters, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
         max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens,
         request_timeout_s=args.request_timeout, api_key_env=args.api_key_env,
-        shutdown_grace_s=args.shutdown_grace), where="serve")
+        shutdown_grace_s=args.shutdown_grace, ingress=args.ingress), where="serve")
     options = {} if args.num_cpus is None else {"ray_actor_options": {"num_cpus": args.num_cpus}}
     return ServeRun(cfg, args.host or "127.0.0.1", args.port or 8000, options)
 
