@@ -1,7 +1,7 @@
 """In-process serving engine throughput: one client at a time vs N concurrent clients, no Ray, no HTTP.
 
 The same `BatchEngine` the Serve replica runs, on the same freshly initialised `tiny` model as
-`serve_load.py` and one torch thread (as the replica has), so the ratio shows what batching itself buys
+`serve_load.py`, packed and on every core (as the replica runs it), so the ratio shows what batching itself buys
 without the proxy and the load generator competing for the cores. Each client is a closed loop of requests
 for `--duration` seconds; phases alternate `--rounds` times so that background load hits both alike.
 Modes: sampled (temperature 1, top_p 0.9) and greedy.
@@ -25,6 +25,7 @@ import torch
 from rugpt_ray.config import data_root, preset
 from rugpt_ray.generation import GenerationConfig
 from rugpt_ray.model import GPT
+from rugpt_ray.quantization import prepack
 from rugpt_ray.serving.engine import BatchEngine
 from rugpt_ray.tokenizer import load_tokenizer
 
@@ -65,14 +66,15 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 
-    torch.set_num_threads(1)
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(data_root() / "tokenizer")
-    engine = BatchEngine(GPT(preset("tiny")), tokenizer, max_batch_size=32)
+    engine = BatchEngine(prepack(GPT(preset("tiny"))), tokenizer, max_batch_size=32)
     prompts = tokenizer.encode_batch(PROMPTS)
     with open("/proc/loadavg") as f:
         load_before = float(f.read().split()[0])
-    results = {"threads": 1, "clients": args.clients, "max_tokens": args.max_tokens, "modes": {}}
+    results = {"threads": threads, "clients": args.clients, "max_tokens": args.max_tokens, "modes": {}}
     for mode, base in MODES.items():
         cfg = dataclasses.replace(base, max_new_tokens=args.max_tokens)
         asyncio.run(load(engine, prompts, cfg, 2, 1.0))  # warm-up

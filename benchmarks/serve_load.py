@@ -169,6 +169,7 @@ def main() -> None:
     from rugpt_ray.generation import GenerationConfig
     from rugpt_ray.lora import add_lora, base_reference, save_adapter
     from rugpt_ray.model import GPT
+    from rugpt_ray.quantization import prepack
     from rugpt_ray.serving import ServeConfig
     from rugpt_ray.serving.app import build_app
     from rugpt_ray.serving.engine import BatchEngine
@@ -193,9 +194,9 @@ def main() -> None:
                                     stream_interval_s=args.stream_interval)),
               name="bench", route_prefix="/")
 
-    torch.set_num_threads(1)  # as the replica has (num_cpus=1)
+    torch.set_num_threads(2)  # as the replica has: it reserves the node's 2 CPUs
     tokenizer = load_tokenizer(args.tokenizer)
-    engine = BatchEngine(load_model(model_dir), tokenizer)
+    engine = BatchEngine(prepack(load_model(model_dir)), tokenizer)
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[0]
     results = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "router": args.with_adapter,
