@@ -94,8 +94,8 @@ def main() -> None:
     with open("/proc/loadavg") as f:
         results["load_average_before_after"] = [load_before, float(f.read().split()[0])]
 
-    print(f"\n{os.cpu_count()} cores, load average {results['load_average_before_after']}; tiny model, 1 thread, "
-          f"{args.max_tokens} new tokens, {args.rounds} x {args.duration:g} s per phase")
+    print(f"\n{os.cpu_count()} cores, load average {results['load_average_before_after']}; tiny model, "
+          f"{threads} threads, {args.max_tokens} new tokens, {args.rounds} x {args.duration:g} s per phase")
     for mode, r in results["modes"].items():
         print(f"{mode}: 1 client {r[1]['requests_per_s']:.1f} req/s ({r[1]['tokens_per_s']:.0f} tok/s), "
               f"{args.clients} clients {r[args.clients]['requests_per_s']:.1f} req/s "

@@ -1,7 +1,8 @@
 """CPU benchmark: this model vs stock `GPT2LMHeadModel` on the same config, weights and batch.
 
 Measures (1) a forward+backward training step and (2) greedy generation ms/token (ours: KV cache through
-`rugpt_ray.generate`; HF: `generate` in eager mode). Runs alternate between the two so that load on the
+`rugpt_ray.generate`, on the weights as `rugpt-ray generate` lays them out: `prepack`; HF: `generate` in eager
+mode). Runs alternate between the two so that load on the
 machine hits both alike; the medians' ratio is what is reported. Prints a table last and writes JSON.
 
     python benchmarks/model_cpu.py [--out bench.json] [--quick]
@@ -24,6 +25,7 @@ from rugpt_ray.checkpoints import export_hf
 from rugpt_ray.config import ModelConfig, data_root
 from rugpt_ray.generation import GenerationConfig, stream
 from rugpt_ray.model import GPT
+from rugpt_ray.quantization import prepack
 from rugpt_ray.tokenizer import load_tokenizer
 
 
@@ -75,7 +77,7 @@ def main() -> None:
     ours.train()
     hf.train()
     step = interleaved({"ours": step_ours, "hf": step_hf}, repeats)
-    ours.eval()
+    ours = prepack(ours.eval())  # its training steps are done
     hf.eval()
 
     prompt = ids[:1, :prompt_len]

@@ -116,9 +116,10 @@ def mask_logits(logits: np.ndarray, rows: list[int], bitmask: np.ndarray) -> Non
     if len(sparse):
         r, w = np.nonzero(bitmask[sparse])
         k, b = np.nonzero((bitmask[sparse[r], w][:, None] >> _BITS) & 1)
-        index = np.asarray(rows)[sparse[r[k]]], w[k] * 32 + b
+        sparse_rows = np.asarray(rows)[sparse]
+        index = sparse_rows[r[k]], w[k] * 32 + b
         kept = logits[index]
-        logits[np.asarray(rows)[sparse]] = -np.inf
+        logits[sparse_rows] = -np.inf
         logits[index] = kept
     for j in np.flatnonzero(counts > vocab_rows * SPARSE_MASK):
         np.copyto(logits[rows[j]], -np.inf, where=blocked_tokens(bitmask[j:j + 1], vocab_rows)[0].numpy())

@@ -13,6 +13,8 @@ it is a third of ruGPT3Small's bytes, and the embedding is only looked up, one r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +22,10 @@ from rugpt_ray.config import DTYPES
 from rugpt_ray.errors import UserError
 from rugpt_ray.model import GPT
 
+PACK_MIN_WEIGHTS = 1 << 18
+"""A Linear with fewer weights stays plain when a model is packed: oneDNN's call then costs more than the product
+(the tiny preset's 64-wide layers decoded one sequence at 0.75-0.9x packed; its output layer gains, and 512-wide
+layers have this many)."""
 INT8_ACTIVATIONS = torch.bfloat16
 """The activations' dtype of an int8 model: the int8 kernel's fast path on CPU (with fp32 inputs it is several
 times slower than an fp32 matmul)."""
@@ -87,14 +93,19 @@ def quantize_int8(model: GPT) -> GPT:
 
 
 def prepack(model: GPT) -> GPT:
-    """`model` laid out for inference, in place: its Linears made `PackedLinear`s where oneDNN can (`packs`); any
-    other model (on a GPU, float16, int8) as it is. Not for a model that will be trained or saved."""
-    return _swap_linears(model, PackedLinear) if packs(model) else model
+    """`model` laid out for inference, in place: its Linears of at least `PACK_MIN_WEIGHTS` weights made
+    `PackedLinear`s where oneDNN can (`packs`); any other model (on a GPU, float16, int8) as it is. Not for a model
+    that will be trained or saved."""
+    if not packs(model):
+        return model
+    return _swap_linears(model, lambda linear: PackedLinear(linear) if linear.weight.numel() >= PACK_MIN_WEIGHTS
+                         else linear)
 
 
-def _swap_linears(model: GPT, layer: type[nn.Linear]) -> GPT:
-    """`model`, frozen, with every plain `nn.Linear` of its blocks and its output layer made a `layer`. The output
-    layer is untied from the token embedding, which stays as it is: it is only looked up, one row per token."""
+def _swap_linears(model: GPT, layer: Callable[[nn.Linear], nn.Linear]) -> GPT:
+    """`model`, frozen, with every plain `nn.Linear` of its blocks and its output layer replaced by `layer(it)`. An
+    output layer replaced is untied from the token embedding, which stays as it is: it is only looked up, one row
+    per token."""
     for name, module in list(model.transformer.h.named_modules()):
         if type(module) is nn.Linear:
             parent, _, child = name.rpartition(".")

@@ -28,6 +28,7 @@ from rugpt_ray.quantization import (
 )
 
 SMALL = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
+WIDE = ModelConfig(n_layer=2, n_embd=512, n_head=8, n_positions=128, vocab_size=50257)  # 512 x 512 = PACK_MIN_WEIGHTS
 
 
 def test_int8_linear_is_round_to_nearest_per_channel_and_multiplies_exactly():
@@ -83,7 +84,7 @@ def test_packed_linear_computes_the_plain_layers_product(dtype, tolerance):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_packed_model_decodes_the_plain_models_greedy_tokens(make_model, tokenizer, dtype):
-    model = make_model(SMALL)
+    model = make_model(WIDE)
     plain = copy.deepcopy(model).to(getattr(torch, dtype))
     packed = prepack(with_dtype(copy.deepcopy(model), dtype))
     if not packs(plain):
@@ -92,13 +93,20 @@ def test_packed_model_decodes_the_plain_models_greedy_tokens(make_model, tokeniz
     assert linears and all(type(m) is PackedLinear for m in linears)  # every block layer and the output layer
     assert torch.equal(packed.transformer.wte.weight, plain.transformer.wte.weight)  # looked up as before
     assert not any(p.requires_grad for p in packed.parameters())
-    ids = torch.randint(0, SMALL.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, WIDE.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert torch.allclose(packed(ids)[0].float(), plain(ids)[0].float(), atol=1e-4)
+        assert torch.allclose(packed(ids)[0].float(), plain(ids)[0].float(), atol=1e-3)  # logits up to ~11 here
     cfg = GenerationConfig(max_new_tokens=24, greedy=True, ignore_eos=True)
     prompts = ["Москва", "Жили-были дед да баба"]
     assert ([c.token_ids for c in generate(packed, tokenizer, prompts, cfg)]
             == [c.token_ids for c in generate(plain, tokenizer, prompts, cfg)])
+
+
+def test_small_layers_stay_plain(make_model):
+    """64-wide layers cost oneDNN's call more than their product; the 50k-row output layer is packed."""
+    packed = prepack(make_model(SMALL))
+    assert type(packed.lm_head) is PackedLinear
+    assert all(type(m) is nn.Linear for m in packed.transformer.h.modules() if isinstance(m, nn.Linear))
 
 
 def test_only_plain_cpu_float_models_are_packed(make_model):
@@ -108,8 +116,8 @@ def test_only_plain_cpu_float_models_are_packed(make_model):
 
 
 def test_lora_adapter_runs_on_a_packed_base(make_model):
-    base = prepack(make_model(SMALL))
-    ids = torch.randint(0, SMALL.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    base = prepack(make_model(WIDE))
+    ids = torch.randint(0, WIDE.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         plain = base(ids)[0]
     adapted = add_lora(base, LoraConfig(r=4, alpha=8, targets=["c_attn", "c_fc"]))

@@ -143,8 +143,7 @@ app.include_router(playground.router)  # the page at / (playground.py)
 
 
 def reserved_threads() -> int:
-    """The torch threads of this replica: the CPUs it reserves (Ray's `num_cpus`), at least one. Said here rather
-    than left to Ray's OMP_NUM_THREADS, which only a fresh process reads."""
+    """The torch threads of this replica: the CPUs it reserves (Ray's `num_cpus`), at least one."""
     return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0)))
 
 
