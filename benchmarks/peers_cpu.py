@@ -1,4 +1,5 @@
-"""rugpt-ray against llama.cpp on the same weights, on this machine's CPU: the engines, then the HTTP servers.
+"""rugpt-ray against llama.cpp and vLLM on the same weights, on this machine's CPU: the engines, then the HTTP
+servers.
 
 A ruGPT3Small-shaped model (12 x 768, 50264 rows; random weights, so every run decodes the whole budget) is saved,
 exported to HF and converted to GGUF (f32 and bf16) with llama.cpp's converter (benchmarks/to_gguf.py). Then, each
@@ -6,16 +7,20 @@ part alternated `--rounds` times so that background load hits every side alike:
 
 - engines, greedy, `--engine-tokens` new tokens after an 8-token prompt, every thread the machine has: ours
   (`generate` on the weights as `rugpt-ray serve` lays them out: `prepack`, fp32 and bf16, 1 and 16 sequences)
-  against `llama-bench` (1 sequence) and `llama-batched-bench` (16 sequences), aggregate tokens/s;
+  against `llama-bench` (1 sequence), `llama-batched-bench` (16 sequences) and vLLM's `LLM.generate`,
+  aggregate tokens/s;
 - the batch-1 floor, in each round: the bytes of weights a decode step reads over this machine's read bandwidth
   (a sum over 1 GiB, best of 5), the fastest any engine could decode one sequence;
 - HTTP servers, all up at once on 127.0.0.1 (an idle one costs its background loop): `rugpt-ray serve` (Ray
-  Serve, fp32, every CPU), through its router and with `--ingress direct`, and `llama-server` (f32 GGUF, 16
-  slots), streamed greedy and sampled `/v1/completions` of `--max-tokens` tokens from 1 and from `--clients`
-  closed-loop clients (benchmarks/serve_load.py's load): requests/s, tokens/s and time to first token.
+  Serve, fp32, every CPU), through its router and with `--ingress direct`, `llama-server` (f32 GGUF, 16 slots)
+  and vLLM's OpenAI server (fp32); streamed greedy and sampled `/v1/completions` of `--max-tokens` tokens from 1
+  and from `--clients` closed-loop clients (benchmarks/serve_load.py's load): requests/s, tokens/s and time to
+  first token.
 
-Peers come from benchmarks/peers_setup.sh's PEERS_DIR/peers.env; a peer that is not there is reported as not
-measured, and the rest still runs. vLLM's CPU build (also set up there) is not driven yet.
+Peers come from benchmarks/peers_setup.sh's PEERS_DIR/peers.env; a peer that is not there (or does not start) is
+reported as not measured, and the rest still runs. vLLM's CPU build runs in its own venv: its offline engine
+through benchmarks/vllm_engine.py (fp32 and bf16, kept up across rounds), its OpenAI server on the HF folder
+(fp32).
 
     .venv/bin/python benchmarks/peers_cpu.py PEERS_DIR [--rounds 2] [--duration 8] [--out result.json]
 """
@@ -52,6 +57,8 @@ from rugpt_ray.tokenizer import load_tokenizer  # noqa: E402
 SMALL = ModelConfig(n_layer=12, n_embd=768, n_head=12, n_positions=2048, vocab_size=50264)
 PROMPT = "Александр Сергеевич Пушкин родился в"
 THREADS = os.cpu_count() or 1
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+"""vLLM's CPU KV cache, in GiB (its default, 4, is more than these runs use)."""
 
 
 def ours_engine(model: GPT, tokenizer, rows: int, tokens: int) -> float:
@@ -72,6 +79,36 @@ def llama_engine(binary: Path, gguf: Path, rows: int, tokens: int) -> float:
                           "-npp", "8", "-ntg", str(tokens), "-npl", str(rows), "-t", str(THREADS),
                           "--output-format", "jsonl"], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["speed_tg"]
+
+
+class VllmEngine:
+    """vLLM's offline engine in `dtype`, in its own venv's Python (benchmarks/vllm_engine.py), kept up across
+    rounds so that each measurement pays no start."""
+
+    def __init__(self, python: str, hf: Path, dtype: str, log: Path):
+        script = Path(__file__).with_name("vllm_engine.py")
+        with log.open("w") as stderr:
+            self.process = subprocess.Popen([python, str(script), str(hf), dtype, PROMPT], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                            env={**os.environ, **VLLM_ENV})
+        if self._line() != "ready":
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"vLLM ({dtype}) did not start: exit {self.process.poll()}: {' '.join(tail)}")
+
+    def tokens_per_s(self, rows: int, tokens: int) -> float:
+        self.process.stdin.write(f"{rows} {tokens}\n")
+        self.process.stdin.flush()
+        return float(self._line())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=120)
+
+    def _line(self) -> str:
+        while line := self.process.stdout.readline():  # vLLM's own prints come first
+            if line.strip() == "ready" or line.strip().replace(".", "", 1).isdigit():
+                return line.strip()
+        return ""
 
 
 def wait_for(url: str, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
@@ -110,8 +147,9 @@ async def warm_up(url: str, model: str, tokens: int) -> None:
         await one_request(client, {**request_body(model, tokens, False), "prompt": PROMPT})
 
 
-def save_models(scratch: Path, tokenizer_dir: Path, llama: Path | None, peers: Path) -> tuple[GPT, Path, dict]:
-    """The random model, its native folder, and its GGUF files per dtype (none without llama.cpp)."""
+def save_models(scratch: Path, tokenizer_dir: Path, llama: Path | None,
+                peers: Path) -> tuple[GPT, Path, Path, dict]:
+    """The random model, its native and HF folders, and its GGUF files per dtype (none without llama.cpp)."""
     torch.manual_seed(0)
     model = GPT(SMALL).eval()
     native = save_native(model, scratch / "native")
@@ -121,7 +159,7 @@ def save_models(scratch: Path, tokenizer_dir: Path, llama: Path | None, peers: P
         ggufs[dtype] = scratch / f"small-{dtype}.gguf"
         subprocess.run([sys.executable, str(Path(__file__).with_name("to_gguf.py")), str(peers), str(hf),
                         str(ggufs[dtype]), dtype], check=True, capture_output=True)
-    return model, native, ggufs
+    return model, native, hf, ggufs
 
 
 def read_bandwidth() -> float:
@@ -142,7 +180,8 @@ def weight_bytes_per_token(model: GPT) -> int:
     return sum(t.numel() * t.element_size() for t in read)
 
 
-def measure_engines(model: GPT, tokenizer, llama: Path | None, ggufs: dict, args, loads: list) -> dict:
+def measure_engines(model: GPT, tokenizer, llama: Path | None, ggufs: dict, vllm: dict[str, VllmEngine], args,
+                    loads: list) -> dict:
     """Aggregate tokens/s per engine, dtype and sequence count, and the batch-1 floor per dtype, one figure per
     round."""
     plain = {"fp32": model, "bf16": with_dtype(copy.deepcopy(model), "bfloat16")}
@@ -161,13 +200,16 @@ def measure_engines(model: GPT, tokenizer, llama: Path | None, ggufs: dict, args
                 if llama:
                     engine.setdefault(f"llama.cpp {dtype}, {rows} seq", []).append(
                         llama_engine(llama, ggufs[gguf], rows, args.engine_tokens))
+                if dtype in vllm:
+                    engine.setdefault(f"vLLM {dtype}, {rows} seq", []).append(
+                        vllm[dtype].tokens_per_s(rows, args.engine_tokens))
         loads.append(os.getloadavg()[0])
     return engine
 
 
-def start_servers(scratch: Path, native: Path, tokenizer_dir: Path, llama: Path | None, ggufs: dict, clients: int,
-                  processes: list) -> dict[str, tuple[str, str]]:
-    """Both servers on 127.0.0.1, ready: name -> (URL, served model name); `processes` gets them to stop."""
+def start_servers(scratch: Path, native: Path, hf: Path, tokenizer_dir: Path, llama: Path | None, ggufs: dict,
+                  vllm_python: str | None, clients: int, processes: list) -> dict[str, tuple[str, str]]:
+    """The servers on 127.0.0.1, ready: name -> (URL, served model name); `processes` gets them to stop."""
     ours = [sys.executable, "-m", "rugpt_ray.cli", "serve", "--model", f"small={native}", "--tokenizer",
             str(tokenizer_dir), "--max-batch-size", str(2 * clients)]
     commands = {"rugpt-ray serve": ([*ours, "--port"], "/healthz"),
@@ -176,11 +218,16 @@ def start_servers(scratch: Path, native: Path, tokenizer_dir: Path, llama: Path 
         commands["llama-server"] = ([str(llama / "llama-server"), "-m", str(ggufs["f32"]), "--host", "127.0.0.1",
                                      "-t", str(THREADS), "-np", str(clients), "-c", str(clients * 256), "--port"],
                                     "/health")
+    if vllm_python:
+        commands["vLLM serve"] = ([vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf),
+                                   "--served-model-name", "small", "--host", "127.0.0.1", "--dtype", "float32",
+                                   "--max-model-len", "512", "--port"], "/health")
     servers = {}
     for name, (command, health) in commands.items():
         port = free_port()
         with (scratch / f"{name}.log").open("w") as log:
-            processes.append(subprocess.Popen([*command, str(port)], stdout=log, stderr=subprocess.STDOUT))
+            processes.append(subprocess.Popen([*command, str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                              env={**os.environ, **VLLM_ENV}))
         wait_for(f"http://127.0.0.1:{port}{health}", processes[-1], name)
         servers[name] = (f"http://127.0.0.1:{port}", "small")
     return servers
@@ -214,7 +261,10 @@ def main() -> None:
     args = parser.parse_args()
     env = peers_env(args.peers)
     llama = Path(env["LLAMA_BIN"]) if "LLAMA_BIN" in env else None
+    vllm_python = env.get("VLLM_PYTHON")
     skipped = {} if llama else {"llama.cpp": f"{args.peers / 'peers.env'} names no LLAMA_BIN"}
+    if not vllm_python:
+        skipped["vLLM"] = f"{args.peers / 'peers.env'} names no VLLM_PYTHON"
     tokenizer_dir = data_root() / "tokenizer"
     tokenizer = load_tokenizer(tokenizer_dir)
     torch.set_num_threads(THREADS)
@@ -222,11 +272,21 @@ def main() -> None:
     processes: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="peers-cpu-") as tmp:
         scratch = Path(tmp)
-        model, native, ggufs = save_models(scratch, tokenizer_dir, llama, args.peers)
-        engine = measure_engines(model, tokenizer, llama, ggufs, args, loads)
+        model, native, hf, ggufs = save_models(scratch, tokenizer_dir, llama, args.peers)
+        vllm: dict[str, VllmEngine] = {}
         try:
-            http = measure_servers(start_servers(scratch, native, tokenizer_dir, llama, ggufs, args.clients,
-                                                 processes), args, loads)
+            for dtype, name in (("fp32", "float32"), ("bf16", "bfloat16")) if vllm_python else ():
+                try:
+                    vllm[dtype] = VllmEngine(vllm_python, hf, name, scratch / f"vllm-{dtype}.log")
+                except RuntimeError as e:
+                    skipped[f"vLLM engine {dtype}"] = str(e)
+            engine = measure_engines(model, tokenizer, llama, ggufs, vllm, args, loads)
+        finally:
+            for running in vllm.values():
+                running.close()
+        try:
+            http = measure_servers(start_servers(scratch, native, hf, tokenizer_dir, llama, ggufs, vllm_python,
+                                                 args.clients, processes), args, loads)
         finally:
             for process in processes:
                 process.terminate()
@@ -242,7 +302,7 @@ def main() -> None:
         print(f"  {key}: {min(values):.1f}-{max(values):.1f}")
     for dtype in ("fp32", "bf16"):  # per round: a side's batch-1 speed over that round's floor
         floor = engine[f"floor {dtype}, 1 seq"]
-        for side in ("rugpt-ray", "llama.cpp"):
+        for side in ("rugpt-ray", "llama.cpp", "vLLM"):
             if got := engine.get(f"{side} {dtype}, 1 seq"):
                 ratios = ", ".join(f"{g / f:.2f}" for g, f in zip(got, floor, strict=True))
                 print(f"  {side} {dtype}, 1 seq / floor, per round: {ratios}")

@@ -53,6 +53,17 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: (item.get_closest_marker("long") is None, item.get_closest_marker("slow") is None))
 
 
+@pytest.fixture(autouse=True)
+def functional_linear_kept():
+    """Each test finds `torch.nn.functional.linear` as torch has it: a ZeRO-3 DeepSpeed engine replaces it with its
+    own for the rest of the process ("This will persist unless manually reset"), whose bf16 rounding differs."""
+    import torch.nn.functional as F
+
+    linear = F.linear
+    yield
+    F.linear = linear
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = Path(os.environ.get("RUGPT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
