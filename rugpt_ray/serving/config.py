@@ -125,7 +125,7 @@ class ServeConfig(BaseModel):
     """What takes HTTP requests: `router`, a `RuGPTRouter` in front of the server replicas (it routes each request
     to a replica holding its model, and when a replica dies it retries a request that has sent nothing yet and ends
     a started stream with an error event); or `direct`, the model server replica itself, one actor hop less per
-    request and per streamed chunk (8-17 % more tokens/s for one client and 20-27 % for 16 here: README,
+    request and per streamed chunk (8-17 % more tokens/s for one client and 20-32 % for 16 here: README,
     Performance), for one replica: a replica lost mid-stream is then cut by Serve's proxy without an
     error event (ray#47219), and requests are not routed by model."""
 
