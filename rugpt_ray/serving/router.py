@@ -20,7 +20,6 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from rugpt_ray.serving.config import ServeConfig
 from rugpt_ray.serving.protocol import ApiError, read_body
-from rugpt_ray.serving.server import error_response
 from rugpt_ray.serving.streaming import DONE, sse
 
 logger = logging.getLogger("ray.serve")
@@ -68,7 +67,7 @@ class RuGPTRouter:
         try:
             body = await read_body(request.stream(), self.cfg.max_body_bytes)
         except ApiError as e:
-            return error_response(e)
+            return e.response()
         model = requested_model(request, body) or self.cfg.default_model
         scope: dict[str, Any] = {key: request.scope[key] for key in FORWARDED_SCOPE if key in request.scope}
         deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s
@@ -80,18 +79,18 @@ class RuGPTRouter:
                 async with asyncio.timeout_at(deadline if retried else None):
                     return await self._answer(call, retried, deadline)
             except BackPressureError:
-                return error_response(ApiError(503, "overloaded: every model server's queue is full; retry later",
-                                               kind="server_error", code="overloaded",
-                                               headers={"Retry-After": str(self.cfg.retry_after_s)}))
+                return ApiError(503, "overloaded: every model server's queue is full; retry later",
+                                kind="server_error", code="overloaded",
+                                headers={"Retry-After": str(self.cfg.retry_after_s)}).response()
             except RayActorError as e:  # nothing was sent to the client yet: Serve routes the retry elsewhere
                 call.cancel()
                 if retried:
-                    return error_response(replica_lost(e))
+                    return replica_lost(e).response()
                 logger.warning("model server replica lost before answering (%s): sending the request again", e)
                 retried = e
             except TimeoutError:
                 call.cancel()
-                return error_response(self._timed_out())
+                return self._timed_out().response()
 
     def _timed_out(self) -> ApiError:
         return ApiError(504, f"request timed out after {self.cfg.request_timeout_s} s (sent again after its "

@@ -102,13 +102,9 @@ class CorsWhenConfigured:
 app.add_middleware(CorsWhenConfigured)
 
 
-def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, error: ApiError) -> JSONResponse:
-    return error_response(error)
+    return error.response()
 
 
 class StopGate:
@@ -128,7 +124,7 @@ class StopGate:
         if StopGate.draining:
             refusal = ApiError(503, "the server is stopping; retry later", kind="server_error", code="stopping",
                                headers={"Retry-After": str(StopGate.retry_after_s)})
-            return await error_response(refusal)(scope, receive, send)
+            return await refusal.response()(scope, receive, send)
         StopGate.in_flight += 1
         try:
             await self.app(scope, receive, send)

@@ -6,10 +6,12 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from rugpt_ray.generation import TokenEvent, Transcript
 from rugpt_ray.serving.protocol import ApiError
+
+if TYPE_CHECKING:  # the router streams through here too, and needs no torch
+    from rugpt_ray.generation import TokenEvent, Transcript
 
 logger = logging.getLogger("ray.serve")
 DONE = "data: [DONE]\n\n"
