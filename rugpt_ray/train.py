@@ -687,6 +687,7 @@ def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None, start_fro
         ),
     )
     without_placement_group_cleaner(trainer)
+    os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_S)  # read by fit, passed on to the controller
     with (follow_progress(f"{run_dir}/{METRICS_FILE}", steps, cfg.tokens_per_step(), quiet=cfg.log_level == "warning"),
           _sigint_handler_restored()):
         result = trainer.fit()
@@ -697,6 +698,12 @@ def train(cfg: TrainConfig | TrainPlan, callbacks: list | None = None, start_fro
                         f"non-finite loss or gradient norm (skipped, not applied); the newest checkpoint is "
                         f"{checkpoint or 'none'}")
     return TrainResult(run_dir=run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}))
+
+
+CONTROLLER_POLL_ENV, CONTROLLER_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+"""How often Ray Train's controller polls its workers, unless the user set it. At Ray's 2 s a finished run took 8 s
+from its last step to `fit` returning (a tiny 20-step run here: 34 s in all); at 0.5 s, 1.7 s. Every run and every
+sweep trial paid it; a poll is one small call per worker."""
 
 
 def without_placement_group_cleaner(trainer) -> None:

@@ -18,7 +18,17 @@ from rugpt_ray.cli import main
 from rugpt_ray.config import TrainConfig, check_train_config, deepspeed_engine_config, load_train_config
 from rugpt_ray.errors import UserError
 from rugpt_ray.plotting import read_metrics
-from rugpt_ray.train import TRACE_ENV, WORKER_MALLOC, _MetricsLog, _worker_env, fingerprint, lr_at, train
+from rugpt_ray.train import (
+    CONTROLLER_POLL_ENV,
+    CONTROLLER_POLL_S,
+    TRACE_ENV,
+    WORKER_MALLOC,
+    _MetricsLog,
+    _worker_env,
+    fingerprint,
+    lr_at,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_XL_JSON = {  # the content of the seed's gpt3_xl_sparse_2048.json (= HF sberbank-ai/rugpt3xl)
@@ -227,7 +237,8 @@ def kill_a_train_worker_after(ready: Path, ray_dir: str,
 
 
 @pytest.mark.slow
-def test_seed_deepspeed_json_trains_the_sparse_model(tmp_path, prepared, ray_local):
+def test_seed_deepspeed_json_trains_the_sparse_model(tmp_path, prepared, ray_local, monkeypatch):
+    monkeypatch.delenv(CONTROLLER_POLL_ENV, raising=False)
     (tmp_path / "ds.json").write_text(json.dumps(SEED_XL_JSON))
     cfg = base(tmp_path, prepared, model={"sparse_mode": "alternating"}, num_workers=1, max_steps=4, save_interval=4,
                deepspeed_config=str(tmp_path / "ds.json"), precision="fp32")
@@ -246,6 +257,7 @@ def test_seed_deepspeed_json_trains_the_sparse_model(tmp_path, prepared, ray_loc
     trained = load_model(result.checkpoint)
     assert trained.config.sparse_attention["num_local_blocks"] == 8 and trained.config.is_sparse_layer(0)
     assert [r["step"] for r in metrics(result.run_dir)][-1] == 4
+    assert os.environ[CONTROLLER_POLL_ENV] == CONTROLLER_POLL_S  # what fit passed on to Train's controller
 
 
 def test_recipes_load_and_check():
