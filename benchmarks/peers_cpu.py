@@ -5,24 +5,27 @@ A ruGPT3Small-shaped model (12 x 768, 50264 rows; random weights, so every run d
 exported to HF and converted to GGUF (f32 and bf16) with llama.cpp's converter (benchmarks/to_gguf.py). Then, each
 part alternated `--rounds` times so that background load hits every side alike:
 
-- engines, greedy, `--engine-tokens` new tokens after an 8-token prompt, every thread the machine has: ours
+- engines, greedy, `--engine-tokens` new tokens after an 8-token prompt, on `--threads` threads: ours
   (`generate` on the weights as `rugpt-ray serve` lays them out: `prepack`, fp32 and bf16, 1 and 16 sequences)
   against `llama-bench` (1 sequence), `llama-batched-bench` (16 sequences) and vLLM's `LLM.generate`,
   aggregate tokens/s;
 - the batch-1 floor, in each round: the bytes of weights a decode step reads over this machine's read bandwidth
   (a sum over 1 GiB, best of 5), the fastest any engine could decode one sequence;
 - HTTP servers, all up at once on 127.0.0.1 (an idle one costs its background loop): `rugpt-ray serve` (Ray
-  Serve, fp32, every CPU), through its router and with `--ingress direct`, `llama-server` (f32 GGUF, 16 slots)
-  and vLLM's OpenAI server (fp32); streamed greedy and sampled `/v1/completions` of `--max-tokens` tokens from 1
-  and from `--clients` closed-loop clients (benchmarks/serve_load.py's load): requests/s, tokens/s and time to
-  first token.
+  Serve, fp32, `--num-cpus` the threads), through its router and with `--ingress direct`, `llama-server` (f32
+  GGUF, 16 slots) and vLLM's OpenAI server (fp32); streamed greedy and sampled `/v1/completions` of
+  `--max-tokens` tokens from 1 and from `--clients` closed-loop clients (benchmarks/serve_load.py's load):
+  requests/s, tokens/s and time to first token.
 
 Peers come from benchmarks/peers_setup.sh's PEERS_DIR/peers.env; a peer that is not there (or does not start) is
 reported as not measured, and the rest still runs. vLLM's CPU build runs in its own venv: its offline engine
 through benchmarks/vllm_engine.py (fp32 and bf16, kept up across rounds), its OpenAI server on the HF folder
 (fp32).
 
-    .venv/bin/python benchmarks/peers_cpu.py PEERS_DIR [--rounds 2] [--duration 8] [--out result.json]
+`--threads` is every core by default. Fewer leave the servers' other processes (Ray Serve's proxy and router, the
+load generator) a core of their own: the Serve path's cost apart from contention for the engine's cores.
+
+    .venv/bin/python benchmarks/peers_cpu.py PEERS_DIR [--rounds 2] [--duration 8] [--threads N] [--out result.json]
 """
 
 from __future__ import annotations
@@ -56,9 +59,14 @@ from rugpt_ray.tokenizer import load_tokenizer  # noqa: E402
 
 SMALL = ModelConfig(n_layer=12, n_embd=768, n_head=12, n_positions=2048, vocab_size=50264)
 PROMPT = "Александр Сергеевич Пушкин родился в"
-THREADS = os.cpu_count() or 1
+CORES = os.cpu_count() or 1
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 """vLLM's CPU KV cache, in GiB (its default, 4, is more than these runs use)."""
+
+
+def vllm_env(threads: int) -> dict[str, str]:
+    """vLLM's settings: its cache, and its OpenMP threads bound to the first `threads` cores."""
+    return {**VLLM_ENV, **({"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"} if threads < CORES else {})}
 
 
 def ours_engine(model: GPT, tokenizer, rows: int, tokens: int) -> float:
@@ -69,14 +77,14 @@ def ours_engine(model: GPT, tokenizer, rows: int, tokens: int) -> float:
     return sum(len(c.token_ids) for c in completions) / (time.perf_counter() - start)
 
 
-def llama_engine(binary: Path, gguf: Path, rows: int, tokens: int) -> float:
+def llama_engine(binary: Path, gguf: Path, rows: int, tokens: int, threads: int) -> float:
     """Aggregate generation tokens/s from llama-bench (1 sequence) or llama-batched-bench (several)."""
     if rows == 1:
         out = subprocess.run([str(binary / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(tokens),
-                              "-t", str(THREADS), "-r", "1", "-o", "jsonl"], capture_output=True, text=True, check=True)
+                              "-t", str(threads), "-r", "1", "-o", "jsonl"], capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])["avg_ts"]
     out = subprocess.run([str(binary / "llama-batched-bench"), "-m", str(gguf), "-c", str(rows * (tokens + 16)),
-                          "-npp", "8", "-ntg", str(tokens), "-npl", str(rows), "-t", str(THREADS),
+                          "-npp", "8", "-ntg", str(tokens), "-npl", str(rows), "-t", str(threads),
                           "--output-format", "jsonl"], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["speed_tg"]
 
@@ -85,12 +93,12 @@ class VllmEngine:
     """vLLM's offline engine in `dtype`, in its own venv's Python (benchmarks/vllm_engine.py), kept up across
     rounds so that each measurement pays no start."""
 
-    def __init__(self, python: str, hf: Path, dtype: str, log: Path):
+    def __init__(self, python: str, hf: Path, dtype: str, log: Path, threads: int):
         script = Path(__file__).with_name("vllm_engine.py")
         with log.open("w") as stderr:
             self.process = subprocess.Popen([python, str(script), str(hf), dtype, PROMPT], stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                            env={**os.environ, **VLLM_ENV})
+                                            env={**os.environ, **vllm_env(threads)})
         if self._line() != "ready":
             tail = log.read_text(errors="replace").strip().splitlines()[-1:]
             raise RuntimeError(f"vLLM ({dtype}) did not start: exit {self.process.poll()}: {' '.join(tail)}")
@@ -199,7 +207,7 @@ def measure_engines(model: GPT, tokenizer, llama: Path | None, ggufs: dict, vllm
                     ours_engine(models[dtype], tokenizer, rows, args.engine_tokens))
                 if llama:
                     engine.setdefault(f"llama.cpp {dtype}, {rows} seq", []).append(
-                        llama_engine(llama, ggufs[gguf], rows, args.engine_tokens))
+                        llama_engine(llama, ggufs[gguf], rows, args.engine_tokens, args.threads))
                 if dtype in vllm:
                     engine.setdefault(f"vLLM {dtype}, {rows} seq", []).append(
                         vllm[dtype].tokens_per_s(rows, args.engine_tokens))
@@ -208,15 +216,15 @@ def measure_engines(model: GPT, tokenizer, llama: Path | None, ggufs: dict, vllm
 
 
 def start_servers(scratch: Path, native: Path, hf: Path, tokenizer_dir: Path, llama: Path | None, ggufs: dict,
-                  vllm_python: str | None, clients: int, processes: list) -> dict[str, tuple[str, str]]:
+                  vllm_python: str | None, clients: int, threads: int, processes: list) -> dict[str, tuple[str, str]]:
     """The servers on 127.0.0.1, ready: name -> (URL, served model name); `processes` gets them to stop."""
     ours = [sys.executable, "-m", "rugpt_ray.cli", "serve", "--model", f"small={native}", "--tokenizer",
-            str(tokenizer_dir), "--max-batch-size", str(2 * clients)]
+            str(tokenizer_dir), "--max-batch-size", str(2 * clients), "--num-cpus", str(threads)]
     commands = {"rugpt-ray serve": ([*ours, "--port"], "/healthz"),
                 "rugpt-ray serve --ingress direct": ([*ours, "--ingress", "direct", "--port"], "/healthz")}
     if llama:
         commands["llama-server"] = ([str(llama / "llama-server"), "-m", str(ggufs["f32"]), "--host", "127.0.0.1",
-                                     "-t", str(THREADS), "-np", str(clients), "-c", str(clients * 256), "--port"],
+                                     "-t", str(threads), "-np", str(clients), "-c", str(clients * 256), "--port"],
                                     "/health")
     if vllm_python:
         commands["vLLM serve"] = ([vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf),
@@ -227,7 +235,7 @@ def start_servers(scratch: Path, native: Path, hf: Path, tokenizer_dir: Path, ll
         port = free_port()
         with (scratch / f"{name}.log").open("w") as log:
             processes.append(subprocess.Popen([*command, str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                              env={**os.environ, **VLLM_ENV}))
+                                              env={**os.environ, **vllm_env(threads)}))
         wait_for(f"http://127.0.0.1:{port}{health}", processes[-1], name)
         servers[name] = (f"http://127.0.0.1:{port}", "small")
     return servers
@@ -257,6 +265,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per HTTP request")
     parser.add_argument("--clients", type=int, default=16, choices=range(2, 65), metavar="2..64")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per HTTP phase and round")
+    parser.add_argument("--threads", type=int, default=CORES, choices=range(1, CORES + 1), metavar=f"1..{CORES}",
+                        help="threads each engine and server decodes on (default: every core); fewer leave the "
+                             "servers' other processes a core")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     env = peers_env(args.peers)
@@ -267,7 +278,7 @@ def main() -> None:
         skipped["vLLM"] = f"{args.peers / 'peers.env'} names no VLLM_PYTHON"
     tokenizer_dir = data_root() / "tokenizer"
     tokenizer = load_tokenizer(tokenizer_dir)
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     loads = [os.getloadavg()[0]]
     processes: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="peers-cpu-") as tmp:
@@ -277,7 +288,7 @@ def main() -> None:
         try:
             for dtype, name in (("fp32", "float32"), ("bf16", "bfloat16")) if vllm_python else ():
                 try:
-                    vllm[dtype] = VllmEngine(vllm_python, hf, name, scratch / f"vllm-{dtype}.log")
+                    vllm[dtype] = VllmEngine(vllm_python, hf, name, scratch / f"vllm-{dtype}.log", args.threads)
                 except RuntimeError as e:
                     skipped[f"vLLM engine {dtype}"] = str(e)
             engine = measure_engines(model, tokenizer, llama, ggufs, vllm, args, loads)
@@ -286,14 +297,14 @@ def main() -> None:
                 running.close()
         try:
             http = measure_servers(start_servers(scratch, native, hf, tokenizer_dir, llama, ggufs, vllm_python,
-                                                 args.clients, processes), args, loads)
+                                                 args.clients, args.threads, processes), args, loads)
         finally:
             for process in processes:
                 process.terminate()
             for process in processes:
                 process.wait(timeout=60)
 
-    print(f"\n{platform.processor() or platform.machine()}, {THREADS} cores, {THREADS} threads each; "
+    print(f"\n{platform.processor() or platform.machine()}, {CORES} cores, {args.threads} threads each; "
           f"load average {min(loads):.1f}-{max(loads):.1f}; {args.rounds} alternating rounds (ranges over rounds)")
     for name, why in skipped.items():
         print(f"not measured: {name}: {why}")

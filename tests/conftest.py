@@ -23,6 +23,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # `make test` runs three Ray tests at once on 2 cores: a worker group can take longer than Ray Train's default 60 s
 # to start, which would count as a failure (one more restart than a test expects).
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+# The suite runs more compute threads than the machine has cores (two pytest workers, each with its Ray runs or
+# servers): OpenMP's waiting threads then spin on cores the other side needs. Sleeping instead, two training runs
+# at once here took 10-12 % less CPU (122-128 against 139-142 CPU-seconds) and 8-12 % less time. Set before torch
+# is imported here, and inherited by every Ray process and command the tests start.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # Serving tests wait for states, not for time: a sleep in these modules must be inside a `while` (polling.poll).
