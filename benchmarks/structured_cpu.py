@@ -6,13 +6,15 @@
   finished row is replaced at once, and only steps that decode all B rows and prefill none are timed. Phases
   alternate `--rounds` times so that background load hits both alike; each phase's median step is kept, and the
   range over rounds is reported, with each round's overhead of constrained over plain (min, median, max).
-  Models: the `tiny` preset and a 6 x 512 dense model, random weights, one torch thread (as the serving replica).
+  Models: the `tiny` preset and a 6 x 512 dense model, random weights, `--threads` torch threads (default 1: a
+  replica of one CPU; `rugpt-ray serve` reserves every core unless told otherwise, so `--threads` the core count
+  mirrors its default).
 - The grammar mask: the decoder's `GrammarMask` step timed in place (filling the bitmasks, unpacking and applying
   them), per constrained row per step.
 - Compiling: `--schemas` schemas drawn like the test ones (the 24 test schemas first), each compiled cold; p50 /
   p99 / max, the time of a cached compile, and the resident memory the compile cache grew by, per entry.
 
-    python benchmarks/structured_cpu.py [--rounds 3] [--steps 40] [--schemas 200] [--out r.json]
+    python benchmarks/structured_cpu.py [--rounds 3] [--steps 40] [--schemas 200] [--threads 1] [--out r.json]
 """
 
 from __future__ import annotations
@@ -105,13 +107,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, choices=range(1, 11), metavar="1..10")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per phase and round")
     parser.add_argument("--schemas", type=int, default=200, help="schemas compiled for the compile figures")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(data_root() / "tokenizer")
     load = [os.getloadavg()[0]]
-    results = {"threads": 1, "compile": compile_figures(tokenizer, args.schemas), "decode": {}}
+    results = {"threads": args.threads, "compile": compile_figures(tokenizer, args.schemas), "decode": {}}
     for name, config in MODELS.items():
         torch.manual_seed(0)
         model = GPT(config).eval()
@@ -136,8 +139,9 @@ def main() -> None:
     results["load_average_1min"] = [min(load), max(load)]
 
     c = results["compile"]
-    print(f"\n{os.cpu_count()} cores, 1 torch thread, load average (1 min) {min(load):.1f}-{max(load):.1f}; "
-          f"{args.rounds} rounds x {args.steps} timed steps per phase; ranges are over rounds")
+    print(f"\n{os.cpu_count()} cores, {args.threads} torch thread(s), load average (1 min) "
+          f"{min(load):.1f}-{max(load):.1f}; {args.rounds} rounds x {args.steps} timed steps per phase; ranges are "
+          "over rounds")
     print(f"compile ({c['schemas']} schemas): p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms, max "
           f"{c['max_ms']:.2f} ms (test schemas p50 {c['test_schemas_p50_ms']:.2f} ms); cached {c['cached_ms']:.3f} ms; "
           f"cache {c['cache_rss_kib_per_entry']:.0f} KiB resident per entry")
