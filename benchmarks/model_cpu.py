@@ -2,8 +2,8 @@
 
 Measures (1) a forward+backward training step and (2) greedy generation ms/token (ours: KV cache through
 `rugpt_ray.generate`, on the weights as `rugpt-ray generate` lays them out: `prepack`; HF: `generate` in eager
-mode). Runs alternate between the two so that load on the
-machine hits both alike; the medians' ratio is what is reported. Prints a table last and writes JSON.
+mode). Runs alternate between the two so that load on the machine hits both alike; the medians' ratio is what is
+reported. Prints a table last and writes JSON.
 
     python benchmarks/model_cpu.py [--out bench.json] [--quick]
 """
