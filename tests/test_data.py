@@ -199,15 +199,17 @@ def test_epochs_reshuffle_blocks_reproducibly(prepared_2048: dict):
 
 
 @pytest.mark.slow
-def test_two_workers_get_disjoint_complete_equal_shards(prepared_2048: dict, tmp_path: Path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_get_disjoint_complete_equal_shards(prepared_2048: dict, tmp_path: Path, workers: int):
+    # one worker reads the datasets unsplit (no split coordinator), two get streaming splits
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from rugpt_ray.train import without_placement_group_cleaner
 
     prepared = open_prepared(prepared_2048["out"])
-    ingest = train_ingest(prepared, num_workers=2)
-    assert ingest.resources_per_worker == {"CPU": 0.5}  # one of the 2 CPUs stays free for Ray Data
+    ingest = train_ingest(prepared, num_workers=workers)
+    assert ingest.resources_per_worker == {"CPU": {1: 1.0, 2: 0.5}[workers]}  # one of the 2 CPUs stays for Ray Data
 
     def loop(config):
         import ray.train
@@ -226,26 +228,25 @@ def test_two_workers_get_disjoint_complete_equal_shards(prepared_2048: dict, tmp
 
     trainer = TorchTrainer(
         loop, train_loop_config={"out": str(tmp_path)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker=ingest.resources_per_worker),
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker=ingest.resources_per_worker),
         datasets=ingest.datasets, dataset_config=ingest.dataset_config,
         run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="ingest"),
     )
     without_placement_group_cleaner(trainer)  # as train() runs it
     trainer.fit()
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(workers)]
     for split, epochs in (("train", 2), ("valid", 1)):
         n = prepared.blocks(split)
         for epoch in range(epochs):
-            a, b = (r[f"{split}{epoch}"] for r in ranks)
-            assert len(a) == len(b) == ingest.rows_per_worker[split] == math.ceil(n / 2)
-            assert not (set(a) & set(b) - {-1})  # disjoint
-            assert sorted(i for i in a + b if i >= 0) == list(range(n))  # complete
-            assert (a + b).count(-1) == n % 2  # at most one padding row
-            batches = [r[f"{split}{epoch}/batches"] for r in ranks]
-            assert batches[0] == batches[1] == ingest.batches_per_epoch(split, 8)
+            shards = [r[f"{split}{epoch}"] for r in ranks]
+            every = [i for shard in shards for i in shard]
+            assert all(len(shard) == ingest.rows_per_worker[split] == math.ceil(n / workers) for shard in shards)
+            assert sorted(i for i in every if i >= 0) == list(range(n))  # complete, and disjoint
+            assert every.count(-1) == -n % workers  # padding rows only to even the shards
+            assert all(r[f"{split}{epoch}/batches"] == ingest.batches_per_epoch(split, 8) for r in ranks)
             assert all(r[f"{split}{epoch}/widths"] == [[2049]] for r in ranks)
-    assert prepared.blocks("train") % 2 == 1  # so the padding path above was exercised
-    assert ranks[0]["train0"] + ranks[1]["train0"] != ranks[0]["train1"] + ranks[1]["train1"]  # reshuffled
+    assert prepared.blocks("train") % 2 == 1  # so that two workers exercise the padding
+    assert [i for r in ranks for i in r["train0"]] != [i for r in ranks for i in r["train1"]]  # reshuffled
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
 """Hand a prepared cache to Ray Train so that no worker waits forever at the end of an epoch.
 
-Ray Train splits each dataset with `streaming_split(num_workers, equal=True)`, which gives every worker exactly
-the same number of rows but drops the remainder when the count does not divide. We add at most
+With several workers, Ray Train splits each dataset with `streaming_split(num_workers, equal=True)`, which gives
+every worker exactly the same number of rows but drops the remainder when the count does not divide. We add at most
 num_workers - 1 padding rows (all `pad_id`, `idx` -1) instead, so the shards are disjoint, together hold every
-block, and every worker gets the same number of batches for any batch size.
+block, and every worker gets the same number of batches for any batch size. A single worker reads its datasets
+whole: a split of one only adds Ray Data's split coordinator, an actor process that cost a tiny 20-step run ~2 of
+its ~23 CPU-seconds.
 """
 
 from __future__ import annotations
@@ -189,5 +191,6 @@ def train_ingest(prepared: PreparedData, num_workers: int, *, seed: int | None =
     current = ray.data.DataContext.get_current().execution_options
     options = ray.data.ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
                                         verbose_progress=current.verbose_progress)
-    return TrainIngest(datasets, RayDataConfig(datasets_to_split="all", execution_options=options), rows,
+    split = "all" if num_workers > 1 else []  # one worker: unsplit (see the module's docstring)
+    return TrainIngest(datasets, RayDataConfig(datasets_to_split=split, execution_options=options), rows,
                        {"CPU": per_worker}, prepared.pad_id)
