@@ -144,9 +144,6 @@ async def http_round(url: str, model: str, clients: int, duration: float, tokens
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         results, elapsed = await load(client, clients, duration, request_body(model, tokens, sampled))
-    if not results:
-        raise SystemExit(f"{url}: no request of {clients} client(s) finished within --duration {duration:g} s; "
-                         "give it more time")
     return summary(clients, results, elapsed)
 
 

@@ -65,7 +65,9 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> tuple[float, flo
 
 
 async def load(client: httpx.AsyncClient, clients: int, duration: float, body: dict) -> tuple[list, float]:
-    """`clients` closed-loop clients for `duration` seconds: the requests that finished in time, and the time."""
+    """`clients` closed-loop clients that start requests for `duration` seconds: every request, and the time until
+    the last one finished. Requests still running at the deadline count, as the time they take does: counting
+    only those finished in time while timing the wait for the rest cut 16 clients' tokens/s by up to a third."""
     results = []
     start = time.perf_counter()
     end = start + duration
@@ -73,9 +75,7 @@ async def load(client: httpx.AsyncClient, clients: int, duration: float, body: d
     async def loop(i: int) -> None:
         n = 0
         while time.perf_counter() < end:
-            result = await one_request(client, {**body, "prompt": PROMPTS[(i + n) % len(PROMPTS)]})
-            if time.perf_counter() <= end:
-                results.append(result)
+            results.append(await one_request(client, {**body, "prompt": PROMPTS[(i + n) % len(PROMPTS)]}))
             n += 1
 
     await asyncio.gather(*(loop(i) for i in range(clients)))
