@@ -15,7 +15,10 @@ part alternated `--rounds` times so that background load hits every side alike:
   Serve, fp32, `--num-cpus` the threads), through its router and with `--ingress direct`, `llama-server` (f32
   GGUF, 16 slots) and vLLM's OpenAI server (fp32); streamed greedy and sampled `/v1/completions` of
   `--max-tokens` tokens from 1 and from `--clients` closed-loop clients (benchmarks/serve_load.py's load):
-  requests/s, tokens/s and time to first token.
+  requests/s, tokens/s and time to first token;
+- the Serve path's share: at the start of each HTTP round, our engine in this process does the greedy requests'
+  work (1 and `--clients` sequences of `--max-tokens` tokens, prefill included), and our servers' greedy tokens/s
+  are given over it, round by round.
 
 Peers come from benchmarks/peers_setup.sh's PEERS_DIR/peers.env; a peer that is not there (or does not start) is
 reported as not measured, and the rest still runs. vLLM's CPU build runs in its own venv: its offline engine
@@ -238,12 +241,18 @@ def start_servers(scratch: Path, native: Path, hf: Path, tokenizer_dir: Path, ll
     return servers
 
 
-def measure_servers(servers: dict[str, tuple[str, str]], args, loads: list) -> dict[str, list[dict]]:
-    """Requests/s, tokens/s and TTFT per server, sampling and client count, one summary per round."""
+def measure_servers(servers: dict[str, tuple[str, str]], model: GPT, tokenizer, args,
+                    loads: list) -> tuple[dict[str, list[dict]], dict[str, list[float]]]:
+    """Requests/s, tokens/s and TTFT per server, sampling and client count, one summary per round; and, at the start
+    of each round, our engine in this process doing the greedy requests' work (1 and `--clients` sequences of
+    `--max-tokens` tokens, prefill included), the baseline the Serve path's share is taken against."""
     for url, served in servers.values():
         asyncio.run(warm_up(url, served, args.max_tokens))
     http: dict[str, list[dict]] = {}
+    same_work: dict[str, list[float]] = {}
     for _ in range(args.rounds):
+        for rows in (1, args.clients):
+            same_work.setdefault(f"{rows} seq", []).append(ours_engine(model, tokenizer, rows, args.max_tokens))
         for sampled in (False, True):
             for clients in (1, args.clients):
                 for name, (url, served) in servers.items():
@@ -251,7 +260,7 @@ def measure_servers(servers: dict[str, tuple[str, str]], args, loads: list) -> d
                     http.setdefault(key, []).append(
                         asyncio.run(http_round(url, served, clients, args.duration, args.max_tokens, sampled)))
         loads.append(os.getloadavg()[0])
-    return http
+    return http, same_work
 
 
 def main() -> None:
@@ -293,8 +302,9 @@ def main() -> None:
             for running in vllm.values():
                 running.close()
         try:
-            http = measure_servers(start_servers(scratch, native, hf, tokenizer_dir, llama, ggufs, vllm_python,
-                                                 args.clients, args.threads, processes), args, loads)
+            servers = start_servers(scratch, native, hf, tokenizer_dir, llama, ggufs, vllm_python, args.clients,
+                                    args.threads, processes)
+            http, same_work = measure_servers(servers, prepack(copy.deepcopy(model)), tokenizer, args, loads)
         finally:
             for process in processes:
                 process.terminate()
@@ -319,8 +329,17 @@ def main() -> None:
         print(f"  {key}: {min(r['requests_per_s'] for r in runs):.2f}-{max(r['requests_per_s'] for r in runs):.2f} "
               f"req/s, {statistics.median(r['tokens_per_s'] for r in runs):.0f} tokens/s, TTFT "
               f"{statistics.median(r['ttft_p50_ms'] for r in runs):.0f} ms")
+    print(f"the Serve path's share of our engine doing the same greedy work in this process ({args.max_tokens} "
+          "tokens per sequence, prefill included), per round:")
+    for rows, baseline in same_work.items():
+        clients = rows.split()[0]
+        for name in ("rugpt-ray serve", "rugpt-ray serve --ingress direct"):
+            got = [r["tokens_per_s"] for r in http[f"{name}, greedy, {clients} client(s)"]]
+            shares = ", ".join(f"{g / b:.2f}" for g, b in zip(got, baseline, strict=True))
+            print(f"  {name}, {clients} client(s): {shares} (engine {', '.join(f'{b:.1f}' for b in baseline)})")
     if args.out:
-        Path(args.out).write_text(json.dumps({"engine": engine, "http": http, "skipped": skipped,
+        Path(args.out).write_text(json.dumps({"engine": engine, "http": http, "same_work": same_work,
+                                              "skipped": skipped,
                                               "load_average": [min(loads), max(loads)]}, indent=2) + "\n")
 
 
