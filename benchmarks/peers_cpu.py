@@ -242,17 +242,17 @@ def start_servers(scratch: Path, native: Path, hf: Path, tokenizer_dir: Path, ll
 
 
 def measure_servers(servers: dict[str, tuple[str, str]], model: GPT, tokenizer, args,
-                    loads: list) -> tuple[dict[str, list[dict]], dict[str, list[float]]]:
+                    loads: list) -> tuple[dict[str, list[dict]], dict[int, list[float]]]:
     """Requests/s, tokens/s and TTFT per server, sampling and client count, one summary per round; and, at the start
     of each round, our engine in this process doing the greedy requests' work (1 and `--clients` sequences of
     `--max-tokens` tokens, prefill included), the baseline the Serve path's share is taken against."""
     for url, served in servers.values():
         asyncio.run(warm_up(url, served, args.max_tokens))
     http: dict[str, list[dict]] = {}
-    same_work: dict[str, list[float]] = {}
+    same_work: dict[int, list[float]] = {}
     for _ in range(args.rounds):
         for rows in (1, args.clients):
-            same_work.setdefault(f"{rows} seq", []).append(ours_engine(model, tokenizer, rows, args.max_tokens))
+            same_work.setdefault(rows, []).append(ours_engine(model, tokenizer, rows, args.max_tokens))
         for sampled in (False, True):
             for clients in (1, args.clients):
                 for name, (url, served) in servers.items():
@@ -331,8 +331,7 @@ def main() -> None:
               f"{statistics.median(r['ttft_p50_ms'] for r in runs):.0f} ms")
     print(f"the Serve path's share of our engine doing the same greedy work in this process ({args.max_tokens} "
           "tokens per sequence, prefill included), per round:")
-    for rows, baseline in same_work.items():
-        clients = rows.split()[0]
+    for clients, baseline in same_work.items():
         for name in ("rugpt-ray serve", "rugpt-ray serve --ingress direct"):
             got = [r["tokens_per_s"] for r in http[f"{name}, greedy, {clients} client(s)"]]
             shares = ", ".join(f"{g / b:.2f}" for g, b in zip(got, baseline, strict=True))
