@@ -11,14 +11,14 @@ part alternated `--rounds` times so that background load hits every side alike:
   aggregate tokens/s;
 - the batch-1 floor, in each round: the bytes of weights a decode step reads over this machine's read bandwidth
   (a sum over 1 GiB, best of 5), the fastest any engine could decode one sequence;
-- HTTP servers, all up at once on 127.0.0.1 (an idle one costs its background loop): `rugpt-ray serve` (Ray
-  Serve, fp32, `--num-cpus` the threads), through its router and with `--ingress direct`, `llama-server` (f32
-  GGUF, 16 slots) and vLLM's OpenAI server (fp32); streamed greedy and sampled `/v1/completions` of
-  `--max-tokens` tokens from 1 and from `--clients` closed-loop clients (benchmarks/serve_load.py's load):
-  requests/s, tokens/s and time to first token;
-- the Serve path's share: at the start of each HTTP round, our engine in this process does the greedy requests'
-  work (1 and `--clients` sequences of `--max-tokens` tokens, prefill included), and our servers' greedy tokens/s
-  are given over it, round by round.
+- HTTP servers, one at a time on 127.0.0.1 (an idle one's background loops would fall on the one measured),
+  started anew each round: `rugpt-ray serve` (Ray Serve, fp32, `--num-cpus` the threads), through its router and
+  with `--ingress direct`, `llama-server` (f32 GGUF, 16 slots) and vLLM's OpenAI server (fp32); streamed greedy
+  and sampled `/v1/completions` of `--max-tokens` tokens from 1 and from `--clients` closed-loop clients
+  (benchmarks/serve_load.py's load): requests/s, tokens/s and time to first token;
+- the Serve path's share: at the start of each HTTP round, with no server up, our engine in this process does
+  the greedy requests' work (1 and `--clients` sequences of `--max-tokens` tokens, prefill included), and our
+  servers' greedy tokens/s are given over it, round by round.
 
 Peers come from benchmarks/peers_setup.sh's PEERS_DIR/peers.env; a peer that is not there (or does not start) is
 reported as not measured, and the rest still runs. vLLM's CPU build runs in its own venv: its offline engine
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import json
 import os
@@ -44,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -215,9 +217,9 @@ def measure_engines(model: GPT, tokenizer, llama: Path | None, ggufs: dict, vllm
     return engine
 
 
-def start_servers(scratch: Path, native: Path, hf: Path, tokenizer_dir: Path, llama: Path | None, ggufs: dict,
-                  vllm_python: str | None, clients: int, threads: int, processes: list) -> dict[str, tuple[str, str]]:
-    """The servers on 127.0.0.1, ready: name -> (URL, served model name); `processes` gets them to stop."""
+def server_commands(native: Path, hf: Path, tokenizer_dir: Path, llama: Path | None, ggufs: dict,
+                    vllm_python: str | None, clients: int, threads: int) -> dict[str, tuple[list[str], str]]:
+    """Each server's command line (its port goes last) and health path."""
     ours = [sys.executable, "-m", "rugpt_ray.cli", "serve", "--model", f"small={native}", "--tokenizer",
             str(tokenizer_dir), "--max-batch-size", str(2 * clients), "--num-cpus", str(threads)]
     commands = {"rugpt-ray serve": ([*ours, "--port"], "/healthz"),
@@ -230,35 +232,45 @@ def start_servers(scratch: Path, native: Path, hf: Path, tokenizer_dir: Path, ll
         commands["vLLM serve"] = ([vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf),
                                    "--served-model-name", "small", "--host", "127.0.0.1", "--dtype", "float32",
                                    "--max-model-len", "512", "--port"], "/health")
-    servers = {}
-    for name, (command, health) in commands.items():
-        port = free_port()
-        with (scratch / f"{name}.log").open("w") as log:
-            processes.append(subprocess.Popen([*command, str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                              env={**os.environ, **vllm_env(threads)}))
-        wait_for(f"http://127.0.0.1:{port}{health}", processes[-1], name)
-        servers[name] = (f"http://127.0.0.1:{port}", "small")
-    return servers
+    return commands
 
 
-def measure_servers(servers: dict[str, tuple[str, str]], model: GPT, tokenizer, args,
+@contextlib.contextmanager
+def running_server(name: str, command: list[str], health: str, log: Path, threads: int) -> Iterator[str]:
+    """The server on 127.0.0.1, ready, warmed up with one request: its URL; stopped after."""
+    port = free_port()
+    with log.open("a") as out:
+        process = subprocess.Popen([*command, str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **vllm_env(threads)})
+    try:
+        wait_for(f"http://127.0.0.1:{port}{health}", process, name)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def measure_servers(commands: dict[str, tuple[list[str], str]], scratch: Path, model: GPT, tokenizer, args,
                     loads: list) -> tuple[dict[str, list[dict]], dict[int, list[float]]]:
-    """Requests/s, tokens/s and TTFT per server, sampling and client count, one summary per round; and, at the start
-    of each round, our engine in this process doing the greedy requests' work (1 and `--clients` sequences of
+    """Requests/s, tokens/s and TTFT per server, sampling and client count, one summary per round, each server up
+    alone (an idle `rugpt-ray serve` takes 0.12 of a core for Ray and Serve's background loops, which then falls on
+    whichever server is measured), in the other order every other round; and, at the start of each round with no
+    server up, our engine in this process doing the greedy requests' work (1 and `--clients` sequences of
     `--max-tokens` tokens, prefill included), the baseline the Serve path's share is taken against."""
-    for url, served in servers.values():
-        asyncio.run(warm_up(url, served, args.max_tokens))
     http: dict[str, list[dict]] = {}
     same_work: dict[int, list[float]] = {}
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for rows in (1, args.clients):
             same_work.setdefault(rows, []).append(ours_engine(model, tokenizer, rows, args.max_tokens))
-        for sampled in (False, True):
-            for clients in (1, args.clients):
-                for name, (url, served) in servers.items():
-                    key = f"{name}, {'sampled' if sampled else 'greedy'}, {clients} client(s)"
-                    http.setdefault(key, []).append(
-                        asyncio.run(http_round(url, served, clients, args.duration, args.max_tokens, sampled)))
+        for name in list(commands)[::-1 if round_ % 2 else 1]:
+            command, health = commands[name]
+            with running_server(name, command, health, scratch / f"{name}.log", args.threads) as url:
+                asyncio.run(warm_up(url, "small", args.max_tokens))
+                for sampled in (False, True):
+                    for clients in (1, args.clients):
+                        key = f"{name}, {'sampled' if sampled else 'greedy'}, {clients} client(s)"
+                        http.setdefault(key, []).append(
+                            asyncio.run(http_round(url, "small", clients, args.duration, args.max_tokens, sampled)))
         loads.append(os.getloadavg()[0])
     return http, same_work
 
@@ -286,7 +298,6 @@ def main() -> None:
     tokenizer = load_tokenizer(tokenizer_dir)
     torch.set_num_threads(args.threads)
     loads = [os.getloadavg()[0]]
-    processes: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="peers-cpu-") as tmp:
         scratch = Path(tmp)
         model, native, hf, ggufs = save_models(scratch, tokenizer_dir, llama, args.peers)
@@ -301,15 +312,8 @@ def main() -> None:
         finally:
             for running in vllm.values():
                 running.close()
-        try:
-            servers = start_servers(scratch, native, hf, tokenizer_dir, llama, ggufs, vllm_python, args.clients,
-                                    args.threads, processes)
-            http, same_work = measure_servers(servers, prepack(copy.deepcopy(model)), tokenizer, args, loads)
-        finally:
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                process.wait(timeout=60)
+        commands = server_commands(native, hf, tokenizer_dir, llama, ggufs, vllm_python, args.clients, args.threads)
+        http, same_work = measure_servers(commands, scratch, prepack(copy.deepcopy(model)), tokenizer, args, loads)
 
     print(f"\n{platform.processor() or platform.machine()}, {CORES} cores, {args.threads} threads each; "
           f"load average {min(loads):.1f}-{max(loads):.1f}; {args.rounds} alternating rounds (ranges over rounds)")
