@@ -237,7 +237,7 @@ def server_commands(native: Path, hf: Path, tokenizer_dir: Path, llama: Path | N
 
 @contextlib.contextmanager
 def running_server(name: str, command: list[str], health: str, log: Path, threads: int) -> Iterator[str]:
-    """The server on 127.0.0.1, ready, warmed up with one request: its URL; stopped after."""
+    """The server on 127.0.0.1, answering its health path: its URL; stopped after."""
     port = free_port()
     with log.open("a") as out:
         process = subprocess.Popen([*command, str(port)], stdout=out, stderr=subprocess.STDOUT,
