@@ -64,6 +64,8 @@ from rugpt_ray.tokenizer import load_tokenizer  # noqa: E402
 
 SMALL = ModelConfig(n_layer=12, n_embd=768, n_head=12, n_positions=2048, vocab_size=50264)
 PROMPT = "Александр Сергеевич Пушкин родился в"
+SERVED = "small"
+"""The model's name on every server, which the requests name."""
 CORES = os.cpu_count() or 1
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 """vLLM's CPU KV cache, in GiB (its default, 4, is more than these runs use)."""
@@ -220,7 +222,7 @@ def measure_engines(model: GPT, tokenizer, llama: Path | None, ggufs: dict, vllm
 def server_commands(native: Path, hf: Path, tokenizer_dir: Path, llama: Path | None, ggufs: dict,
                     vllm_python: str | None, clients: int, threads: int) -> dict[str, tuple[list[str], str]]:
     """Each server's command line (its port goes last) and health path."""
-    ours = [sys.executable, "-m", "rugpt_ray.cli", "serve", "--model", f"small={native}", "--tokenizer",
+    ours = [sys.executable, "-m", "rugpt_ray.cli", "serve", "--model", f"{SERVED}={native}", "--tokenizer",
             str(tokenizer_dir), "--max-batch-size", str(2 * clients), "--num-cpus", str(threads)]
     commands = {"rugpt-ray serve": ([*ours, "--port"], "/healthz"),
                 "rugpt-ray serve --ingress direct": ([*ours, "--ingress", "direct", "--port"], "/healthz")}
@@ -230,7 +232,7 @@ def server_commands(native: Path, hf: Path, tokenizer_dir: Path, llama: Path | N
                                     "/health")
     if vllm_python:
         commands["vLLM serve"] = ([vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf),
-                                   "--served-model-name", "small", "--host", "127.0.0.1", "--dtype", "float32",
+                                   "--served-model-name", SERVED, "--host", "127.0.0.1", "--dtype", "float32",
                                    "--max-model-len", "512", "--port"], "/health")
     return commands
 
@@ -265,12 +267,12 @@ def measure_servers(commands: dict[str, tuple[list[str], str]], scratch: Path, m
         for name in list(commands)[::-1 if round_ % 2 else 1]:
             command, health = commands[name]
             with running_server(name, command, health, scratch / f"{name}.log", args.threads) as url:
-                asyncio.run(warm_up(url, "small", args.max_tokens))
+                asyncio.run(warm_up(url, SERVED, args.max_tokens))
                 for sampled in (False, True):
                     for clients in (1, args.clients):
                         key = f"{name}, {'sampled' if sampled else 'greedy'}, {clients} client(s)"
                         http.setdefault(key, []).append(
-                            asyncio.run(http_round(url, "small", clients, args.duration, args.max_tokens, sampled)))
+                            asyncio.run(http_round(url, SERVED, clients, args.duration, args.max_tokens, sampled)))
         loads.append(os.getloadavg()[0])
     return http, same_work
 
