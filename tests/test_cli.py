@@ -5,6 +5,7 @@ input run as real processes, for what the process adds: the entry point, its exi
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -215,6 +216,16 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path, sparse_dir, make_
     out = cli(*args)
     assert out.returncode == 2
     assert message.format(tmp=tmp_path) in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_serve_refuses_a_port_in_use_before_ray_starts(sparse_dir, data_dir, cli):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = cli("serve", "--model", str(sparse_dir), "--tokenizer", str(data_dir / "tokenizer"), "--port", str(port))
+    assert out.returncode == 2
+    assert out.stderr.strip().endswith(f"serve: cannot listen on 127.0.0.1:{port}: Address already in use"), out.stderr
 
 
 def test_a_bad_input_ends_the_process_with_exit_2_and_one_line(sparse_dir):

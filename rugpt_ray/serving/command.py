@@ -1,5 +1,6 @@
 """`rugpt-ray serve`: a local Ray and Serve (on 127.0.0.1 unless told otherwise) from flags (the quick case) or from
-a Serve config file, blocking until SIGINT/SIGTERM, which let the requests in flight finish."""
+a Serve config file, blocking until SIGINT/SIGTERM, which let the requests in flight finish. The app's ingress
+replica listens on the port itself (direct_ingress.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from rugpt_ray.errors import UserError
 from rugpt_ray.ray_start import start_ray
 from rugpt_ray.serving.app import serve_app
 from rugpt_ray.serving.config import ServeConfig
+from rugpt_ray.serving.direct_ingress import bindable_port, local_ray_env
 
 APP_NAME = "rugpt"
 SERVER_DEPLOYMENT = "RuGPTServer"
@@ -129,12 +131,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
         raise UserError(f"api_key_env {cfg.api_key_env}: that environment variable is not set")
     app = serve_app(cfg, **run.server_options)  # resolves and checks the model paths before Ray starts
+    port, fallback_port = bindable_port(run.host, run.port), bindable_port(run.host, 0)
     stop = threading.Event()
+    os.environ.update(local_ray_env(port))  # read by the Ray processes this process starts
     start_ray(private=True, log_to_driver=False, dashboard=False)
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
             signal.signal(sig, lambda *_: stop.set())
-        serve.start(http_options={"host": run.host, "port": run.port})
+        serve.start(http_options={"host": run.host, "port": fallback_port})
         serve.run(app, name=run.app_name, route_prefix=run.route_prefix)
         print(f"serving {', '.join([*cfg.models, *cfg.adapters])} on http://{run.host}:{run.port} "
               f"(POST /generate, /v1/completions, /v1/chat/completions, /tokenize, /detokenize; GET /v1/models, "
@@ -142,7 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             pass
         drain(cfg.shutdown_grace_s, run.app_name)
-        serve.delete(run.app_name)  # Serve stops the replicas after their last bytes are relayed; the proxy stays up
+        serve.delete(run.app_name)  # Serve stops the replicas once their requests have ended
         serve.shutdown()
     finally:
         ray.shutdown()

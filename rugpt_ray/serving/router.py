@@ -19,6 +19,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from rugpt_ray.serving.config import ServeConfig
+from rugpt_ray.serving.direct_ingress import listen_as_the_proxy_does
 from rugpt_ray.serving.protocol import ApiError, read_body
 from rugpt_ray.serving.streaming import DONE, sse
 
@@ -62,6 +63,7 @@ class RuGPTRouter:
 
     def __init__(self, server: DeploymentHandle, cfg: ServeConfig):
         self.server, self.cfg = server.options(stream=True), cfg
+        listen_as_the_proxy_does()
 
     async def __call__(self, request: Request) -> Response:
         try:

@@ -33,6 +33,7 @@ from rugpt_ray.serving import playground
 from rugpt_ray.serving.chat_completions import ChatChoices, ChatResponses
 from rugpt_ray.serving.completions import Choices, CompletionResponses, GenerateResponses
 from rugpt_ray.serving.config import ServeConfig
+from rugpt_ray.serving.direct_ingress import listen_as_the_proxy_does
 from rugpt_ray.serving.engine import BatchEngine
 from rugpt_ray.serving.metrics import EngineMetrics, model_loaded
 from rugpt_ray.serving.openapi import openapi_document
@@ -151,6 +152,7 @@ class RuGPTServer(playground.PlaygroundRoutes):
     async def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         torch.set_num_threads(reserved_threads())
+        listen_as_the_proxy_does()
         self.api_key = None
         if cfg.api_key_env:
             self.api_key = os.environ.get(cfg.api_key_env)
