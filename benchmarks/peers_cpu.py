@@ -25,7 +25,7 @@ reported as not measured, and the rest still runs. vLLM's CPU build runs in its 
 through benchmarks/vllm_engine.py (fp32 and bf16, kept up across rounds), its OpenAI server on the HF folder
 (fp32).
 
-`--threads` is every core by default. Fewer leave the servers' other processes (Ray Serve's proxy and router, the
+`--threads` is every core by default. Fewer leave the servers' other processes (Ray Serve's router, the
 load generator) a core of their own: the Serve path's cost apart from contention for the engine's cores.
 
     .venv/bin/python benchmarks/peers_cpu.py PEERS_DIR [--rounds 2] [--duration 8] [--threads N] [--out result.json]

@@ -1,8 +1,8 @@
 """Ray Serve's direct ingress, as `rugpt-ray serve` runs it: the app's one ingress replica (the router, or the model
 server with `ingress: direct`) listens on the command's port itself, so requests and every streamed chunk skip
-Serve's proxy, a process and an actor hop each way (16 streaming clients got 10-15 % more tokens/s through the
-router, 20-30 % with `ingress: direct`, on 2 cores: README, Performance). Ray still starts its proxy, on another free
-port, as a fallback no one is told of.
+Serve's proxy, a process and an actor hop each way (16 streaming clients on 2 cores got 10-16 % more tokens/s
+through the router, 20-31 % with `ingress: direct`: README, Performance). Ray still starts its proxy, on another
+free port, as a fallback no one is told of.
 """
 
 from __future__ import annotations
