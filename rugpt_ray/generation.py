@@ -51,7 +51,7 @@ from rugpt_ray.constraints import Constraint, Matcher, blocked_tokens, mask_logi
 from rugpt_ray.errors import UserError
 from rugpt_ray.generation_config import GenerationConfig, RequestError
 from rugpt_ray.lora import NO_ADAPTER, Adapter, adapter_per_row, apply_adapter, remove_adapter
-from rugpt_ray.model import GPT, KVCache
+from rugpt_ray.model import GPT, Decoding, KVCache, Prefilling
 from rugpt_ray.tokenizer import RuGPTTokenizer
 
 BLOCK = 256
@@ -386,9 +386,11 @@ class Row:
 class Decoder:
     """Up to `slots` sequences decoded together over one preallocated slot KV cache; see the module docstring.
 
-    `step` prefills the rows added since the last step and decodes one token for the others. With
-    `static_shapes`, every step decodes all slots over the whole capacity (fixed shapes, for CUDA graphs);
-    otherwise it decodes slots up to the highest live one and attends up to the longest live row.
+    `step` prefills the rows added since the last step and decodes one token for the others, in one pass of the
+    model (its weights are read once for both, as vLLM and llama.cpp's server batch prompts with decoding). With
+    `static_shapes`, every step decodes all slots over the whole capacity (fixed shapes, for CUDA graphs) and
+    prompts go in a pass of their own; otherwise it decodes slots up to the highest live one and attends up to the
+    longest live row.
     """
 
     def __init__(self, model: GPT, tokenizer: RuGPTTokenizer, slots: int, capacity: int | None = None,
@@ -504,7 +506,8 @@ class Decoder:
             del self.adapters[name]
 
     def _through_adapters(self, rows: list[Row | None]) -> AbstractContextManager:
-        """Each row of the next forward through its own adapter (nothing to do while the model has none)."""
+        """Each token of the next forward (the model's batch rows) through its row's adapter (nothing to do while the
+        model has none)."""
         if not self.adapters:
             return nullcontext()
         return adapter_per_row(self.model, [NO_ADAPTER if row is None else row.adapter for row in rows])
@@ -520,24 +523,12 @@ class Decoder:
         """
         running = [s for s, row in enumerate(self._rows) if row is not None and row.next_token is not None]
         pending = [s for s, row in enumerate(self._rows) if row is not None and row.next_token is None]
-        logits = []
-        if running:
-            n = len(self._rows) if self.static_shapes else running[-1] + 1
-            live = [row if row is not None and row.next_token is not None else None for row in self._rows[:n]]
-            tokens = torch.tensor([0 if row is None else row.next_token for row in live], device=self.device)
-            lengths = [0 if row is None else row.length for row in live]
-            kv_len = self.capacity if self.static_shapes else max(lengths) + 1
-            index = torch.tensor(running, device=self.device)
-            rows = None if self.static_shapes or len(running) == n else index
-            with self._through_adapters(live):
-                out = self.model.decode(tokens, torch.tensor(lengths, device=self.device), self.cache, kv_len, rows)
-            logits.append(out[index] if self.static_shapes else out)
-            for s in running:
-                self._rows[s].length += 1
         scored = [s for s in pending if self._rows[s].cfg.prompt_logprobs is not None]
         plain = [s for s in pending if self._rows[s].cfg.prompt_logprobs is None]
-        if plain:
-            logits.append(self._prefill(plain))
+        if self.static_shapes and running and plain:  # the decode step's shapes stay fixed: prompts go on their own
+            logits = [self._forward(running, [])[0], self._forward([], plain)[1]]
+        else:
+            logits = [out for out in self._forward(running, plain) if out is not None] if running or plain else []
         prompt_logprobs = {}
         if scored:
             last, prompt_logprobs = self._prefill_scored(scored)
@@ -552,22 +543,43 @@ class Decoder:
             event.prompt_logprobs = prompt_logprobs.get(s)
         return out
 
-    def _prefill(self, slots: list[int], every_position: bool = False) -> Tensor:
-        prompts = [self._rows[s].prompt for s in slots]
-        width = max(map(len, prompts))
-        ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        with self._through_adapters([self._rows[s] for s in slots]):
-            logits = self.model.prefill(ids, lengths, self.cache, torch.tensor(slots, device=self.device),
-                                        every_position)
-        for s, p in zip(slots, prompts, strict=True):
-            self._rows[s].length = len(p)
-        return logits
+    def _forward(self, running: list[int], prompted: list[int],
+                 every_position: bool = False) -> tuple[Tensor | None, Tensor | None]:
+        """One pass of the model (`GPT.infer`) that decodes the `running` slots and prefills the `prompted` ones: the
+        logits of each (None for an empty list), in slot order, and every row's length moved on."""
+        decoding = prefilling = None
+        token_rows: list[Row | None] = []  # the row of each token of the pass, for its adapter
+        if running:
+            n = len(self._rows) if self.static_shapes else running[-1] + 1
+            live = [row if row is not None and row.next_token is not None else None for row in self._rows[:n]]
+            lengths = [0 if row is None else row.length for row in live]
+            tokens = [0 if row is None else row.next_token for row in live]
+            every = self.static_shapes or len(running) == n  # the logits of all n rows (static: fixed shapes)
+            decoding = Decoding(torch.tensor(tokens, device=self.device), torch.tensor(lengths, device=self.device),
+                                self.capacity if self.static_shapes else max(lengths) + 1,
+                                None if every else torch.tensor(running, device=self.device))
+            token_rows += live
+        if prompted:
+            prompts = [self._rows[s].prompt for s in prompted]
+            width = max(map(len, prompts))
+            prefilling = Prefilling(torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device),
+                                    torch.tensor([len(p) for p in prompts], device=self.device),
+                                    torch.tensor(prompted, device=self.device), every_position)
+            token_rows += [self._rows[s] for s in prompted for _ in range(width)]
+        with self._through_adapters(token_rows):
+            decoded, prefilled = self.model.infer(self.cache, decoding, prefilling)
+        if self.static_shapes and decoded is not None and len(running) < len(decoded):
+            decoded = decoded[running]
+        for s in running:
+            self._rows[s].length += 1
+        for s in prompted:
+            self._rows[s].length = len(self._rows[s].prompt)
+        return decoded, prefilled
 
     def _prefill_scored(self, slots: list[int]) -> tuple[Tensor, dict[int, list[TokenLogprob]]]:
         """Prefill the rows that report their prompt's log-probabilities (every position's logits, for these rows
         only): the last position's logits of those that go on to generate, and each row's prompt log-probs."""
-        every = self._prefill(slots, every_position=True)
+        every = self._forward([], slots, every_position=True)[1]
         scores = {s: self._prompt_logprobs(every[j], self._rows[s]) for j, s in enumerate(slots)}
         going = [j for j, s in enumerate(slots) if self._rows[s].cfg.max_new_tokens]
         return every[going, [len(self._rows[slots[j]].prompt) - 1 for j in going]], scores

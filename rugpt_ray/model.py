@@ -7,7 +7,9 @@ per block and renames nothing (checkpoints.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -35,15 +37,12 @@ class KVCache:
     """Keys/values in fixed slots: slot r holds one sequence at columns 0..its length, so column = position.
 
     Preallocated once (zeros: unused slots stay finite); a sequence takes a free slot and gives it back, and
-    nothing moves when others join or leave. `GPT.prefill` and `GPT.decode` set what the current forward
-    writes; each attention layer calls `update`.
+    nothing moves when others join or leave. Prompts are written whole from column 0 (`write_prompts`), decoded
+    tokens one column each (`write_tokens`).
     """
 
     k: list[Tensor]  # per layer (slots, heads, capacity, head_dim)
     v: list[Tensor]
-    slots_written: Tensor | None = None  # prefill: the slots the prompts go to, from column 0
-    lengths: Tensor | None = None  # decode: rows 0..n-1 write at these columns and attend up to them
-    kv_len: int = 0  # decode: the columns attention covers
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, slots: int, capacity: int, device, dtype) -> KVCache:
@@ -59,18 +58,21 @@ class KVCache:
     def capacity(self) -> int:
         return self.k[0].shape[2]
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this forward's keys/values into their slots; return the keys/values attention covers."""
+    def write_prompts(self, slots: Tensor, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Prompts (P, heads, S, head_dim) into `slots` from column 0; they attend to themselves only."""
+        self.k[layer][slots, :, :k.shape[2]] = k
+        self.v[layer][slots, :, :v.shape[2]] = v
+        return k, v
+
+    def write_tokens(self, lengths: Tensor, kv_len: int, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """One token (n, heads, 1, head_dim) for each of slots 0..n-1 at column `lengths[r]`; they attend to columns
+        0..kv_len-1 of their slots."""
         kc, vc = self.k[layer], self.v[layer]
-        if self.lengths is None:  # prefill: prompts attend to themselves only
-            kc[self.slots_written, :, :k.shape[2]] = k
-            vc[self.slots_written, :, :v.shape[2]] = v
-            return k, v
-        n = self.lengths.shape[0]
+        n = lengths.shape[0]
         rows = torch.arange(n, device=k.device)
-        kc[rows, :, self.lengths] = k[:, :, 0]
-        vc[rows, :, self.lengths] = v[:, :, 0]
-        return kc[:n, :, :self.kv_len], vc[:n, :, :self.kv_len]
+        kc[rows, :, lengths] = k[:, :, 0]
+        vc[rows, :, lengths] = v[:, :, 0]
+        return kc[:n, :, :kv_len], vc[:n, :, :kv_len]
 
 
 @dataclass
@@ -84,6 +86,48 @@ class AttentionMasks:
     block: int = 0  # the layout's block size, with `layout`
 
 
+@dataclass
+class Part:
+    """`rows` x `width` tokens of a forward pass that attend alike. A pass is a list of parts, its tokens laid out
+    part after part, row by row: every layer but attention sees all of them at once (so a decode step and new
+    prompts read the weights once), and attention runs per part with its masks. `write` (layer, k, v) puts the
+    part's keys/values into a KV cache and returns those it attends to (None: no cache)."""
+
+    rows: int
+    width: int
+    masks: AttentionMasks
+    write: Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.width
+
+
+@dataclass
+class Decoding:
+    """One decode step of slots 0..n-1 (n = len(tokens)): token r is fed at column `lengths[r]` of slot r and
+    attends to columns 0..its length, of the first `kv_len`. Logits come for `rows` (all n by default)."""
+
+    tokens: Tensor
+    lengths: Tensor
+    kv_len: int
+    rows: Tensor | None = None
+
+
+@dataclass
+class Prefilling:
+    """Prompts (P, S), right-padded to one width, into `slots` from column 0: logits after each prompt's last token
+    (`lengths[p] - 1`), or after every token with `every_position` (to score the prompt).
+
+    True positions are the columns, and the plain causal mask keeps every real token away from the padding after
+    it (whose keys later steps never attend to)."""
+
+    input_ids: Tensor
+    lengths: Tensor
+    slots: Tensor
+    every_position: bool = False
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, sparse: bool):
         super().__init__()
@@ -94,22 +138,28 @@ class SelfAttention(nn.Module):
         # The seed's sparse layers (DeepSpeed SparseSelfAttention) had no attention dropout.
         self.attn_pdrop = 0.0 if sparse else cfg.attn_pdrop
 
-    def forward(self, x: Tensor, masks: AttentionMasks, cache: KVCache | None, layer: int) -> Tensor:
-        b, s, h = x.shape
-        q, k, v = self.c_attn(x).view(b, s, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
+    def forward(self, x: Tensor, parts: list[Part], layer: int) -> Tensor:
+        qkv = self.c_attn(x).view(-1, 3, self.n_head, self.head_dim)  # the parts' tokens, in order
+        ys, start = [], 0
+        for part in parts:
+            q, k, v = qkv[start:start + part.tokens].view(part.rows, part.width, 3, self.n_head,
+                                                          self.head_dim).permute(2, 0, 3, 1, 4)
+            start += part.tokens
+            if part.write is not None:
+                k, v = part.write(layer, k, v)
+            ys.append(self._attend(q, k, v, part.masks).transpose(1, 2).reshape(part.tokens, -1))
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)
+        return self.resid_dropout(self.c_proj(y.view(x.shape)))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks) -> Tensor:
         dropout_p = self.attn_pdrop if self.training else 0.0
         if not self.sparse:
-            y = sdpa(q, k, v, masks.dense, dropout_p)
-        elif masks.layout is not None:
-            y = block_sparse_attention(q, k, v, masks.layout, masks.block)
-        elif masks.flex is not None:
-            y = flex_attention(q, k, v, masks.flex)
-        else:
-            y = sdpa(q, k, v, masks.sparse, dropout_p)
-        y = y.transpose(1, 2).reshape(b, s, h)
-        return self.resid_dropout(self.c_proj(y))
+            return sdpa(q, k, v, masks.dense, dropout_p)
+        if masks.layout is not None:
+            return block_sparse_attention(q, k, v, masks.layout, masks.block)
+        if masks.flex is not None:
+            return flex_attention(q, k, v, masks.flex)
+        return sdpa(q, k, v, masks.sparse, dropout_p)
 
 
 class MLP(nn.Module):
@@ -131,8 +181,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, masks: AttentionMasks, cache: KVCache | None, layer: int) -> Tensor:
-        x = x + self.attn(self.ln_1(x), masks, cache, layer)
+    def forward(self, x: Tensor, parts: list[Part], layer: int) -> Tensor:
+        x = x + self.attn(self.ln_1(x), parts, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -240,13 +290,13 @@ class GPT(nn.Module):
             masks.sparse = layout_token_mask(self.sparse_layout, q_pos, k_pos, self.config.sparse_attention["block"])
         return masks
 
-    def _hidden(self, input_ids: Tensor, positions: Tensor, masks: AttentionMasks, cache: KVCache | None) -> Tensor:
+    def _hidden(self, input_ids: Tensor, positions: Tensor, parts: list[Part]) -> Tensor:
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(positions))
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, masks, cache, i, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, parts, i, use_reentrant=False)
             else:
-                x = block(x, masks, cache, i)
+                x = block(x, parts, i)
         return self.transformer.ln_f(x)
 
     def forward(
@@ -276,7 +326,7 @@ class GPT(nn.Module):
             masks = self._unpadded_masks(s, device)
         else:
             masks = self._general_masks(positions, positions, valid, valid)
-        logits = self.lm_head(self._hidden(input_ids, positions, masks, None))
+        logits = self.lm_head(self._hidden(input_ids, positions, [Part(b, s, masks)]))
         loss = None
         if targets is not None:
             # a token mean; a batch with nothing to predict (a padding row) gives 0, not NaN
@@ -285,37 +335,45 @@ class GPT(nn.Module):
             loss = total / (targets != -100).sum().clamp(min=1)
         return logits, loss
 
-    def prefill(self, input_ids: Tensor, lengths: Tensor, cache: KVCache, slots: Tensor,
-                every_position: bool = False) -> Tensor:
-        """Logits (P, V) after each prompt's last token, or (P, S, V) after every token with `every_position`
-        (to score the prompt); its keys/values go into its slot from column 0.
+    def infer(self, cache: KVCache, decoding: Decoding | None = None,
+              prefilling: Prefilling | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """One forward pass over a decode step and new prompts (either may be absent), through the KV cache: the
+        decoded rows' logits (len(rows), V) and the prompts' (P, V), or (P, S, V) with `every_position`.
 
-        Prompts are right-padded to one width, so true positions are the columns and the plain causal mask
-        keeps every real token away from the padding after it (whose keys later steps never attend to).
+        The decode step's tensor shapes depend only on n and `kv_len` (at kv_len = capacity they are fixed, as a
+        CUDA graph needs, when it runs alone). A slot with nothing to decode takes part with length 0: it writes
+        and sees only its column 0. The caller keeps every length below the cache's capacity.
         """
-        p, s = input_ids.shape
-        if s > min(cache.capacity, self.config.n_positions):
-            raise UserError(f"a {s}-token prompt does not fit the KV cache ({cache.capacity}) or the model's "
-                            f"{self.config.n_positions} positions")
-        cache.slots_written, cache.lengths = slots, None
-        positions = torch.arange(s, device=input_ids.device).expand(p, s)
-        hidden = self._hidden(input_ids, positions, self._unpadded_masks(s, input_ids.device), cache)
-        if every_position:
-            return self.lm_head(hidden)
-        return self.lm_head(hidden[torch.arange(p, device=hidden.device), lengths - 1])
-
-    def decode(self, tokens: Tensor, lengths: Tensor, cache: KVCache, kv_len: int,
-               rows: Tensor | None = None) -> Tensor:
-        """One token for each of slots 0..n-1 (n = len(tokens)), fed at column `lengths[r]` of its slot.
-
-        Each row attends to columns 0..its length, masked from `lengths` alone; tensor shapes depend only on n
-        and `kv_len` (at kv_len = capacity they are fixed, as a CUDA graph needs). A slot with nothing to decode
-        takes part with length 0: it writes and sees only its column 0. Returns logits (len(rows), V) for
-        `rows` (all n by default). The caller keeps every length below the cache's capacity.
-        """
-        cache.slots_written, cache.lengths, cache.kv_len = None, lengths, kv_len
-        hidden = self._hidden(tokens.unsqueeze(1), lengths.unsqueeze(1), self._decode_masks(lengths, kv_len), cache)
-        return self.lm_head(hidden[:, 0] if rows is None else hidden[rows, 0])
+        ids, positions, parts = [], [], []
+        if decoding is not None:
+            ids.append(decoding.tokens)
+            positions.append(decoding.lengths)
+            parts.append(Part(len(decoding.tokens), 1, self._decode_masks(decoding.lengths, decoding.kv_len),
+                              partial(cache.write_tokens, decoding.lengths, decoding.kv_len)))
+        if prefilling is not None:
+            p, s = prefilling.input_ids.shape
+            if s > min(cache.capacity, self.config.n_positions):
+                raise UserError(f"a {s}-token prompt does not fit the KV cache ({cache.capacity}) or the model's "
+                                f"{self.config.n_positions} positions")
+            device = prefilling.input_ids.device
+            ids.append(prefilling.input_ids.flatten())
+            positions.append(torch.arange(s, device=device).repeat(p))
+            parts.append(Part(p, s, self._unpadded_masks(s, device), partial(cache.write_prompts, prefilling.slots)))
+        hidden = self._hidden(torch.cat(ids).unsqueeze(1), torch.cat(positions).unsqueeze(1), parts)[:, 0]
+        picked = []
+        if decoding is not None:
+            decoded = hidden[:parts[0].tokens]
+            picked.append(decoded if decoding.rows is None else decoded[decoding.rows])
+        if prefilling is not None:
+            prompts = hidden[len(hidden) - parts[-1].tokens:].view(p, s, -1)
+            picked.append(prompts.flatten(0, 1) if prefilling.every_position
+                          else prompts[torch.arange(p, device=device), prefilling.lengths - 1])
+        logits = self.lm_head(torch.cat(picked) if len(picked) > 1 else picked[0])
+        decoded_logits = None if decoding is None else logits[:len(picked[0])]
+        prompt_logits = None if prefilling is None else logits[len(logits) - len(picked[-1]):]
+        if prompt_logits is not None and prefilling.every_position:
+            prompt_logits = prompt_logits.view(p, s, -1)
+        return decoded_logits, prompt_logits
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from rugpt_ray.checkpoints import export_hf, load_model
 from rugpt_ray.config import ModelConfig, preset
-from rugpt_ray.model import GPT
+from rugpt_ray.model import GPT, Decoding, KVCache, Prefilling
 
 DENSE = ModelConfig(n_layer=3, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
 
@@ -149,3 +149,26 @@ def test_too_long_input_is_refused(make_model):
     model = make_model(preset("tiny"))
     with pytest.raises(ValueError, match="256 positions"):
         model(torch.zeros(1, 257, dtype=torch.long))
+
+
+def test_a_decode_step_and_new_prompts_in_one_pass_equal_two_passes(make_model):
+    """`infer` runs a decode step and new prompts through every layer once (attention per part) and gives the logits
+    and KV cache of the two passes apart; the tiny preset's sparse layers included."""
+    model = make_model(preset("tiny"))
+    assert any(block.attn.sparse for block in model.transformer.h)
+    caches = [KVCache.allocate(model.config, 4, 64, torch.device("cpu"), torch.float32) for _ in range(2)]
+    first = Prefilling(torch.randint(5, 50257, (2, 12)), torch.tensor([12, 9]), torch.tensor([0, 1]))
+    step = Decoding(torch.tensor([7, 8]), torch.tensor([12, 9]), kv_len=13)
+    new = Prefilling(torch.randint(5, 50257, (2, 7)), torch.tensor([7, 5]), torch.tensor([2, 3]))
+    passes = []
+    model.lm_head.register_forward_hook(lambda *_: passes.append(1))
+    with torch.no_grad():
+        for cache in caches:
+            model.infer(cache, prefilling=first)
+        apart = model.infer(caches[0], step)[0], model.infer(caches[0], prefilling=new)[1]
+        passes.clear()
+        together = model.infer(caches[1], step, new)
+    assert len(passes) == 1 and together[0].shape == together[1].shape == (2, model.config.vocab_size)
+    for a, b in [*zip(apart, together, strict=True), *zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v,
+                                                           strict=True)]:
+        assert (a - b).abs().max().item() <= 1e-4
