@@ -360,20 +360,20 @@ class GPT(nn.Module):
             positions.append(torch.arange(s, device=device).repeat(p))
             parts.append(Part(p, s, self._unpadded_masks(s, device), partial(cache.write_prompts, prefilling.slots)))
         hidden = self._hidden(torch.cat(ids).unsqueeze(1), torch.cat(positions).unsqueeze(1), parts)[:, 0]
-        picked = []
+        per_part = iter(hidden.split([part.tokens for part in parts]))
+        picked = {}  # the hidden states the output layer reads, per part
         if decoding is not None:
-            decoded = hidden[:parts[0].tokens]
-            picked.append(decoded if decoding.rows is None else decoded[decoding.rows])
+            decoded = next(per_part)
+            picked["decoded"] = decoded if decoding.rows is None else decoded[decoding.rows]
         if prefilling is not None:
-            prompts = hidden[len(hidden) - parts[-1].tokens:].view(p, s, -1)
-            picked.append(prompts.flatten(0, 1) if prefilling.every_position
-                          else prompts[torch.arange(p, device=device), prefilling.lengths - 1])
-        logits = self.lm_head(torch.cat(picked) if len(picked) > 1 else picked[0])
-        decoded_logits = None if decoding is None else logits[:len(picked[0])]
-        prompt_logits = None if prefilling is None else logits[len(logits) - len(picked[-1]):]
-        if prompt_logits is not None and prefilling.every_position:
-            prompt_logits = prompt_logits.view(p, s, -1)
-        return decoded_logits, prompt_logits
+            prompts = next(per_part).view(p, s, -1)
+            picked["prompts"] = (prompts.flatten(0, 1) if prefilling.every_position
+                                 else prompts[torch.arange(p, device=device), prefilling.lengths - 1])
+        logits = self.lm_head(torch.cat(list(picked.values())))
+        out = dict(zip(picked, logits.split([len(h) for h in picked.values()]), strict=True))
+        if prefilling is not None and prefilling.every_position:
+            out["prompts"] = out["prompts"].view(p, s, -1)
+        return out.get("decoded"), out.get("prompts")
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
