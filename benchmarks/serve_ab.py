@@ -76,7 +76,8 @@ def main() -> None:
     torch.manual_seed(0)
     native = save_native(GPT(SMALL).eval(), scratch / "native")
     command = [sys.executable, "-m", "rugpt_ray.cli", "serve", "--model", f"{SERVED}={native}", "--tokenizer",
-               str(data_root() / "tokenizer"), "--max-batch-size", str(2 * CLIENTS), "--num-cpus", str(args.threads),
+               str((data_root() / "tokenizer").resolve()), "--max-batch-size", str(2 * CLIENTS), "--num-cpus",
+               str(args.threads),
                *(["--ingress", "direct"] if args.ingress == "direct" else []), "--port"]
     print(f"{CORES} cores, {args.threads} threads, {args.ingress} ingress; A = {checkouts['A']}, B = {checkouts['B']}")
     for pair in range(args.pairs):
