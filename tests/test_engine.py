@@ -183,7 +183,6 @@ def test_adapters_of_one_base_share_the_decode_steps_and_each_gets_its_own_token
     assert not engine.decoder.adapters  # neither kept nor used: both left, the base is as it was
 
 
-
 def test_prompts_of_one_adapter_ride_in_decode_steps_of_others_and_each_row_gets_its_alone_tokens(
         make_model, make_adapter, tokenizer, tmp_path):
     """A row joins at every step, so each step prefills one adapter's prompt in the pass that decodes the others'
@@ -195,15 +194,19 @@ def test_prompts_of_one_adapter_ride_in_decode_steps_of_others_and_each_row_gets
     alone = [generate(make_model(cfg, 5) if name is None else apply_adapter(make_model(cfg, 5), adapters[name]),
                       tokenizer, PROMPTS[i % 3], greedy)[0].token_ids for i, name in enumerate(names)]
     decoder, got = Decoder(make_model(cfg, 5), tokenizer, slots=len(names)), {i: [] for i in range(len(names))}
+
+    def step():
+        for owner, event in decoder.step():
+            got[owner] += [] if event.token_id is None else [event.token_id]
+
     for i, name in enumerate(names):
         decoder.add([tokenizer.encode(PROMPTS[i % 3])], greedy, owner=i,
                     adapter=None if name is None else (name, adapters[name]))
-        for owner, event in decoder.step():
-            got[owner] += [] if event.token_id is None else [event.token_id]
+        step()
     while decoder.decoding_rows:
-        for owner, event in decoder.step():
-            got[owner] += [] if event.token_id is None else [event.token_id]
+        step()
     assert [got[i] for i in range(len(names))] == alone
+
 
 # ------------------------------------------------------------------ streaming: the merging rule on a scripted clock
 
