@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -30,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers_cpu import CORES, SERVED, SMALL, request_body, running_server, warm_up  # noqa: E402
-from serve_load import PROMPTS, one_request  # noqa: E402
+from serve_load import load, summary  # noqa: E402
 
 from rugpt_ray.checkpoints import save_native  # noqa: E402
 from rugpt_ray.config import data_root  # noqa: E402
@@ -42,21 +40,11 @@ LOADS = {"fixed": (32, 32), "varied": (16, 48)}
 
 async def tokens_per_s(url: str, duration: float, budget: tuple[int, int]) -> float:
     """CLIENTS closed-loop clients for `duration` seconds, each request wanting a seeded number of new tokens in
-    `budget`: aggregate tokens/s (requests still running at the deadline count, as in serve_load.load)."""
+    `budget` (serve_load.load): aggregate tokens/s."""
     limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=0)
-    tokens = []
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        start = time.perf_counter()
-
-        async def loop(i: int) -> None:
-            rng, n = random.Random(i), 0
-            while time.perf_counter() < start + duration:
-                body = {**request_body(SERVED, rng.randint(*budget), False), "prompt": PROMPTS[(i + n) % len(PROMPTS)]}
-                tokens.append((await one_request(client, body))[2])
-                n += 1
-
-        await asyncio.gather(*(loop(i) for i in range(CLIENTS)))
-        return sum(tokens) / (time.perf_counter() - start)
+        results, elapsed = await load(client, CLIENTS, duration, request_body(SERVED, budget[1], False), budget)
+    return summary(CLIENTS, results, elapsed)["tokens_per_s"]
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import copy
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import tempfile
@@ -64,18 +65,24 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> tuple[float, flo
     return time.perf_counter() - start, first, tokens
 
 
-async def load(client: httpx.AsyncClient, clients: int, duration: float, body: dict) -> tuple[list, float]:
+async def load(client: httpx.AsyncClient, clients: int, duration: float, body: dict,
+               budget: tuple[int, int] | None = None) -> tuple[list, float]:
     """`clients` closed-loop clients that start requests for `duration` seconds: every request, and the time until
     the last one finished. Requests still running at the deadline count, as the time they take does: counting
-    only those finished in time while timing the wait for the rest cut 16 clients' tokens/s by up to a third."""
+    only those finished in time while timing the wait for the rest cut 16 clients' tokens/s by up to a third.
+    With `budget` (low, high), each request's max_tokens is drawn in it (seeded per client), so that requests end
+    and start at different steps, as real traffic's do."""
     results = []
     start = time.perf_counter()
     end = start + duration
 
     async def loop(i: int) -> None:
-        n = 0
+        rng, n = random.Random(i), 0
         while time.perf_counter() < end:
-            results.append(await one_request(client, {**body, "prompt": PROMPTS[(i + n) % len(PROMPTS)]}))
+            request = {**body, "prompt": PROMPTS[(i + n) % len(PROMPTS)]}
+            if budget is not None:
+                request["max_tokens"] = rng.randint(*budget)
+            results.append(await one_request(client, request))
             n += 1
 
     await asyncio.gather(*(loop(i) for i in range(clients)))

@@ -22,29 +22,23 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from rugpt_ray.config import ModelConfig, data_root
-from rugpt_ray.generation import Decoder, GenerationConfig, generate
-from rugpt_ray.model import GPT
-from rugpt_ray.quantization import prepack
-from rugpt_ray.tokenizer import load_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers_cpu import SMALL, ours_engine  # noqa: E402
+from serve_load import PROMPTS  # noqa: E402
 
-SMALL = ModelConfig(n_layer=12, n_embd=768, n_head=12, n_positions=2048, vocab_size=50264)
-PROMPTS = ["Александр Сергеевич Пушкин родился в", "Москва — столица", "Однажды весною, в час небывало жаркого",
-           "Искусственный интеллект"]
+from rugpt_ray.config import data_root  # noqa: E402
+from rugpt_ray.generation import Decoder, GenerationConfig  # noqa: E402
+from rugpt_ray.model import GPT  # noqa: E402
+from rugpt_ray.quantization import prepack  # noqa: E402
+from rugpt_ray.tokenizer import load_tokenizer  # noqa: E402
+
 LIVE, SLOTS = 16, 32
-
-
-def same_work(model: GPT, tokenizer) -> float:
-    """Aggregate tokens/s of LIVE greedy sequences of 32 new tokens, started together."""
-    cfg = GenerationConfig(max_new_tokens=32, greedy=True, ignore_eos=True)
-    start = time.perf_counter()
-    completions = generate(model, tokenizer, [PROMPTS[0]] * LIVE, cfg)
-    return sum(len(c.token_ids) for c in completions) / (time.perf_counter() - start)
 
 
 def staggered(model: GPT, tokenizer, duration: float, seed: int) -> tuple[float, float]:
@@ -78,9 +72,9 @@ def main() -> None:
     model = prepack(GPT(SMALL).eval())
     rounds, load = [], [os.getloadavg()[0]]
     with torch.inference_mode():
-        same_work(model, tokenizer)  # warm-up
+        ours_engine(model, tokenizer, LIVE, 32)  # warm-up
         for r in range(args.rounds):
-            together = same_work(model, tokenizer)
+            together = ours_engine(model, tokenizer, LIVE, 32)
             apart, prefilled = staggered(model, tokenizer, args.duration, seed=r)
             rounds.append({"same_work": together, "staggered": apart, "ratio": apart / together,
                            "steps_with_prompts": prefilled})
