@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -801,14 +802,15 @@ def test_cli_serve_int8_with_api_key_timeout_and_clean_shutdown(checkpoints, ada
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     code = "import sys; from rugpt_ray.cli import main; sys.exit(main(sys.argv[1:]))"
-    # every decode step of the server's engines is followed by a 10 ms pause (the engine's test seam, inherited by
-    # the replicas): the 1000-token request below takes 1000 steps, so at least 10 s, and cannot end before its
-    # 1 s timeout however fast the machine is; the 4-token requests take 40 ms more
-    env = {**os.environ, "RUGPT_TEST_API_KEY": "s3cret", STEP_PAUSE_ENV: "0.01"}
+    # every decode step of the server's engines is followed by a 20 ms pause (the engine's test seam, inherited by
+    # the replicas): the 1000-token requests below take 1000 steps, so at least 20 s, and cannot end before their
+    # 5 s timeout however fast the machine is; the 4-token requests take 80 ms more, which leaves them the rest of
+    # the 5 s on a loaded machine
+    env = {**os.environ, "RUGPT_TEST_API_KEY": "s3cret", STEP_PAUSE_ENV: "0.02"}
     proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(checkpoints["tiny"]),
                              "--model", f"dense={checkpoints['dense']}", "--adapter", str(adapters["a1"]),
                              "--tokenizer", str(data_dir / "tokenizer"),
-                             "--port", str(port), "--api-key-env", "RUGPT_TEST_API_KEY", "--request-timeout", "1",
+                             "--port", str(port), "--api-key-env", "RUGPT_TEST_API_KEY", "--request-timeout", "5",
                              "--max-new-tokens", "1000", "--dtype", "int8"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     auth = {"Authorization": "Bearer s3cret"}
@@ -827,12 +829,18 @@ def test_cli_serve_int8_with_api_key_timeout_and_clean_shutdown(checkpoints, ada
         assert [(m["id"], m["parent"]) for m in models["data"]] == [("tiny", None), ("dense", None), ("a1", "tiny")]
 
         slow = {"prompt": "Привет", "model": "dense", "max_tokens": 1000, "n": 3, "ignore_eos": True}  # 1000 steps
-        r = httpx.post(f"{base}/v1/completions", json=slow, headers=auth, timeout=60)
+
+        def streamed() -> tuple[int, list[dict]]:
+            with httpx.stream("POST", f"{base}/v1/completions", json={**slow, "stream": True}, headers=auth,
+                              timeout=60) as r:
+                return r.status_code, sse(r)
+
+        with ThreadPoolExecutor(1) as pool:  # both time out together
+            stream = pool.submit(streamed)
+            r = httpx.post(f"{base}/v1/completions", json=slow, headers=auth, timeout=60)
+            status, chunks = stream.result()
         assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
-        with httpx.stream("POST", f"{base}/v1/completions", json={**slow, "stream": True}, headers=auth,
-                          timeout=60) as r:
-            chunks = sse(r)
-        assert r.status_code == 200 and chunks[-1]["error"]["code"] == "request_timeout"
+        assert status == 200 and chunks[-1]["error"]["code"] == "request_timeout"
         # int8 weights, and the adapter on the int8 base: what the same models make here
         greedy = GenerationConfig(max_new_tokens=4, greedy=True)
         int8 = with_dtype(load_model(checkpoints["tiny"]), "int8")
