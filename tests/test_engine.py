@@ -3,6 +3,8 @@
 
 import asyncio
 import json
+import subprocess
+import sys
 from contextlib import aclosing
 from dataclasses import replace
 
@@ -295,6 +297,41 @@ def test_stream_with_no_interval_sends_each_step_unless_its_text_is_held_back():
         (2.8, chunk(1, [24], "!", "length")),
         (2.8, {"texts": ["abcd", "xyz!"]}),
     ]
+
+
+PASSING_THREAD_SCRIPT = """
+import asyncio, os, time, torch
+from rugpt_ray.serving.engine import in_passing_thread
+
+torch.set_num_threads(2)
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+def work():
+    return float(torch.ones(1 << 22).exp().sum())  # big enough for a parallel region: an OpenMP team of 2
+
+async def left_behind(run, wait_s):
+    before = threads()
+    await run(work)
+    deadline = time.monotonic() + wait_s  # the thread ends just after handing back the result
+    while threads() > before and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return threads() - before
+
+print(asyncio.run(left_behind(in_passing_thread, 30)), asyncio.run(left_behind(asyncio.to_thread, 0)))
+"""
+
+
+def test_torch_work_in_a_passing_thread_leaves_no_openmp_team_behind():
+    """A pooled thread that ran torch keeps its OpenMP helper thread, which throttles the engine's team (see the
+    engine's docstring); `in_passing_thread` leaves no thread behind. In a fresh process, so that no other thread
+    comes or goes meanwhile."""
+    out = subprocess.run([sys.executable, "-c", PASSING_THREAD_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    passing, pooled = map(int, out.stdout.split())
+    assert passing == 0
+    assert pooled >= 2  # the pool's thread and its team's helper: what the count would show
 
 
 def test_a_sleep_outside_a_polling_loop_is_refused_naming_file_and_line(tmp_path):

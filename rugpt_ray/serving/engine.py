@@ -11,6 +11,11 @@ is put into the model between steps by `hold_adapter` and stays while it is held
 constraint (constraints.py; compiled by the caller, off the event loop): each of its rows gets its own matcher when
 it joins the decoder. Model work runs on one worker thread per engine that steps back to back, so neither waits for
 the other: the event loop accepts requests and streams tokens while a step computes.
+
+Torch's OpenMP (libgomp) keeps a thread's team of helper threads until that thread ends, and once a process holds
+more of them than it has cores, every team stops spin-waiting between parallel regions and sleeps instead: a decode
+step of ruGPT3Small on 2 cores took a third longer. So the worker thread ends when the engine is idle, and other
+torch work in a server (loading weights) goes through `in_passing_thread`, never a pooled thread.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from rugpt_ray.constraints import Constraint
 from rugpt_ray.generation import Decoder, GenerationConfig, TokenEvent
@@ -32,6 +38,8 @@ from rugpt_ray.tokenizer import RuGPTTokenizer
 
 if TYPE_CHECKING:  # the metrics need Ray; the engine runs without it
     from rugpt_ray.serving.metrics import EngineMetrics
+
+T = TypeVar("T")
 
 STEP_PAUSE_ENV = "RUGPT_TEST_ENGINE_STEP_PAUSE_S"
 """A test seam, no setting: seconds the worker thread waits after each decode step (unset: none), read when an engine
@@ -75,6 +83,16 @@ class _Job:
         self.generated = 0  # output tokens so far
         self.loop = loop
         self.queue: asyncio.Queue[list[TokenEvent] | BaseException | None] = asyncio.Queue()
+
+
+async def in_passing_thread(work: Callable[[], T]) -> T:
+    """`work()` on a thread of its own that ends with it, off the event loop: the OpenMP team its torch ops start
+    ends too, and leaves the engines' teams the machine's cores (see the module's docstring)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="rugpt-load")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, work)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _deliver(items: list[tuple[_Job, list[TokenEvent] | BaseException | None]]) -> None:

@@ -34,7 +34,7 @@ from rugpt_ray.serving.chat_completions import ChatChoices, ChatResponses
 from rugpt_ray.serving.completions import Choices, CompletionResponses, GenerateResponses
 from rugpt_ray.serving.config import ServeConfig
 from rugpt_ray.serving.direct_ingress import listen_as_the_proxy_does
-from rugpt_ray.serving.engine import BatchEngine
+from rugpt_ray.serving.engine import BatchEngine, in_passing_thread
 from rugpt_ray.serving.metrics import EngineMetrics, model_loaded
 from rugpt_ray.serving.openapi import openapi_document
 from rugpt_ray.serving.protocol import (
@@ -191,9 +191,9 @@ class RuGPTServer(playground.PlaygroundRoutes):
         time, so it is loaded once)."""
         engine = self.engines.get(name)
         if engine is None:
-            model = await asyncio.to_thread(self._load_weights, name)
-            engine = self.engines[name] = BatchEngine(model, self.tokenizer, self.cfg.max_batch_size,
-                                                      EngineMetrics(name))
+            metrics = EngineMetrics(name)
+            engine = self.engines[name] = await in_passing_thread(  # the weights, and the zeroed KV cache
+                lambda: BatchEngine(self._load_weights(name), self.tokenizer, self.cfg.max_batch_size, metrics))
             # the grammar compiler's view of the vocabulary, built once here rather than within the first
             # structured request's compile time limit
             await asyncio.to_thread(token_table, self.tokenizer, engine.rows)
