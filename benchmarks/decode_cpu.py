@@ -26,7 +26,7 @@ from rugpt_ray.config import data_root, preset
 from rugpt_ray.generation import GenerationConfig
 from rugpt_ray.model import GPT
 from rugpt_ray.quantization import prepack
-from rugpt_ray.serving.engine import BatchEngine
+from rugpt_ray.serving.engine import BatchEngine, in_passing_thread
 from rugpt_ray.tokenizer import load_tokenizer
 
 PROMPTS = ["Александр Сергеевич Пушкин родился в", "Москва — столица", "Однажды весною, в час небывало жаркого",
@@ -70,7 +70,9 @@ def main() -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(data_root() / "tokenizer")
-    engine = BatchEngine(prepack(GPT(preset("tiny"))), tokenizer, max_batch_size=32)
+    # built on a thread that ends, as the replica builds it: no OpenMP team stays beside the engine's
+    engine = asyncio.run(in_passing_thread(lambda: BatchEngine(prepack(GPT(preset("tiny"))), tokenizer,
+                                                                max_batch_size=32)))
     prompts = tokenizer.encode_batch(PROMPTS)
     with open("/proc/loadavg") as f:
         load_before = float(f.read().split()[0])

@@ -179,19 +179,24 @@ def main() -> None:
     from rugpt_ray.quantization import prepack
     from rugpt_ray.serving import ServeConfig
     from rugpt_ray.serving.app import build_app
-    from rugpt_ray.serving.engine import BatchEngine
+    from rugpt_ray.serving.engine import BatchEngine, in_passing_thread
     from rugpt_ray.tokenizer import load_tokenizer
 
-    torch.manual_seed(0)
-    scratch = Path(tempfile.mkdtemp(prefix="serve-load-"))
-    base = GPT(preset("tiny"))
-    model_dir = save_native(base, scratch / "tiny")
-    adapters = {}
-    if args.with_adapter:  # requests still name the base: the same work, with the router in front
-        lora = LoraConfig()
+    def save_models(scratch: Path) -> tuple[Path, dict]:
+        """The model (and the adapter) on disk; the served names of the adapters."""
+        base = GPT(preset("tiny"))
+        model_dir = save_native(base, scratch / "tiny")
+        if not args.with_adapter:
+            return model_dir, {}
+        lora = LoraConfig()  # requests still name the base: the same work, with the router in front
         save_adapter(add_lora(copy.deepcopy(base), lora), lora, base_reference(base, str(model_dir), {}),
                      scratch / "adapter")
-        adapters = {"tiny-lora": {"path": str(scratch / "adapter")}}
+        return model_dir, {"tiny-lora": {"path": str(scratch / "adapter")}}
+
+    torch.manual_seed(0)
+    # torch work here runs on threads that end, as in the replica: no OpenMP team stays beside the engine's below
+    model_dir, adapters = asyncio.run(in_passing_thread(lambda: save_models(Path(tempfile.mkdtemp(
+        prefix="serve-load-")))))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
@@ -203,7 +208,7 @@ def main() -> None:
 
     torch.set_num_threads(2)  # as the replica has: it reserves the node's 2 CPUs
     tokenizer = load_tokenizer(args.tokenizer)
-    engine = BatchEngine(prepack(load_model(model_dir)), tokenizer)
+    engine = asyncio.run(in_passing_thread(lambda: BatchEngine(prepack(load_model(model_dir)), tokenizer)))
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[0]
     results = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "router": args.with_adapter,
