@@ -13,9 +13,10 @@ it joins the decoder. Model work runs on one worker thread per engine that steps
 the other: the event loop accepts requests and streams tokens while a step computes.
 
 Torch's OpenMP (libgomp) keeps a thread's team of helper threads until that thread ends, and once a process holds
-more of them than it has cores, every team stops spin-waiting between parallel regions and sleeps instead: a decode
-step of ruGPT3Small on 2 cores took a third longer. So the worker thread ends when the engine is idle, and other
-torch work in a server (loading weights) goes through `in_passing_thread`, never a pooled thread.
+more of them than it has cores, every team stops spin-waiting between parallel regions and sleeps instead: on 2
+cores a decode step of ruGPT3Small took a quarter longer, one of the tiny model twice as long. The worker thread
+ends when the engine is idle, its team with it, and other torch work in a server (loading weights, building the
+engine) goes through `in_passing_thread`, never a pooled thread.
 """
 
 from __future__ import annotations
