@@ -10,11 +10,14 @@ each sampling mode (sampled: temperature 1 = OpenAI's default with top_p 0.9; an
   process (no Serve) and over HTTP; Serve's added TTFT is the difference of the medians.
 With `--with-adapter` the app also serves a LoRA adapter of the model, so it has two names and requests go
 through the `RuGPTRouter` ingress (the requests still name the base): the router's cost.
+`--listen` says who takes the HTTP requests: Serve's proxy, which hands them to the router (the default); the
+router itself, as `rugpt-ray serve` runs it; or the model server itself, as `rugpt-ray serve --ingress direct`.
 Alternating makes background load on the machine hit both sides alike. This process lowers its own priority
 to that of Ray's workers (nice 15) for the same reason.
 
     python benchmarks/serve_load.py [--clients 16] [--duration 8] [--rounds 3] [--max-tokens 32]
-                                    [--stream-interval 0.05] [--no-stream] [--with-adapter] [--out result.json]
+                                    [--stream-interval 0.05] [--no-stream] [--with-adapter]
+                                    [--listen proxy|router|direct] [--out result.json]
 """
 
 import argparse
@@ -160,6 +163,10 @@ def main() -> None:
                         help="plain JSON responses instead of SSE (no TTFT; shows batching without per-token I/O)")
     parser.add_argument("--with-adapter", action="store_true",
                         help="also serve a LoRA adapter of the model: two names, so requests go through the router")
+    parser.add_argument("--listen", choices=("proxy", "router", "direct"), default="proxy",
+                        help="who takes the HTTP requests: Serve's proxy, then the router (default); the router "
+                             "itself, as `rugpt-ray serve`; the model server itself, as `rugpt-ray serve --ingress "
+                             "direct`")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     if not 1 <= args.duration <= 60:
@@ -179,6 +186,7 @@ def main() -> None:
     from rugpt_ray.quantization import prepack
     from rugpt_ray.serving import ServeConfig
     from rugpt_ray.serving.app import build_app
+    from rugpt_ray.serving.direct_ingress import local_ray_env
     from rugpt_ray.serving.engine import BatchEngine, in_passing_thread
     from rugpt_ray.tokenizer import load_tokenizer
 
@@ -199,11 +207,13 @@ def main() -> None:
         prefix="serve-load-")))))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    if args.listen != "proxy":  # the app's ingress replica listens on `port`; Serve's proxy on another, unused
+        os.environ.update(local_ray_env(port))
     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port if args.listen == "proxy" else free_port()})
     serve.run(build_app(ServeConfig(models={"tiny": str(model_dir)}, adapters=adapters, tokenizer=args.tokenizer,
-                                    max_batch_size=32, max_ongoing_requests=64,
-                                    stream_interval_s=args.stream_interval)),
+                                    max_batch_size=32, max_ongoing_requests=64, stream_interval_s=args.stream_interval,
+                                    ingress="direct" if args.listen == "direct" else "router")),
               name="bench", route_prefix="/")
 
     torch.set_num_threads(2)  # as the replica has: it reserves the node's 2 CPUs
@@ -212,7 +222,7 @@ def main() -> None:
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[0]
     results = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "router": args.with_adapter,
-               "clients": args.clients,
+               "listen": args.listen, "clients": args.clients,
                "duration_s": args.duration, "rounds": args.rounds, "max_tokens": args.max_tokens,
                "stream_interval_s": args.stream_interval, "modes": {}}
     for mode, sampling in (("temperature 1, top_p 0.9", {"temperature": 1.0, "top_p": 0.9}),
@@ -232,7 +242,8 @@ def main() -> None:
 
     print(f"\n{results['machine']} (load average {results['load_average_before_after']}); tiny model, "
           f"{args.max_tokens} new tokens per request, "
-          f"{'plain' if args.no_stream else f'streamed (interval {args.stream_interval:g} s)'} /v1/completions, "
+          f"{'plain' if args.no_stream else f'streamed (interval {args.stream_interval:g} s)'} /v1/completions "
+          f"taken by {args.listen}, "
           f"{args.rounds} x {args.duration:g} s per phase")
     print(f"{'mode':<24} {'clients':>7} {'req/s':>7} {'tok/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'TTFT p50':>9}"
           f"{'TTFT p99':>9}")
