@@ -361,19 +361,20 @@ class GPT(nn.Module):
             parts.append(Part(p, s, self._unpadded_masks(s, device), partial(cache.write_prompts, prefilling.slots)))
         hidden = self._hidden(torch.cat(ids).unsqueeze(1), torch.cat(positions).unsqueeze(1), parts)[:, 0]
         per_part = iter(hidden.split([part.tokens for part in parts]))
-        picked = {}  # the hidden states the output layer reads, per part
+        read = []  # the hidden states the output layer reads, part by part
         if decoding is not None:
             decoded = next(per_part)
-            picked["decoded"] = decoded if decoding.rows is None else decoded[decoding.rows]
+            read.append(decoded if decoding.rows is None else decoded[decoding.rows])
         if prefilling is not None:
             prompts = next(per_part).view(p, s, -1)
-            picked["prompts"] = (prompts.flatten(0, 1) if prefilling.every_position
-                                 else prompts[torch.arange(p, device=device), prefilling.lengths - 1])
-        logits = self.lm_head(torch.cat(list(picked.values())))
-        out = dict(zip(picked, logits.split([len(h) for h in picked.values()]), strict=True))
-        if prefilling is not None and prefilling.every_position:
-            out["prompts"] = out["prompts"].view(p, s, -1)
-        return out.get("decoded"), out.get("prompts")
+            read.append(prompts.flatten(0, 1) if prefilling.every_position
+                        else prompts[torch.arange(p, device=device), prefilling.lengths - 1])
+        logits = iter(self.lm_head(torch.cat(read)).split([len(h) for h in read]))
+        decoded = next(logits) if decoding is not None else None
+        prompts = next(logits) if prefilling is not None else None
+        if prompts is not None and prefilling.every_position:
+            prompts = prompts.view(p, s, -1)
+        return decoded, prompts
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
