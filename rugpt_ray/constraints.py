@@ -28,13 +28,13 @@ while the compile finishes in the background into the cache, its work bounded by
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from functools import cache
 
 import llguidance
 import numpy as np
@@ -50,9 +50,9 @@ MAX_WHITESPACE = 8
 indent)."""
 COMPILE_TIME_LIMIT = 5.0
 """Seconds a request waits for its grammar by default (typical schemas compile in about a millisecond)."""
-SPARSE_MASK = 1 / 8
-"""A constrained row that allows at most this share of the vocabulary is masked by putting its allowed logits back
-into a row of -inf (see `mask_logits`)."""
+FEW_ALLOWED = 1 / 8
+"""A constrained row that allows at most this share of the vocabulary draws among its allowed ids alone
+(`allowed_tokens`); one that allows more has its logits masked (`mask_logits`)."""
 CACHE_ENTRIES = 512
 """Compiled grammars kept (about 100 KiB each for the test schemas: benchmarks/structured_cpu.py)."""
 
@@ -102,30 +102,25 @@ def blocked_tokens(bitmask: np.ndarray, vocab_rows: int) -> Tensor:
     return torch.from_numpy(bits).view(torch.bool)
 
 
+def allowed_tokens(bitmask: np.ndarray) -> list[np.ndarray]:
+    """The ids (int64, ascending) each row of a uint32 bitmask allows: the set bits of its nonzero words only."""
+    rows, words = bitmask.shape
+    if not rows:
+        return []
+    flat = bitmask.reshape(-1)
+    nonzero = np.flatnonzero(flat != 0)
+    word, bit = np.nonzero(np.unpackbits(flat[nonzero].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little"))
+    ids = (nonzero[word] * 32 + bit) % (words * 32)
+    return np.split(ids, np.cumsum(np.bitwise_count(bitmask).sum(1))[:-1])
+
+
 def mask_logits(logits: np.ndarray, rows: list[int], bitmask: np.ndarray) -> None:
     """Set to -inf, in place, every logit of row `rows[j]` of (B, V) `logits` that row j of the bitmask does not
-    allow.
+    allow."""
+    blocked = blocked_tokens(bitmask, logits.shape[1]).numpy()
+    for j, row in enumerate(rows):
+        np.copyto(logits[row], -np.inf, where=blocked[j])
 
-    A row that allows few tokens (most JSON steps: a key, a comma, a digit; at most `SPARSE_MASK` of the rows'
-    tokens) is set to -inf whole and its allowed logits put back, which costs a memset; a row that allows many
-    (text inside a string) gets numpy's masked copy from its unpacked bits: half the time of masking every row
-    one way (benchmarks/structured_cpu.py)."""
-    vocab_rows = logits.shape[1]
-    counts = np.bitwise_count(bitmask).sum(1)
-    sparse = np.flatnonzero(counts <= vocab_rows * SPARSE_MASK)
-    if len(sparse):
-        r, w = np.nonzero(bitmask[sparse])
-        k, b = np.nonzero((bitmask[sparse[r], w][:, None] >> _BITS) & 1)
-        sparse_rows = np.asarray(rows)[sparse]
-        index = sparse_rows[r[k]], w[k] * 32 + b
-        kept = logits[index]
-        logits[sparse_rows] = -np.inf
-        logits[index] = kept
-    for j in np.flatnonzero(counts > vocab_rows * SPARSE_MASK):
-        np.copyto(logits[rows[j]], -np.inf, where=blocked_tokens(bitmask[j:j + 1], vocab_rows)[0].numpy())
-
-
-_BITS = np.arange(32, dtype=np.uint32)
 
 
 def compile_constraint(kind: str, spec: object, tokenizer: RuGPTTokenizer, vocab_rows: int,
@@ -197,7 +192,7 @@ def _compile(kind: str, text: str, tokenizer: RuGPTTokenizer, vocab_rows: int) -
     return Constraint(kind, text, tokenizer.fingerprint, vocab_rows, matcher)
 
 
-@cache
+@functools.cache
 def token_table(tokenizer: RuGPTTokenizer, vocab_rows: int) -> llguidance.LLTokenizer:
     """llguidance's view of the tokenizer for a model of `vocab_rows` rows (rows past the vocabulary are padding)."""
     return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Tokens(tokenizer)), n_vocab=vocab_rows)
@@ -215,4 +210,10 @@ class _Tokens:
         self._tokenizer = tokenizer
 
     def __call__(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text)
+        return list(self._encode(text))
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one instance per tokenizer, kept by token_table's cache)
+    def _encode(self, text: str) -> tuple[int, ...]:
+        """llguidance tokenizes the text a grammar forces next while it fills masks (a key's rest: 'ame"'), the same
+        few strings over and over: 20 us each through the tokenizer."""
+        return tuple(self._tokenizer.encode(text))

@@ -26,7 +26,7 @@ rows of different adapters and of the base share every step, each LoRA layer gro
 
 A row may follow a grammar (`add(..., constraint=compile_constraint(kind, spec, tokenizer, rows))`: a JSON schema,
 any JSON object, a regex, a choice or a Lark/GBNF grammar; see constraints.py): it draws only the tokens its grammar
-allows next, and EOS only once the grammar is complete, so a completed output ends with "stop" and one cut by
+allows next (among those alone when they are few: `GrammarMask`), and EOS only once the grammar is complete, so a completed output ends with "stop" and one cut by
 `max_new_tokens` with "length" (the partial text is returned). A grammar that allows nothing but EOS ends the row
 even before `min_new_tokens`: the grammar wins. Constrained and unconstrained rows share every step.
 
@@ -47,9 +47,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rugpt_ray.constraints import Constraint, Matcher, blocked_tokens, mask_logits
+from rugpt_ray.constraints import FEW_ALLOWED, Constraint, Matcher, allowed_tokens, blocked_tokens, mask_logits
 from rugpt_ray.errors import UserError
 from rugpt_ray.generation_config import GenerationConfig, RequestError
+from rugpt_ray.heap import keep_freed_memory
 from rugpt_ray.lora import NO_ADAPTER, Adapter, adapter_per_row, apply_adapter, remove_adapter
 from rugpt_ray.model import GPT, Decoding, KVCache, Prefilling
 from rugpt_ray.tokenizer import RuGPTTokenizer
@@ -137,7 +138,12 @@ class UndecodableIds(LogitsProcessor):
 
 class GrammarMask(LogitsProcessor):
     """A constrained row draws only what its grammar allows next (before bias, penalties and temperature, as in
-    vLLM); the masks are filled for constrained rows only, so the others pay nothing."""
+    vLLM); the masks are filled for constrained rows only, so the others pay nothing.
+
+    A row whose grammar allows few tokens (at most `FEW_ALLOWED` of the vocabulary: a key, a comma, a digit) keeps its
+    logits and gets its allowed ids (`Row.allowed`), among which alone it then draws: the same distribution as
+    masking every other logit to -inf (the later processors change each logit on its own), without a pass over the
+    vocabulary. A row that allows more (text inside a string) has its logits masked."""
 
     def apply(self, logits: Tensor, rows: list[Row]) -> None:
         constrained = [i for i, row in enumerate(rows) if row.matcher is not None]
@@ -146,11 +152,22 @@ class GrammarMask(LogitsProcessor):
         bitmask = np.empty((len(constrained), (logits.shape[1] + 31) // 32), dtype=np.uint32)
         for j, i in enumerate(constrained):
             rows[i].matcher.fill(bitmask[j])
+        counts = np.bitwise_count(bitmask).sum(1)
+        few = (counts > 0) & (counts <= logits.shape[1] * FEW_ALLOWED)
+        for j, ids in zip(np.flatnonzero(few), allowed_tokens(bitmask[few]), strict=True):
+            rows[constrained[j]].allowed = ids
+        many = np.flatnonzero(~few)
+        for j in many:
+            rows[constrained[j]].allowed = None
+        if not len(many):
+            return
+        masked = [constrained[j] for j in many]
         if logits.device.type == "cpu":
-            mask_logits(logits.numpy(), constrained, bitmask)
+            mask_logits(logits.numpy(), masked, bitmask[many])
         else:
-            blocked, never = blocked_tokens(bitmask, logits.shape[1]).to(logits.device), logits.new_tensor(-np.inf)
-            for j, i in enumerate(constrained):
+            blocked = blocked_tokens(bitmask[many], logits.shape[1]).to(logits.device)
+            never = logits.new_tensor(-np.inf)
+            for j, i in enumerate(masked):
                 torch.where(blocked[j], never, logits[i], out=logits[i])
 
     def accept(self, rows: list[Row], tokens: list[int]) -> None:
@@ -227,26 +244,34 @@ def _padded(histories: list[Tensor]) -> Tensor:
 # ----------------------------------------------------------------------------------------------- sampling
 
 
-def choose_tokens(scores: Tensor, cfgs: list[GenerationConfig], draw: Callable[[list[int]], Tensor]) -> Tensor:
+def choose_tokens(scores: Tensor, cfgs: list[GenerationConfig], draw: Callable[[list[int]], Tensor],
+                  allowed: list[np.ndarray | None] | None = None) -> Tensor:
     """The next token of each row of (B, V) adjusted logits: argmax for greedy rows, else sampled.
 
     `draw(rows)` returns a fresh uniform number in [0, 1) (float64) for each listed row, from that row's own
-    generator. Temperature, top-k and top-p are per row; the module docstring says how a draw maps to a token.
+    generator. Temperature, top-k and top-p are per row; the module docstring says how a draw maps to a token. A row
+    with `allowed` ids (ascending) chooses among those alone, as if its other logits were -inf.
     """
     tokens = torch.empty(len(cfgs), dtype=torch.long, device=scores.device)
-    greedy = [r for r, cfg in enumerate(cfgs) if cfg.is_greedy]
+    narrowed = [r for r, ids in enumerate(allowed or ()) if ids is not None]
+    if narrowed:
+        tokens[narrowed] = _choose_among(scores, narrowed, [allowed[r] for r in narrowed], [cfgs[r] for r in narrowed],
+                                         lambda rows: draw([narrowed[i] for i in rows]))
+    wide = [r for r in range(len(cfgs)) if not allowed or allowed[r] is None]
+    greedy = [r for r in wide if cfgs[r].is_greedy]
     if greedy:
         tokens[greedy] = scores[greedy].argmax(-1)
-    ranked = [r for r, cfg in enumerate(cfgs) if not cfg.is_greedy and cfg.top_k]
+    ranked = [r for r in wide if not cfgs[r].is_greedy and cfgs[r].top_k]
     if ranked:
         tokens[ranked] = _top_k_tokens(_tempered(scores, cfgs, ranked), [cfgs[r] for r in ranked], draw(ranked))
-    full = [r for r, cfg in enumerate(cfgs) if not cfg.is_greedy and not cfg.top_k]
+    full = [r for r in wide if not cfgs[r].is_greedy and not cfgs[r].top_k]
     if full:
         probs = _tempered(scores, cfgs, full).softmax(-1)
         chosen = _inverse_cdf(probs, draw(full))
         top_p = torch.tensor([cfgs[r].top_p for r in full], dtype=torch.float64, device=scores.device)
-        pending = torch.arange(len(full), device=scores.device)[top_p < 1]
-        for tries in range(1, TOP_P_REJECTIONS + 1):  # a token is kept when the tokens likelier hold < top_p
+        pending = torch.tensor([i for i, r in enumerate(full) if cfgs[r].top_p < 1], dtype=torch.long,
+                               device=scores.device)
+        for tries in range(1, TOP_P_REJECTIONS + 1 if len(pending) else 1):  # kept when the likelier hold < top_p
             p = probs[pending]
             likelier = (p * (p > p.gather(1, chosen[pending].unsqueeze(1)))).sum(-1)
             pending = pending[likelier >= top_p[pending]]
@@ -256,6 +281,20 @@ def choose_tokens(scores: Tensor, cfgs: list[GenerationConfig], draw: Callable[[
             chosen[pending] = _inverse_cdf(candidates, draw([full[i] for i in pending.tolist()]))
         tokens[full] = chosen
     return tokens
+
+
+def _choose_among(scores: Tensor, rows: list[int], ids: list[np.ndarray], cfgs: list[GenerationConfig],
+                  draw: Callable[[list[int]], Tensor]) -> Tensor:
+    """The token of each of `rows` chosen among its `ids` alone: `choose_tokens` over their gathered logits, in id
+    order (a shorter row padded with -inf), so a draw lands on the token it would over the masked vocabulary."""
+    lengths = np.array([len(i) for i in ids])
+    kept = np.arange(lengths.max()) < lengths[:, None]
+    padded = np.zeros(kept.shape, dtype=np.int64)
+    padded[kept] = np.concatenate(ids)
+    padded = torch.from_numpy(padded).to(scores.device)
+    gathered = scores[torch.tensor(rows, device=scores.device).unsqueeze(1), padded]
+    gathered.masked_fill_(torch.from_numpy(~kept).to(scores.device), float("-inf"))
+    return padded.gather(1, choose_tokens(gathered, cfgs, draw).unsqueeze(1)).squeeze(1)
 
 
 def _tempered(scores: Tensor, cfgs: list[GenerationConfig], rows: list[int]) -> Tensor:
@@ -376,6 +415,7 @@ class Row:
     next_token: int | None = None  # None until prefilled
     adapter: str = NO_ADAPTER
     matcher: Matcher | None = None  # where a constrained row stands in its grammar
+    allowed: np.ndarray | None = None  # the ids this step's draw is narrowed to (GrammarMask), when few
 
     @property
     def tokens(self) -> Tensor:
@@ -395,6 +435,7 @@ class Decoder:
 
     def __init__(self, model: GPT, tokenizer: RuGPTTokenizer, slots: int, capacity: int | None = None,
                  static_shapes: bool = False):
+        keep_freed_memory()  # each step frees what the next allocates again (heap.py)
         self.model, self.tokenizer, self.static_shapes = model.eval(), tokenizer, static_shapes
         self.capacity = min(capacity or model.config.n_positions, model.config.n_positions)
         self.device = next(model.parameters()).device
@@ -615,7 +656,7 @@ class Decoder:
             return torch.tensor([torch.rand(1, generator=rows[i].generator, dtype=torch.float64).item()
                                  for i in indices], dtype=torch.float64, device=self.device)
 
-        tokens = choose_tokens(logits, [row.cfg for row in rows], draw)
+        tokens = choose_tokens(logits, [row.cfg for row in rows], draw, [row.allowed for row in rows])
         token_list = tokens.tolist()
         for processor in self.processors:
             processor.accept(rows, token_list)

@@ -12,7 +12,14 @@ import torch
 from schemas import SCHEMAS
 
 from rugpt_ray.config import preset
-from rugpt_ray.constraints import MAX_WHITESPACE, blocked_tokens, compile_constraint, mask_logits
+from rugpt_ray.constraints import (
+    FEW_ALLOWED,
+    MAX_WHITESPACE,
+    allowed_tokens,
+    blocked_tokens,
+    compile_constraint,
+    mask_logits,
+)
 from rugpt_ray.generation import Decoder, GenerationConfig, RequestError, generate
 from rugpt_ray.lora import apply_adapter, load_adapter
 
@@ -131,15 +138,18 @@ def test_eos_is_allowed_exactly_when_the_grammar_is_complete(tokenizer):
     assert True in eos_allowed and matcher.must_end and allowed().nonzero().flatten().tolist() == [tokenizer.eos_id]
 
 
-def test_sparse_and_dense_rows_are_masked_alike(tokenizer):
-    """`mask_logits` keeps exactly the allowed logits of the rows it is given, whichever way it masks a row."""
+def test_allowed_ids_and_masked_rows_follow_the_bitmask(tokenizer):
+    """`allowed_tokens` lists exactly the ids a row of the bitmask allows, and `mask_logits` keeps exactly their
+    logits in the rows it is given, for rows that allow few tokens (a JSON step) and many (free text)."""
     matchers = [constrain("json", schema, tokenizer).matcher() for schema in SCHEMAS[:3]]
-    matchers.append(constrain("regex", "[а-я ]{0,40}", tokenizer).matcher())  # many tokens allowed: a dense row
+    matchers.append(constrain("regex", "[а-я ]{0,40}", tokenizer).matcher())  # many tokens allowed
     bitmask = np.empty((len(matchers), (TINY.vocab_size + 31) // 32), dtype=np.uint32)
     for j, matcher in enumerate(matchers):
         matcher.fill(bitmask[j])
     blocked = blocked_tokens(bitmask, TINY.vocab_size)
-    assert blocked[:3].logical_not().sum(1).max() < TINY.vocab_size / 8 < blocked[3].logical_not().sum()
+    assert blocked[:3].logical_not().sum(1).max() < TINY.vocab_size * FEW_ALLOWED < blocked[3].logical_not().sum()
+    assert [ids.tolist() for ids in allowed_tokens(bitmask)] == [row.nonzero().flatten().tolist() for row in ~blocked]
+    assert allowed_tokens(bitmask[:0]) == []
     logits, rows = torch.randn(6, TINY.vocab_size), [5, 0, 2, 3]
     expected = logits.clone()
     expected[rows] = expected[rows].masked_fill(blocked, float("-inf"))

@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
@@ -295,6 +296,27 @@ def test_mixed_rows_sample_as_each_alone_and_greedy_rows_take_the_argmax():
                   for r in range(len(cfgs))]
         assert batched.tolist() == single
         assert batched[-2:].tolist() == logits[-2:].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("name", [*SAMPLERS, "greedy"])
+def test_a_row_narrowed_to_its_allowed_ids_chooses_as_over_the_masked_vocabulary(name):
+    """A constrained row that allows few tokens draws among their logits alone (`allowed`): the same token, draw for
+    draw, as over the whole row with every other logit at -inf; unconstrained rows (None) are left as they are."""
+    cfg = GenerationConfig(greedy=True) if name == "greedy" else SAMPLERS[name]
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 3000, generator=gen) * 3
+    allowed = [np.sort(torch.randperm(3000, generator=gen)[:n].numpy()) for n in (1, 2, 7, 40, 375)] + [None]
+    if name == "greedy":  # ties: the first id of the likeliest wins, as argmax over the row
+        logits[2, :40], allowed[2] = logits[2, 0], np.arange(40)
+    masked = torch.full_like(logits, float("-inf"))
+    for r, ids in enumerate(allowed):
+        masked[r] = logits[r] if ids is None else masked[r].index_copy(0, torch.from_numpy(ids), logits[r, ids])
+    ours, theirs = Draws(6, seed=3), Draws(6, seed=3)
+    got = torch.stack([choose_tokens(logits, [cfg] * 6, ours, allowed) for _ in range(60)])
+    want = torch.stack([choose_tokens(masked, [cfg] * 6, theirs) for _ in range(60)])
+    assert torch.equal(got, want)
+    assert all(set(got[:, r].tolist()) <= set(ids.tolist()) for r, ids in enumerate(allowed[:5]))
+    assert name != "temperature" or len(set(got[:, 4].tolist())) > 5
 
 
 def test_penalties_and_logit_bias_equal_the_reference():
