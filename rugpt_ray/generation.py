@@ -26,9 +26,10 @@ rows of different adapters and of the base share every step, each LoRA layer gro
 
 A row may follow a grammar (`add(..., constraint=compile_constraint(kind, spec, tokenizer, rows))`: a JSON schema,
 any JSON object, a regex, a choice or a Lark/GBNF grammar; see constraints.py): it draws only the tokens its grammar
-allows next (among those alone when they are few: `GrammarMask`), and EOS only once the grammar is complete, so a completed output ends with "stop" and one cut by
-`max_new_tokens` with "length" (the partial text is returned). A grammar that allows nothing but EOS ends the row
-even before `min_new_tokens`: the grammar wins. Constrained and unconstrained rows share every step.
+allows next (among those alone when they are few: `GrammarMask`), and EOS only once the grammar is complete, so a
+completed output ends with "stop" and one cut by `max_new_tokens` with "length" (the partial text is returned). A
+grammar that allows nothing but EOS ends the row even before `min_new_tokens`: the grammar wins. Constrained and
+unconstrained rows share every step.
 
 A row ends at EOS (unless `ignore_eos`), at one of its `stop_token_ids` or stop strings (neither is kept in
 the output unless `include_stop_str_in_output`), or after `max_new_tokens`; before `min_new_tokens` its ending
@@ -50,7 +51,6 @@ from torch import Tensor
 from rugpt_ray.constraints import FEW_ALLOWED, Constraint, Matcher, allowed_tokens, blocked_tokens, mask_logits
 from rugpt_ray.errors import UserError
 from rugpt_ray.generation_config import GenerationConfig, RequestError
-from rugpt_ray.heap import keep_freed_memory
 from rugpt_ray.lora import NO_ADAPTER, Adapter, adapter_per_row, apply_adapter, remove_adapter
 from rugpt_ray.model import GPT, Decoding, KVCache, Prefilling
 from rugpt_ray.tokenizer import RuGPTTokenizer
@@ -435,7 +435,6 @@ class Decoder:
 
     def __init__(self, model: GPT, tokenizer: RuGPTTokenizer, slots: int, capacity: int | None = None,
                  static_shapes: bool = False):
-        keep_freed_memory()  # each step frees what the next allocates again (heap.py)
         self.model, self.tokenizer, self.static_shapes = model.eval(), tokenizer, static_shapes
         self.capacity = min(capacity or model.config.n_positions, model.config.n_positions)
         self.device = next(model.parameters()).device
