@@ -2,7 +2,11 @@
 model multiplexing, so requests go where their model is loaded and clients send no header. Standing outside the
 replicas, it also sees one die (ray#47219: Serve's proxy would cut the stream silently, or answer a bare 500):
 a request that has sent the client nothing yet is sent once more, to another replica, and a stream that has
-started ends with an error event and `[DONE]`."""
+started ends with an error event and `[DONE]`.
+
+Requests and their streamed chunks go over each replica's gRPC server (Serve's `_by_reference=False`, the default of
+its throughput-optimized mode) rather than as Ray actor calls, where each chunk is an object put in the store and
+fetched: a replica lost is still a `RayActorError` (`ActorUnavailableError`) here."""
 # No `from __future__ import annotations` here: Serve reads `__call__`'s annotations at runtime.
 
 import asyncio
@@ -62,7 +66,8 @@ class RuGPTRouter:
     replica lost before a retry could answer (503, or an error event in a stream)."""
 
     def __init__(self, server: DeploymentHandle, cfg: ServeConfig):
-        self.server, self.cfg = server.options(stream=True), cfg
+        # over the replicas' own gRPC servers, not as Ray actor calls that make every streamed chunk an object
+        self.server, self.cfg = server.options(stream=True, _by_reference=False), cfg
         listen_as_the_proxy_does()
 
     async def __call__(self, request: Request) -> Response:
