@@ -122,7 +122,6 @@ def mask_logits(logits: np.ndarray, rows: list[int], bitmask: np.ndarray) -> Non
         np.copyto(logits[row], -np.inf, where=blocked[j])
 
 
-
 def compile_constraint(kind: str, spec: object, tokenizer: RuGPTTokenizer, vocab_rows: int,
                        time_limit: float = COMPILE_TIME_LIMIT) -> Constraint:
     """The constraint `kind` with `spec` for a model of `vocab_rows` rows, compiled once and cached; thread-safe.

@@ -268,19 +268,27 @@ def choose_tokens(scores: Tensor, cfgs: list[GenerationConfig], draw: Callable[[
     if full:
         probs = _tempered(scores, cfgs, full).softmax(-1)
         chosen = _inverse_cdf(probs, draw(full))
-        top_p = torch.tensor([cfgs[r].top_p for r in full], dtype=torch.float64, device=scores.device)
-        pending = torch.tensor([i for i, r in enumerate(full) if cfgs[r].top_p < 1], dtype=torch.long,
-                               device=scores.device)
-        for tries in range(1, TOP_P_REJECTIONS + 1 if len(pending) else 1):  # kept when the likelier hold < top_p
-            p = probs[pending]
-            likelier = (p * (p > p.gather(1, chosen[pending].unsqueeze(1)))).sum(-1)
-            pending = pending[likelier >= top_p[pending]]
-            if not len(pending):
-                break
-            candidates = probs[pending] if tries < TOP_P_REJECTIONS else _nucleus(probs[pending], top_p[pending])
-            chosen[pending] = _inverse_cdf(candidates, draw([full[i] for i in pending.tolist()]))
+        nucleus = [i for i, r in enumerate(full) if cfgs[r].top_p < 1]
+        if nucleus:
+            top_p = torch.tensor([cfgs[r].top_p for r in full], dtype=torch.float64, device=scores.device)
+            _keep_within_top_p(probs, chosen, top_p, torch.tensor(nucleus, device=scores.device),
+                               lambda rows: draw([full[i] for i in rows]))
         tokens[full] = chosen
     return tokens
+
+
+def _keep_within_top_p(probs: Tensor, chosen: Tensor, top_p: Tensor, pending: Tensor,
+                       draw: Callable[[list[int]], Tensor]) -> None:
+    """Draw each `pending` row's token of `chosen` again, in place, while the tokens likelier than it hold top_p or
+    more (rejection: exactly the top-p distribution); after `TOP_P_REJECTIONS` tries, from its sorted nucleus."""
+    for tries in range(1, TOP_P_REJECTIONS + 1):
+        p = probs[pending]
+        likelier = (p * (p > p.gather(1, chosen[pending].unsqueeze(1)))).sum(-1)
+        pending = pending[likelier >= top_p[pending]]
+        if not len(pending):
+            return
+        candidates = probs[pending] if tries < TOP_P_REJECTIONS else _nucleus(probs[pending], top_p[pending])
+        chosen[pending] = _inverse_cdf(candidates, draw(pending.tolist()))
 
 
 def _choose_among(scores: Tensor, rows: list[int], ids: list[np.ndarray], cfgs: list[GenerationConfig],
