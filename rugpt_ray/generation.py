@@ -56,9 +56,9 @@ from rugpt_ray.model import GPT, Decoding, KVCache, Prefilling
 from rugpt_ray.tokenizer import RuGPTTokenizer
 
 BLOCK = 256
+"""Inverse-CDF draws over a wide row first pick one of its blocks of this many columns by their sums."""
 TOP_P_REJECTIONS = 32
 """Draws a top-p row rejects before it draws from its sorted nucleus (1 / top_p draws on average)."""
-"""Inverse-CDF draws over a wide row first pick one of its blocks of this many columns by their sums."""
 
 
 @dataclass
