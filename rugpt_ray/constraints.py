@@ -110,8 +110,8 @@ def allowed_tokens(bitmask: np.ndarray) -> list[np.ndarray]:
     flat = bitmask.reshape(-1)
     nonzero = np.flatnonzero(flat != 0)
     word, bit = np.nonzero(np.unpackbits(flat[nonzero].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little"))
-    ids = (nonzero[word] * 32 + bit) % (words * 32)
-    return np.split(ids, np.cumsum(np.bitwise_count(bitmask).sum(1))[:-1])
+    row, ids = np.divmod(nonzero[word] * 32 + bit, words * 32)
+    return np.split(ids, np.searchsorted(row, np.arange(1, rows)))
 
 
 def mask_logits(logits: np.ndarray, rows: list[int], bitmask: np.ndarray) -> None:
