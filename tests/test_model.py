@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from rugpt_ray.attention import sdpa
 from rugpt_ray.checkpoints import export_hf, load_model
 from rugpt_ray.config import ModelConfig, preset
 from rugpt_ray.model import GPT, Decoding, KVCache, Prefilling
@@ -172,3 +173,30 @@ def test_a_decode_step_and_new_prompts_in_one_pass_equal_two_passes(make_model):
     for a, b in [*zip(apart, together, strict=True), *zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v,
                                                            strict=True)]:
         assert (a - b).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_decode_step_attends_in_float32_on_cpu(dtype):
+    """One query per row over cached half-precision keys: SDPA over the keys in float32 (torch's CPU kernel is
+    1.5-5x slower over half-precision ones), the result in the model's dtype and within its rounding of exact."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, width, 16, generator=generator).to(dtype) for width in (1, 40, 40))
+    mask = (torch.arange(40) <= torch.tensor([[5], [20], [39]]))[:, None, None, :]
+    got = sdpa(q, k, v, mask, 0.0)
+    assert got.dtype == dtype
+    assert torch.equal(got, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(dtype))
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    assert (got.double() - exact).abs().max().item() <= 4 * torch.finfo(dtype).eps
+
+
+def test_a_bfloat16_decode_step_through_the_cache_equals_the_full_pass(make_model):
+    """A bfloat16 model's decode step over its KV cache gives the logits of the whole sequence's pass, within
+    bfloat16's rounding, dense and sparse layers alike."""
+    model = make_model(preset("tiny")).to(torch.bfloat16)
+    ids = torch.randint(5, 50257, (2, 30), generator=torch.Generator().manual_seed(3))
+    cache = KVCache.allocate(model.config, 2, 64, torch.device("cpu"), torch.bfloat16)
+    with torch.no_grad():
+        model.infer(cache, prefilling=Prefilling(ids[:, :29], torch.tensor([29, 29]), torch.tensor([0, 1])))
+        stepped = model.infer(cache, Decoding(ids[:, 29], torch.tensor([29, 29]), kv_len=30))[0]
+        full = model(ids)[0][:, -1]
+    assert (stepped.float() - full.float()).abs().max().item() <= 0.05 * full.float().abs().max().item()
