@@ -6,7 +6,8 @@ j <= i (the seed passed its causal mask to DeepSpeed's sparse softmax). Every pa
   the oracle, and what sparse layers use on CPU;
 - kernel: the Triton block-sparse kernel (`rugpt_ray.sparse_kernel`, forward and backward; CUDA's default);
 - flex: FlexAttention with a block mask built from the same rule (forward-only on CPU);
-- decode: the same rule evaluated at the cached keys' true positions, so a KV cache equals a full recompute.
+- decode: the same rule evaluated at the cached keys' true positions, so a KV cache equals a full recompute (on the
+  CPU, half-precision queries attend over float32 copies of the keys: torch's CPU kernel is slow over bf16/fp16).
 Dense layers of an unpadded pass use SDPA's causal kernel (no mask tensor; flash or memory-efficient on CUDA).
 Positions are true token positions (left padding does not shift them), so the layout stays aligned.
 """
