@@ -16,9 +16,10 @@ part alternated `--rounds` times so that background load hits every side alike:
   with `--ingress direct`, `llama-server` (f32 GGUF, 16 slots) and vLLM's OpenAI server (fp32); streamed greedy
   and sampled `/v1/completions` of `--max-tokens` tokens from 1 and from `--clients` closed-loop clients
   (benchmarks/serve_load.py's load): requests/s, tokens/s and time to first token;
-- the Serve path's share: at the start of each HTTP round, with no server up, our engine in this process does
-  the greedy requests' work (1 and `--clients` sequences of `--max-tokens` tokens, prefill included), and our
-  servers' greedy tokens/s are given over it, round by round.
+- the Serve path's share: just before each of our servers starts and just after it stops, with no server up, our
+  engine in this process does the greedy requests' work (1 and `--clients` sequences of `--max-tokens` tokens,
+  prefill included); that server's greedy tokens/s are given over the mean of the two, round by round (the host's
+  speed drifts, so the baseline is taken as close to the server's run as it can be without a server up).
 
 Peers come from benchmarks/peers_setup.sh's PEERS_DIR/peers.env; a peer that is not there (or does not start) is
 reported as not measured, and the rest still runs. vLLM's CPU build runs in its own venv: its offline engine
@@ -66,6 +67,8 @@ SMALL = ModelConfig(n_layer=12, n_embd=768, n_head=12, n_positions=2048, vocab_s
 PROMPT = "Александр Сергеевич Пушкин родился в"
 SERVED = "small"
 """The model's name on every server, which the requests name."""
+OURS = ("rugpt-ray serve", "rugpt-ray serve --ingress direct")
+"""Our servers' names in the results: through the router, and the model server as its own ingress."""
 CORES = os.cpu_count() or 1
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 """vLLM's CPU KV cache, in GiB (its default, 4, is more than these runs use)."""
@@ -224,8 +227,8 @@ def server_commands(native: Path, hf: Path, tokenizer_dir: Path, llama: Path | N
     """Each server's command line (its port goes last) and health path."""
     ours = [sys.executable, "-m", "rugpt_ray.cli", "serve", "--model", f"{SERVED}={native}", "--tokenizer",
             str(tokenizer_dir), "--max-batch-size", str(2 * clients), "--num-cpus", str(threads)]
-    commands = {"rugpt-ray serve": ([*ours, "--port"], "/healthz"),
-                "rugpt-ray serve --ingress direct": ([*ours, "--ingress", "direct", "--port"], "/healthz")}
+    commands = {OURS[0]: ([*ours, "--port"], "/healthz"),
+                OURS[1]: ([*ours, "--ingress", "direct", "--port"], "/healthz")}
     if llama:
         commands["llama-server"] = ([str(llama / "llama-server"), "-m", str(ggufs["f32"]), "--host", "127.0.0.1",
                                      "-t", str(threads), "-np", str(clients), "-c", str(clients * 256), "--port"],
@@ -252,20 +255,24 @@ def running_server(name: str, command: list[str], health: str, log: Path, thread
         process.wait(timeout=60)
 
 
+def same_work(model: GPT, tokenizer, args) -> dict[int, float]:
+    """Our engine in this process doing the greedy requests' work: tokens/s of 1 and `--clients` sequences of
+    `--max-tokens` tokens, prefill included."""
+    return {rows: ours_engine(model, tokenizer, rows, args.max_tokens) for rows in (1, args.clients)}
+
+
 def measure_servers(commands: dict[str, tuple[list[str], str]], scratch: Path, model: GPT, tokenizer, args,
-                    loads: list) -> tuple[dict[str, list[dict]], dict[int, list[float]]]:
+                    loads: list) -> tuple[dict[str, list[dict]], dict[str, dict[int, list[float]]]]:
     """Requests/s, tokens/s and TTFT per server, sampling and client count, one summary per round, each server up
     alone (an idle `rugpt-ray serve` takes 0.12 of a core for Ray and Serve's background loops, which then falls on
-    whichever server is measured), in the other order every other round; and, at the start of each round with no
-    server up, our engine in this process doing the greedy requests' work (1 and `--clients` sequences of
-    `--max-tokens` tokens, prefill included), the baseline the Serve path's share is taken against."""
+    whichever server is measured), in the other order every other round; and for each of our servers, the mean of
+    `same_work` just before it starts and just after it stops: the baseline its share is taken against."""
     http: dict[str, list[dict]] = {}
-    same_work: dict[int, list[float]] = {}
+    baselines: dict[str, dict[int, list[float]]] = {}
     for round_ in range(args.rounds):
-        for rows in (1, args.clients):
-            same_work.setdefault(rows, []).append(ours_engine(model, tokenizer, rows, args.max_tokens))
         for name in list(commands)[::-1 if round_ % 2 else 1]:
             command, health = commands[name]
+            before = same_work(model, tokenizer, args) if name in OURS else None
             with running_server(name, command, health, scratch / f"{name}.log", args.threads) as url:
                 asyncio.run(warm_up(url, SERVED, args.max_tokens))
                 for sampled in (False, True):
@@ -273,8 +280,12 @@ def measure_servers(commands: dict[str, tuple[list[str], str]], scratch: Path, m
                         key = f"{name}, {'sampled' if sampled else 'greedy'}, {clients} client(s)"
                         http.setdefault(key, []).append(
                             asyncio.run(http_round(url, SERVED, clients, args.duration, args.max_tokens, sampled)))
+            if before is not None:
+                after = same_work(model, tokenizer, args)
+                for rows, speed in before.items():
+                    baselines.setdefault(name, {}).setdefault(rows, []).append((speed + after[rows]) / 2)
         loads.append(os.getloadavg()[0])
-    return http, same_work
+    return http, baselines
 
 
 def main() -> None:
@@ -315,7 +326,7 @@ def main() -> None:
             for running in vllm.values():
                 running.close()
         commands = server_commands(native, hf, tokenizer_dir, llama, ggufs, vllm_python, args.clients, args.threads)
-        http, same_work = measure_servers(commands, scratch, prepack(copy.deepcopy(model)), tokenizer, args, loads)
+        http, baselines = measure_servers(commands, scratch, prepack(copy.deepcopy(model)), tokenizer, args, loads)
 
     print(f"\n{platform.processor() or platform.machine()}, {CORES} cores, {args.threads} threads each; "
           f"load average {min(loads):.1f}-{max(loads):.1f}; {args.rounds} alternating rounds (ranges over rounds)")
@@ -336,14 +347,14 @@ def main() -> None:
               f"req/s, {statistics.median(r['tokens_per_s'] for r in runs):.0f} tokens/s, TTFT "
               f"{statistics.median(r['ttft_p50_ms'] for r in runs):.0f} ms")
     print(f"the Serve path's share of our engine doing the same greedy work in this process ({args.max_tokens} "
-          "tokens per sequence, prefill included), per round:")
-    for clients, baseline in same_work.items():
-        for name in ("rugpt-ray serve", "rugpt-ray serve --ingress direct"):
+          "tokens per sequence, prefill included; the mean of just before the server and just after), per round:")
+    for name, per_rows in baselines.items():
+        for clients, baseline in per_rows.items():
             got = [r["tokens_per_s"] for r in http[f"{name}, greedy, {clients} client(s)"]]
             shares = ", ".join(f"{g / b:.2f}" for g, b in zip(got, baseline, strict=True))
             print(f"  {name}, {clients} client(s): {shares} (engine {', '.join(f'{b:.1f}' for b in baseline)})")
     if args.out:
-        Path(args.out).write_text(json.dumps({"engine": engine, "http": http, "same_work": same_work,
+        Path(args.out).write_text(json.dumps({"engine": engine, "http": http, "same_work": baselines,
                                               "skipped": skipped,
                                               "load_average": [min(loads), max(loads)]}, indent=2) + "\n")
 
