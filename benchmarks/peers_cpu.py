@@ -15,7 +15,8 @@ part alternated `--rounds` times so that background load hits every side alike:
   started anew each round: `rugpt-ray serve` (Ray Serve, fp32, `--num-cpus` the threads), through its router and
   with `--ingress direct`, `llama-server` (f32 GGUF, 16 slots) and vLLM's OpenAI server (fp32); streamed greedy
   and sampled `/v1/completions` of `--max-tokens` tokens from 1 and from `--clients` closed-loop clients
-  (benchmarks/serve_load.py's load): requests/s, tokens/s and time to first token;
+  (benchmarks/serve_load.py's load, on raw asyncio streams: it shares the cores): requests/s, tokens/s, time to
+  first token, and the cores the load generator (this process) took;
 - the Serve path's share: just before each of our servers starts and just after it stops, with no server up, our
   engine in this process does the greedy requests' work (1 and `--clients` sequences of `--max-tokens` tokens,
   prefill included); that server's greedy tokens/s are given over the mean of the two, round by round (the host's
@@ -149,17 +150,16 @@ def request_body(model: str, tokens: int, sampled: bool) -> dict:
 
 
 async def http_round(url: str, model: str, clients: int, duration: float, tokens: int, sampled: bool) -> dict:
-    """`clients` closed-loop streaming clients for `duration` seconds, a connection per request (llama-server's
-    HTTP library closes a kept-alive connection after 5 requests, which a pooled client can meet mid-request)."""
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        results, elapsed = await load(client, clients, duration, request_body(model, tokens, sampled))
-    return summary(clients, results, elapsed)
+    """`clients` closed-loop streaming clients for `duration` seconds (serve_load.load), and the cores this process,
+    the load generator, took meanwhile."""
+    cpu_before, start = time.process_time(), time.perf_counter()
+    results, elapsed = await load(url, clients, duration, request_body(model, tokens, sampled))
+    load_generator_cores = (time.process_time() - cpu_before) / (time.perf_counter() - start)
+    return {**summary(clients, results, elapsed), "load_generator_cores": load_generator_cores}
 
 
 async def warm_up(url: str, model: str, tokens: int) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        await one_request(client, {**request_body(model, tokens, False), "prompt": PROMPT})
+    await one_request(url, {**request_body(model, tokens, False), "prompt": PROMPT})
 
 
 def save_models(scratch: Path, tokenizer_dir: Path, llama: Path | None,
@@ -345,7 +345,8 @@ def main() -> None:
     for key, runs in http.items():
         print(f"  {key}: {min(r['requests_per_s'] for r in runs):.2f}-{max(r['requests_per_s'] for r in runs):.2f} "
               f"req/s, {statistics.median(r['tokens_per_s'] for r in runs):.0f} tokens/s, TTFT "
-              f"{statistics.median(r['ttft_p50_ms'] for r in runs):.0f} ms")
+              f"{statistics.median(r['ttft_p50_ms'] for r in runs):.0f} ms; load generator "
+              f"{statistics.median(r['load_generator_cores'] for r in runs):.3f} cores")
     print(f"the Serve path's share of our engine doing the same greedy work in this process ({args.max_tokens} "
           "tokens per sequence, prefill included; the mean of just before the server and just after), per round:")
     for name, per_rows in baselines.items():

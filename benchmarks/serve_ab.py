@@ -23,7 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,9 +40,7 @@ LOADS = {"fixed": (32, 32), "varied": (16, 48)}
 async def tokens_per_s(url: str, duration: float, budget: tuple[int, int]) -> float:
     """CLIENTS closed-loop clients for `duration` seconds, each request wanting a seeded number of new tokens in
     `budget` (serve_load.load): aggregate tokens/s."""
-    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        results, elapsed = await load(client, CLIENTS, duration, request_body(SERVED, budget[1], False), budget)
+    results, elapsed = await load(url, CLIENTS, duration, request_body(SERVED, budget[1], False), budget)
     return summary(CLIENTS, results, elapsed)["tokens_per_s"]
 
 
