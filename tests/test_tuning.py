@@ -6,7 +6,6 @@ seeded and resumes, bad specs fail before any trial starts."""
 import csv
 import dataclasses
 import json
-import os
 import re
 import signal
 import subprocess
@@ -209,29 +208,31 @@ def test_gpu_trials_on_a_cluster_without_gpus_wait_only_when_asked(tmp_path, dat
 
 @pytest.mark.slow
 @pytest.mark.long
-def test_pbt_exploit_continues_the_donor_s_checkpoint_with_the_perturbed_lr_and_resumes(tmp_path, prepared,
-                                                                                       ray_local):
+def test_pbt_exploit_continues_the_donor_s_checkpoint_with_the_perturbed_lr_and_resumes(tmp_path, prepared):
     # 2 trials (a good lr and a hopeless one), synchronous PBT at step 5 of 8: the hopeless one copies the good one's
     # step-5 checkpoint and goes on with a perturbation of its lr; a training loss logged at every step; the sweep
     # folder behind a URI (as s3://bucket/sweeps on a cluster): the copy goes through pyarrow. The command is stopped
-    # with Ctrl+C right after the exploit (on the shared test Ray) and run again with a Ray of its own (on the
-    # shared one, after the earlier tests' sweeps, the resumed trials' first reads once waited for a CPU that never
-    # came free: two trials at once need all of its 2 CPUs)
+    # with Ctrl+C right after the exploit and run again, each time with a Ray of its own, not the shared test Ray:
+    # - stopped on the shared one, it once left the restarted trial's placement group (0.45 CPU) behind, created
+    #   0.7 s before Ray marked the command's job finished and never removed, so a later test's training on that
+    #   Ray waited for a CPU that never came free (test_nan, 2026-12-06);
+    # - resumed on it, after the earlier tests' sweeps, the trials' first reads once waited the same way: two trials
+    #   at once need all of its 2 CPUs.
     spec = spec_file(tmp_path, prepared, scheduler="pbt", grace_period=None, num_samples=1, perturbation_interval=5,
                      storage_path=f"file://{tmp_path}/sweeps",
                      quantile_fraction=0.5, space={"lr": {"grid": [3e-3, 1e-5]}},
                      mutations={"lr": {"loguniform": [1e-4, 1e-2]}},
                      train={"max_steps": 8, "log_interval": 1, "eval_interval": 5, "save_interval": 5})
     command = [sys.executable, "-m", "rugpt_ray.cli", "tune", "--config", spec]
-    proc = subprocess.Popen(command, env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:  # the trial's line (forwarded from its actor) once it has copied the donor's checkpoint
-        lines.append(line)
-        if " continues from " in line:
-            proc.send_signal(signal.SIGINT)
-            break
-    rest, _ = proc.communicate(timeout=300)
+    with own_ray_env() as env:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in proc.stdout:  # the trial's line (forwarded from its actor) once it has copied the donor's state
+            lines.append(line)
+            if " continues from " in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=300)
     output = "".join(lines) + rest
     assert proc.returncode == 130, output[-3000:]
     assert "interrupted: run the same command again" in output, output[-3000:]
