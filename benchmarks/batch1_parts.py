@@ -16,7 +16,6 @@ With the products alone near llama.cpp's whole step, the rest of our step is the
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
 import time
@@ -31,13 +30,12 @@ from peers_cpu import (  # noqa: E402
     ours_engine,
     read_bandwidth,
     save_models,
-    weight_bytes_per_token,
+    served_models,
 )
 from to_gguf import peers_env  # noqa: E402
 
 from rugpt_ray.config import data_root  # noqa: E402
 from rugpt_ray.model import GPT  # noqa: E402
-from rugpt_ray.quantization import prepack, with_dtype  # noqa: E402
 from rugpt_ray.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -76,9 +74,7 @@ def main() -> None:
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="batch1-parts-") as tmp:
         model, _, _, ggufs = save_models(Path(tmp), data_root() / "tokenizer", llama, args.peers)
-        plain = {"fp32": model, "bf16": with_dtype(copy.deepcopy(model), "bfloat16")}
-        weights = {dtype: weight_bytes_per_token(m) for dtype, m in plain.items()}
-        served = {dtype: prepack(copy.deepcopy(m)) for dtype, m in plain.items()}
+        weights, served = served_models(model)
         ours_engine(served["fp32"], tokenizer, 1, 8)  # warm-up
         for _ in range(args.rounds):
             bandwidth = read_bandwidth()

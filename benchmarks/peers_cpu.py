@@ -195,13 +195,19 @@ def weight_bytes_per_token(model: GPT) -> int:
     return sum(t.numel() * t.element_size() for t in read)
 
 
+def served_models(model: GPT) -> tuple[dict[str, int], dict[str, GPT]]:
+    """`model` (fp32) in fp32 and bf16: the bytes of weights a decode step reads in each, and a copy of each laid out
+    as `rugpt-ray serve` lays it out (`prepack`)."""
+    plain = {"fp32": model, "bf16": with_dtype(copy.deepcopy(model), "bfloat16")}
+    weights = {dtype: weight_bytes_per_token(m) for dtype, m in plain.items()}
+    return weights, {dtype: prepack(copy.deepcopy(m)) for dtype, m in plain.items()}
+
+
 def measure_engines(model: GPT, tokenizer, llama: Path | None, ggufs: dict, vllm: dict[str, VllmEngine], args,
                     loads: list) -> dict:
     """Aggregate tokens/s per engine, dtype and sequence count, and the batch-1 floor per dtype, one figure per
     round."""
-    plain = {"fp32": model, "bf16": with_dtype(copy.deepcopy(model), "bfloat16")}
-    weights = {dtype: weight_bytes_per_token(m) for dtype, m in plain.items()}
-    models = {dtype: prepack(copy.deepcopy(m)) for dtype, m in plain.items()}
+    weights, models = served_models(model)
     engine: dict[str, list[float]] = {}
     ours_engine(models["fp32"], tokenizer, 1, 8)  # warm-up
     for _ in range(args.rounds):
